@@ -1,0 +1,343 @@
+/* Per-row LapSum soft top-k, forward and backward, generic over the math type.
+ *
+ * Include with SMOE_SUFFIX defined as f32 or f64; the file defines smoe_*_f32 / smoe_*_f64
+ * functions and undefines its helper macros again, so it can be included once per type.
+ * lapsum.c runs these functions in a loop over rows; csrc/cuda/lapsum.cu runs the very same
+ * functions one thread per row. Scratch arrays are strided by `ss` (1 on the CPU; the number of
+ * threads on the GPU, so that neighbouring threads touch neighbouring words).
+ *
+ * The math follows research/lapsum.md: §1.4-1.5 for the threshold solve (sorted candidates,
+ * prefix/suffix exponential sums, a quadratic solved with the cancellation-free branch for the
+ * sign of D, and the threshold kept relative to a pivot score), §6.4 for the left-truncated kernel
+ * and §2.2 for the vector-Jacobian product.
+ */
+#ifndef SMOE_SUFFIX
+#error "define SMOE_SUFFIX (f32 or f64) before including lapsum_row.h"
+#endif
+
+#define SMOE_CAT2(a, b) a##_##b
+#define SMOE_CAT(a, b) SMOE_CAT2(a, b)
+#define SMOE_FN(name) SMOE_CAT(name, SMOE_SUFFIX)
+#define SMOE_AT(arr, j) (arr)[(j) * ss]
+
+#if defined(SMOE_IS_F64)
+#error "SMOE_IS_F64 is reserved"
+#endif
+#define SMOE_F64_SUFFIX_f64 1
+#define SMOE_F64_SUFFIX_f32 0
+#define SMOE_IS_F64 SMOE_CAT(SMOE_F64_SUFFIX, SMOE_SUFFIX)
+
+#if SMOE_IS_F64
+typedef double SMOE_FN(smoe_real);
+#define SMOE_EXP exp
+#define SMOE_LOG log
+#define SMOE_SQRT sqrt
+#define SMOE_FABS fabs
+#else
+typedef float SMOE_FN(smoe_real);
+#define SMOE_EXP expf
+#define SMOE_LOG logf
+#define SMOE_SQRT sqrtf
+#define SMOE_FABS fabsf
+#endif
+#define R SMOE_FN(smoe_real)
+#define SMOE_LOAD SMOE_FN(smoe_load)
+#define SMOE_STORE SMOE_FN(smoe_store)
+#define SMOE_CDF SMOE_FN(smoe_lap_cdf)
+
+/* Order used to pick candidates: larger score first, lower index on ties. */
+SMOE_HD int SMOE_FN(smoe_worse)(const R *val, const int32_t *idx, int64_t ss, int64_t a, int64_t b) {
+  R va = SMOE_AT(val, a), vb = SMOE_AT(val, b);
+  return va < vb || (va == vb && SMOE_AT(idx, a) > SMOE_AT(idx, b));
+}
+
+SMOE_HD void SMOE_FN(smoe_swap)(R *val, int32_t *idx, int64_t ss, int64_t a, int64_t b) {
+  R tv = SMOE_AT(val, a);
+  int32_t ti = SMOE_AT(idx, a);
+  SMOE_AT(val, a) = SMOE_AT(val, b);
+  SMOE_AT(idx, a) = SMOE_AT(idx, b);
+  SMOE_AT(val, b) = tv;
+  SMOE_AT(idx, b) = ti;
+}
+
+/* Min-heap (root = worst candidate) sift-down over the first `size` entries. */
+SMOE_HD void SMOE_FN(smoe_sift)(R *val, int32_t *idx, int64_t ss, int64_t size, int64_t i) {
+  for (;;) {
+    int64_t l = 2 * i + 1, w = i;
+    if (l < size && SMOE_FN(smoe_worse)(val, idx, ss, l, w)) w = l;
+    if (l + 1 < size && SMOE_FN(smoe_worse)(val, idx, ss, l + 1, w)) w = l + 1;
+    if (w == i) return;
+    SMOE_FN(smoe_swap)(val, idx, ss, i, w);
+    i = w;
+  }
+}
+
+/* Loads one row and keeps its `cap` best finite scores, sorted best first, in val/idx.
+ * Returns the number of candidates, or -1 when the row holds a NaN or +inf score. */
+SMOE_HD int64_t SMOE_FN(smoe_select)(const void *scores, smoe_dtype dtype, int64_t base, int64_t n,
+                                     int64_t cap, R *val, int32_t *idx, int64_t ss) {
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    R x = SMOE_LOAD(scores, dtype, base + i);
+    if (x != x || x == (R)INFINITY) return -1;
+    if (x == -(R)INFINITY) continue;
+    if (m < cap) {
+      SMOE_AT(val, m) = x;
+      SMOE_AT(idx, m) = (int32_t)i;
+      ++m;
+      if (m == cap)
+        for (int64_t j = cap / 2 - 1; j >= 0; --j) SMOE_FN(smoe_sift)(val, idx, ss, cap, j);
+    } else if (x > SMOE_AT(val, 0)) { /* equal scores keep the earlier (lower) index */
+      SMOE_AT(val, 0) = x;
+      SMOE_AT(idx, 0) = (int32_t)i;
+      SMOE_FN(smoe_sift)(val, idx, ss, cap, 0);
+    }
+  }
+  if (m < cap)
+    for (int64_t j = m / 2 - 1; j >= 0; --j) SMOE_FN(smoe_sift)(val, idx, ss, m, j);
+  /* Heap-sort: moving the worst to the end each time leaves the best first. */
+  for (int64_t end = m - 1; end > 0; --end) {
+    SMOE_FN(smoe_swap)(val, idx, ss, 0, end);
+    SMOE_FN(smoe_sift)(val, idx, ss, end, 0);
+  }
+  return m;
+}
+
+/* Plain LapSum threshold for a descending s[0..a) and a target 0 < K < a:
+ * b = s[piv] - alpha * tau with sum_j F((s_j - b) / alpha) = K. */
+SMOE_HD void SMOE_FN(smoe_lapsum_solve)(const R *s, int64_t a, R K, R alpha, R *U, R *V, int64_t ss,
+                                        int64_t *piv, R *tau) {
+  /* V first holds the factors e^{-gap_i}, then is turned into the suffix sums in place. */
+  SMOE_AT(U, 0) = 0;
+  for (int64_t i = 0; i + 1 < a; ++i) {
+    R e = SMOE_EXP(-(SMOE_AT(s, i) - SMOE_AT(s, i + 1)) / alpha);
+    SMOE_AT(V, i) = e;
+    SMOE_AT(U, i + 1) = e * (1 + SMOE_AT(U, i));
+  }
+  SMOE_AT(V, a - 1) = 0;
+  for (int64_t i = a - 1; i > 0; --i) SMOE_AT(V, i - 1) = SMOE_AT(V, i - 1) * (1 + SMOE_AT(V, i));
+
+  /* Soft count at b = s_i: C_i = i + 1/2 + (V_i - U_i) / 2, nondecreasing in i. */
+#define SMOE_COUNT_AT(i) ((R)(i) + (R)0.5 + (R)0.5 * (SMOE_AT(V, i) - SMOE_AT(U, i)))
+  if (K <= SMOE_COUNT_AT(0)) {
+    *piv = 0;
+    *tau = SMOE_LOG(2 * K / (1 + SMOE_AT(V, 0)));
+    return;
+  }
+  if (K >= SMOE_COUNT_AT(a - 1)) {
+    *piv = a - 1;
+    *tau = SMOE_LOG((1 + SMOE_AT(U, a - 1)) / (2 * ((R)a - K)));
+    return;
+  }
+  int64_t lo = 0, hi = a - 1; /* C_lo < K <= C_hi */
+  while (hi - lo > 1) {
+    int64_t mid = lo + (hi - lo) / 2;
+    if (SMOE_COUNT_AT(mid) < K)
+      lo = mid;
+    else
+      hi = mid;
+  }
+#undef SMOE_COUNT_AT
+  const int64_t l = lo;
+  const R gap = (SMOE_AT(s, l) - SMOE_AT(s, l + 1)) / alpha;
+  const R E = SMOE_EXP(-gap);
+  const R Q = 1 + SMOE_AT(U, l), P = 1 + SMOE_AT(V, l + 1);
+  const R D = K - (R)(l + 1);
+  const R root = SMOE_SQRT(D * D + P * Q * E);
+  if (D > 0) {
+    *piv = l + 1;
+    *tau = SMOE_LOG((D + root) / P);
+  } else if (D < 0) {
+    *piv = l;
+    *tau = SMOE_LOG(Q) - SMOE_LOG(root - D);
+  } else { /* integer K: E may underflow, so the other branches would take log(0) */
+    *piv = l;
+    *tau = (R)0.5 * (gap + SMOE_LOG(Q) - SMOE_LOG(P));
+  }
+}
+
+/* Truncated count (times 1 - eps, plus j * eps) at b = s_j + c * alpha, where candidate j sits
+ * exactly on the cut: sum over i < j of F((s_i - s_j) / alpha - c). */
+SMOE_HD R SMOE_FN(smoe_count_at_cut)(const R *s, int64_t j, R alpha, R c, int64_t ss) {
+  R sum = 0;
+  for (int64_t i = 0; i < j; ++i) sum += SMOE_CDF((SMOE_AT(s, i) - SMOE_AT(s, j)) / alpha - c);
+  return sum;
+}
+
+/* Number of active candidates of the left-truncated kernel: candidate j is active iff the
+ * truncated count at b = s_j + c * alpha is still below k. That count is nondecreasing in j, so a
+ * galloping search (the active set is usually small) followed by bisection finds the boundary. */
+SMOE_HD int64_t SMOE_FN(smoe_active_count)(const R *s, int64_t m, R k, R alpha, R eps, R c, int64_t ss) {
+  const R target = k * (1 - eps);
+#define SMOE_BELOW_K(j) (SMOE_FN(smoe_count_at_cut)(s, j, alpha, c, ss) < target + (R)(j) * eps)
+  int64_t lo = 0, hi = 1; /* invariant: count(lo) < k; count(m) is taken as +inf */
+  while (hi < m && SMOE_BELOW_K(hi)) {
+    lo = hi;
+    hi *= 2;
+  }
+  if (hi > m) hi = m;
+  while (hi - lo > 1) {
+    int64_t mid = lo + (hi - lo) / 2;
+    if (SMOE_BELOW_K(mid))
+      lo = mid;
+    else
+      hi = mid;
+  }
+#undef SMOE_BELOW_K
+  int64_t active = lo + 1;
+  /* sum p = k needs more than k active entries; rounding must not break that. */
+  int64_t need = (int64_t)k + 1;
+  if (active < need) active = need < m ? need : m;
+  return active;
+}
+
+SMOE_HD void SMOE_FN(smoe_fill_row)(void *out, smoe_dtype dtype, int64_t base, int64_t n, R v) {
+  for (int64_t i = 0; i < n; ++i) SMOE_STORE(out, dtype, base + i, v);
+}
+
+/* Forward of one row. rs: real scratch of 3 * max_active strided words; is: index scratch of
+ * max_active strided words. */
+SMOE_HD void SMOE_FN(smoe_topk_fwd_row)(const smoe_topk_fwd_args *a, int64_t row, R *rs, int32_t *is,
+                                        int64_t ss) {
+  const int64_t n = a->n, cap = a->max_active, base = row * n;
+  const R k = ((const R *)a->k)[row * a->k_stride];
+  const R alpha = ((const R *)a->alpha)[row * a->alpha_stride];
+  const R eps = (R)a->eps;
+  R *s = rs, *U = rs + cap * ss, *V = rs + 2 * cap * ss;
+
+  const int64_t m = SMOE_FN(smoe_select)(a->scores, a->dtype, base, n, cap, s, is, ss);
+  if (m < 0 || !(alpha > 0 && alpha < (R)INFINITY) || !(k >= 0 && k <= (R)m)) {
+    SMOE_FN(smoe_fill_row)(a->p, a->dtype, base, n, (R)NAN);
+    a->threshold[row] = NAN;
+    return;
+  }
+  SMOE_FN(smoe_fill_row)(a->p, a->dtype, base, n, 0);
+  if (k == 0) {
+    a->threshold[row] = INFINITY;
+    return;
+  }
+  if (k == (R)m) {
+    for (int64_t j = 0; j < m; ++j) SMOE_STORE(a->p, a->dtype, base + SMOE_AT(is, j), 1);
+    a->threshold[row] = -INFINITY;
+    return;
+  }
+
+  const int truncated = eps > 0;
+  const R c = truncated ? (R)smoe_cut_from_eps(a->eps) : (R)INFINITY;
+  const int64_t active = truncated ? SMOE_FN(smoe_active_count)(s, m, k, alpha, eps, c, ss) : m;
+  /* On the active set the truncated kernel is (F - eps) / (1 - eps): solve plain LapSum for
+   * sum F = k (1 - eps) + active * eps. */
+  const R K = truncated ? k * (1 - eps) + (R)active * eps : k;
+  int64_t piv;
+  R tau;
+  SMOE_FN(smoe_lapsum_solve)(s, active, K, alpha, U, V, ss, &piv, &tau);
+
+  const R s_piv = SMOE_AT(s, piv);
+  for (int64_t j = 0; j < active; ++j) {
+    const R x = (SMOE_AT(s, j) - s_piv) / alpha + tau;
+    R p;
+    if (!truncated) {
+      p = SMOE_CDF(x);
+    } else if (x <= -c) {
+      p = 0;
+    } else {
+      p = (SMOE_CDF(x) - eps) / (1 - eps);
+      if (p < 0) p = 0;
+    }
+    SMOE_STORE(a->p, a->dtype, base + SMOE_AT(is, j), p);
+  }
+  a->threshold[row] = (double)s_piv - (double)alpha * (double)tau;
+}
+
+/* Backward of one row. rs: real scratch of 2 * n strided words. Writes grad_scores and returns the
+ * row's gradient contributions for k and alpha through *gk and *ga. */
+SMOE_HD void SMOE_FN(smoe_topk_bwd_row)(const smoe_topk_bwd_args *a, int64_t row, R *rs, int64_t ss,
+                                        R *gk, R *ga) {
+  const int64_t n = a->n, base = row * n;
+  const double b = a->threshold[row];
+  const R alpha = ((const R *)a->alpha)[row * a->alpha_stride];
+  const R eps = (R)a->eps;
+  if (b != b) {
+    SMOE_FN(smoe_fill_row)(a->grad_scores, a->dtype, base, n, (R)NAN);
+    *gk = (R)NAN;
+    *ga = (R)NAN;
+    return;
+  }
+  if (b == INFINITY || b == -INFINITY) { /* k at a limit: p is saturated */
+    SMOE_FN(smoe_fill_row)(a->grad_scores, a->dtype, base, n, 0);
+    *gk = 0;
+    *ga = 0;
+    return;
+  }
+  /* Which entries are active: with the plain kernel and no cap every finite score is (even where
+   * p underflowed to 0); otherwise exactly those with p != 0. */
+  const int every_finite = a->eps == 0 && a->max_active >= n;
+  R *X = rs, *W = rs + n * ss;
+  R mu = (R)INFINITY;
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const R r = SMOE_LOAD(a->scores, a->dtype, base + i);
+    const int active = every_finite ? (r > -(R)INFINITY && r < (R)INFINITY)
+                                    : SMOE_LOAD(a->p, a->dtype, base + i) != 0;
+    if (!active) {
+      SMOE_AT(X, i) = (R)NAN;
+      continue;
+    }
+    /* The threshold is kept in double so that x stays accurate for large logits. */
+    const R x = (R)((double)r - b) / alpha;
+    SMOE_AT(X, i) = x;
+    if (SMOE_FABS(x) < mu) mu = SMOE_FABS(x);
+    ++count;
+  }
+  if (count == 0) {
+    SMOE_FN(smoe_fill_row)(a->grad_scores, a->dtype, base, n, 0);
+    *gk = 0;
+    *ga = 0;
+    return;
+  }
+  /* w = phi / sum(phi) = softmax(-|x|) over the active set, shifted by mu so it never underflows
+   * as a whole (alpha -> 0); phi itself may underflow, which is then the true value. */
+  R Z = 0, gw = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const R x = SMOE_AT(X, i);
+    if (x != x) continue;
+    const R e = SMOE_EXP(-(SMOE_FABS(x) - mu));
+    SMOE_AT(W, i) = e;
+    Z += e;
+    gw += SMOE_LOAD(a->grad_p, a->dtype, base + i) * e;
+  }
+  const R s = gw / Z;
+  const R phi_scale = (R)0.5 * SMOE_EXP(-mu) / ((1 - eps) * alpha);
+  R galpha = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const R x = SMOE_AT(X, i);
+    if (x != x) {
+      SMOE_STORE(a->grad_scores, a->dtype, base + i, 0);
+      continue;
+    }
+    const R g = SMOE_LOAD(a->grad_p, a->dtype, base + i);
+    const R gr = phi_scale * SMOE_AT(W, i) * (g - s);
+    SMOE_STORE(a->grad_scores, a->dtype, base + i, gr);
+    /* p depends on r / alpha only, so d/dalpha = -(1/alpha) sum_j r_j d/dr_j = -sum_j x_j d/dr_j
+     * (the r_j -> x_j step uses sum_j d/dr_j = 0). */
+    galpha -= gr * x;
+  }
+  *gk = s;
+  *ga = galpha;
+}
+
+#undef R
+#undef SMOE_LOAD
+#undef SMOE_STORE
+#undef SMOE_CDF
+#undef SMOE_EXP
+#undef SMOE_LOG
+#undef SMOE_SQRT
+#undef SMOE_FABS
+#undef SMOE_IS_F64
+#undef SMOE_F64_SUFFIX_f64
+#undef SMOE_F64_SUFFIX_f32
+#undef SMOE_AT
+#undef SMOE_FN
+#undef SMOE_CAT
+#undef SMOE_CAT2

@@ -1,0 +1,50 @@
+"""Build of the softmoe extension: the C core plus one C++ binding, and the CUDA kernels when torch
+is a CUDA build and nvcc is found. Build without isolation, after installing torch:
+
+    pip install torch==2.13.0 && pip install --no-build-isolation -e .
+
+SOFTMOE_CUDA=0|1|auto (default auto) forces the CUDA part off or on.
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def with_cuda() -> bool:
+    flag = os.environ.get("SOFTMOE_CUDA", "auto")
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if flag == "1" and not available:
+        raise RuntimeError("SOFTMOE_CUDA=1 needs a CUDA build of torch and nvcc (CUDA_HOME)")
+    return available and flag != "0"
+
+
+def extensions():
+    cuda = with_cuda()
+    sources = sorted(glob.glob("csrc/core/*.c")) + ["csrc/bindings.cpp"]
+    # The C core is valid C11 and C++17; the extension build compiles it as C++.
+    cxx = ["-O3", "-std=c++17", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
+    extra = {"cxx": cxx}
+    macros = []
+    if cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        macros.append(("SOFTMOE_WITH_CUDA", "1"))
+        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+    ext = CUDAExtension if cuda else CppExtension
+    return [
+        ext(
+            "softmoe._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=macros,
+            extra_compile_args=extra,
+        )
+    ]
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension})

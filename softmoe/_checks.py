@@ -1,0 +1,78 @@
+"""Argument validation for the public entry points.
+
+Every check raises with a message that starts with the function and the argument name and states
+the rule that was broken, so a user never has to read a stack trace into C++.
+"""
+import math
+from typing import Optional, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_float_tensor(fn: str, name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{fn}: {name} must be float32, float64, bfloat16 or float16, got {t.dtype}"
+        )
+    return t
+
+
+def normalize_dim(fn: str, dim: object, ndim: int) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{fn}: dim must be an int, got {type(dim).__name__}")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{fn}: dim must be in [{-ndim}, {ndim - 1}] for a {ndim}-d tensor, got {dim}")
+    return dim % ndim
+
+
+def check_row_param(
+    fn: str,
+    name: str,
+    value: Union[float, int, torch.Tensor],
+    scores: torch.Tensor,
+    lead_shape: torch.Size,
+) -> None:
+    """k or alpha given as a tensor: floating, on the device of scores, one value or one per row."""
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != scores.device:
+        raise ValueError(
+            f"{fn}: {name} must be on the device of scores ({scores.device}), got {value.device}"
+        )
+    if value.numel() != 1 and value.shape != lead_shape:
+        raise ValueError(
+            f"{fn}: {name} must be a scalar or have the shape of scores without dim "
+            f"({tuple(lead_shape)}), got shape {tuple(value.shape)}"
+        )
+
+
+def check_number(fn: str, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a float or a Tensor, got {type(value).__name__}")
+    return float(value)
+
+
+def check_eps(fn: str, eps: object) -> float:
+    eps = check_number(fn, "eps", eps)
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"{fn}: eps must satisfy 0 <= eps < 0.5, got {eps}")
+    return eps
+
+
+def check_max_active(fn: str, max_active: Optional[int], num_experts: int, k: Optional[float]) -> int:
+    if max_active is None:
+        return num_experts
+    if isinstance(max_active, bool) or not isinstance(max_active, int):
+        raise TypeError(f"{fn}: max_active must be an int or None, got {type(max_active).__name__}")
+    low = max(1, math.ceil(k)) if k is not None else 1
+    if not low <= max_active <= num_experts:
+        rule = f"ceil(k) = {low}" if k is not None else "1"
+        raise ValueError(
+            f"{fn}: max_active must satisfy {rule} <= max_active <= {num_experts} (the number of experts), "
+            f"got {max_active}"
+        )
+    return max_active

@@ -1,0 +1,359 @@
+/* C-only tests of the softmoe core: no torch, run under ASan/UBSan by `make ctest`.
+ * Reference values are the 60-digit test vectors of research/lapsum.md §7. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/softmoe.h"
+
+static int failures = 0;
+static int checks = 0;
+
+#define CHECK(cond, ...)                                  \
+  do {                                                    \
+    ++checks;                                             \
+    if (!(cond)) {                                        \
+      ++failures;                                         \
+      fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+      fprintf(stderr, __VA_ARGS__);                       \
+      fprintf(stderr, "\n");                              \
+    }                                                     \
+  } while (0)
+
+static void check_close(double got, double want, double tol, const char *what, int i) {
+  CHECK(fabs(got - want) <= tol, "%s[%d]: got %.15g want %.15g (tol %g)", what, i, got, want, tol);
+}
+
+/* One row forward + backward in double or float, returning p, threshold and the VJP. */
+typedef struct {
+  double p[512], grad[512], threshold, gk, ga;
+} row_result;
+
+static row_result run_row(smoe_dtype dtype, const double *r, int n, double k, double alpha, double eps, int cap,
+                          const double *g) {
+  row_result out;
+  memset(&out, 0, sizeof out);
+  float rf[512], pf[512], gf[512], grf[512], kf = (float)k, af = (float)alpha, gkf = 0, gaf = 0;
+  double rd[512], pd[512], gd[512], grd[512], gkd = 0, gad = 0;
+  for (int i = 0; i < n; ++i) {
+    rf[i] = (float)r[i];
+    rd[i] = r[i];
+    gf[i] = g ? (float)g[i] : 0.0f;
+    gd[i] = g ? g[i] : 0.0;
+  }
+  const int f64 = dtype == SMOE_F64;
+  smoe_topk_fwd_args fa;
+  memset(&fa, 0, sizeof fa);
+  fa.rows = 1;
+  fa.n = n;
+  fa.dtype = dtype;
+  fa.scores = f64 ? (const void *)rd : (const void *)rf;
+  fa.k = f64 ? (const void *)&k : (const void *)&kf;
+  fa.alpha = f64 ? (const void *)&alpha : (const void *)&af;
+  fa.eps = eps;
+  fa.max_active = cap;
+  fa.p = f64 ? (void *)pd : (void *)pf;
+  fa.threshold = &out.threshold;
+  CHECK(smoe_topk_fwd(&fa, 0, 1) == SMOE_OK, "forward status");
+  for (int i = 0; i < n; ++i) out.p[i] = f64 ? pd[i] : pf[i];
+  if (g) {
+    smoe_topk_bwd_args ba;
+    memset(&ba, 0, sizeof ba);
+    ba.rows = 1;
+    ba.n = n;
+    ba.dtype = dtype;
+    ba.grad_p = f64 ? (const void *)gd : (const void *)gf;
+    ba.scores = fa.scores;
+    ba.p = fa.p;
+    ba.threshold = &out.threshold;
+    ba.alpha = fa.alpha;
+    ba.eps = eps;
+    ba.max_active = cap;
+    ba.grad_scores = f64 ? (void *)grd : (void *)grf;
+    ba.grad_k_rows = f64 ? (void *)&gkd : (void *)&gkf;
+    ba.grad_alpha_rows = f64 ? (void *)&gad : (void *)&gaf;
+    CHECK(smoe_topk_bwd(&ba, 0, 1) == SMOE_OK, "backward status");
+    for (int i = 0; i < n; ++i) out.grad[i] = f64 ? grd[i] : grf[i];
+    out.gk = f64 ? gkd : gkf;
+    out.ga = f64 ? gad : gaf;
+  }
+  return out;
+}
+
+typedef struct {
+  const char *name;
+  int n;
+  double r[8], k, alpha, b, p[8];
+} vector_case;
+
+static const vector_case VECTORS[] = {
+    {"TV1", 4, {0, 1, 2, 3}, 2, 1, 1.5, {0.111565080074, 0.303265329856, 0.696734670144, 0.888434919926}},
+    {"TV2", 5, {0.3, -1.2, 2.0, 0.7, -0.1}, 2.5, 0.5, 0.304149880540622,
+     {0.495867293422, 0.024687778839, 0.983174293605, 0.773463096842, 0.222807537293}},
+    {"TV3", 5, {1, 1, 1, 0.2, 0.2}, 2, 0.5, 0.906246641050599,
+     {0.585488225567, 0.585488225567, 0.585488225567, 0.121767661649, 0.121767661649}},
+    {"TV4", 6, {0, 0, 0, 0, 0, 0}, 2, 1, 0.405465108108164, {1. / 3, 1. / 3, 1. / 3, 1. / 3, 1. / 3, 1. / 3}},
+    {"TV5", 1, {5}, 0.3, 1, 5.51082562376599, {0.3}},
+    {"TV6", 4, {3, 1, 0.5, -2}, 1, 0.01, 2, {1, 1.86003798801e-44, 3.58754798658e-66, 9.57584798357e-175}},
+    {"TV7", 4, {3, 1, 0.5, -2}, 1.5, 0.01, 1, {1, 0.5, 9.64374923982e-23, 2.57410011121e-131}},
+    {"TV8", 4, {50, 49.9, 10, -20}, 1.5, 0.01, 49.899999546011, {0.999977301066, 0.500022698934, 0, 0}},
+    {"TV9", 8, {0.12, -0.53, 1.07, 0.88, -1.4, 0.35, 0.0, -0.2}, 2, 0.1, 0.614348801920904,
+     {0.00356484323381, 5.35952503453e-06, 0.994750692739, 0.964903685757, 8.92820824385e-10, 0.0355563968368,
+      0.0010737101484, 0.000145310867047}},
+    {"TV10", 8, {0.12, -0.53, 1.07, 0.88, -1.4, 0.35, 0.0, -0.2}, 7.9, 0.3, -1.90943792475531,
+     {0.999423156906, 0.994964656821, 0.999975689615, 0.999954202158, 0.908486941077, 0.999732022337,
+      0.999139451226, 0.998323879859}},
+    {"TV11", 8, {0.12, -0.53, 1.07, 0.88, -1.4, 0.35, 0.0, -0.2}, 0.05, 0.3, 1.92199160752406,
+     {0.00123117550322, 0.000141042042401, 0.0292136502203, 0.0155071737589, 7.76058733624e-06,
+      0.0026502025561, 0.000825281619997, 0.000423713711729}},
+    {"TV12", 4, {1000.3, 1000.1, 999.8, 1000.0}, 2, 0.1, 1000.05,
+     {0.958957500688, 0.696734670144, 0.0410424993119, 0.303265329856}},
+};
+
+static void test_vectors(void) {
+  for (size_t t = 0; t < sizeof VECTORS / sizeof VECTORS[0]; ++t) {
+    const vector_case *v = &VECTORS[t];
+    row_result d = run_row(SMOE_F64, v->r, v->n, v->k, v->alpha, 0.0, v->n, NULL);
+    for (int i = 0; i < v->n; ++i) check_close(d.p[i], v->p[i], 1e-11 * fmax(1.0, fabs(v->p[i])) + 1e-300, v->name, i);
+    check_close(d.threshold, v->b, 1e-9, v->name, -1);
+    /* float32 inputs: within 1e-6 of the float64 result on the same (rounded) inputs */
+    double rr[8];
+    for (int i = 0; i < v->n; ++i) rr[i] = (double)(float)v->r[i];
+    row_result ref = run_row(SMOE_F64, rr, v->n, (double)(float)v->k, (double)(float)v->alpha, 0.0, v->n, NULL);
+    row_result f = run_row(SMOE_F32, v->r, v->n, v->k, v->alpha, 0.0, v->n, NULL);
+    for (int i = 0; i < v->n; ++i) check_close(f.p[i], ref.p[i], 1e-6, v->name, i);
+  }
+}
+
+static void test_vjp_tv2(void) {
+  const double r[5] = {0.3, -1.2, 2.0, 0.7, -0.1}, g[5] = {1, -0.5, 0.25, 2, 0};
+  const double want[5] = {0.0461547150694, -0.0717654285623, -0.0236724436282, 0.474159581396, -0.424876424274};
+  row_result d = run_row(SMOE_F64, r, 5, 2.5, 0.5, 0.0, 5, g);
+  double total = 0;
+  for (int i = 0; i < 5; ++i) {
+    check_close(d.grad[i], want[i], 1e-11, "TV2 dL/dr", i);
+    total += d.grad[i];
+  }
+  check_close(total, 0.0, 1e-14, "TV2 sum dL/dr", 0);
+  check_close(d.gk, 0.953460617708, 1e-11, "TV2 dL/dk", 0);
+  check_close(d.ga, -0.854038781887, 1e-11, "TV2 dL/dalpha", 0);
+}
+
+static void test_truncated_vectors(void) {
+  const double r[8] = {0.12, -0.53, 1.07, 0.88, -1.4, 0.35, 0.0, -0.2};
+  const double g[8] = {0.5, -1, 1.5, 0.2, 0, -0.3, 0.8, 0.1};
+  struct {
+    double c, b, p[8], dr[8], dk, da;
+  } cases[2] = {
+      {1, 0.446006801542682, {0, 0, 0.99880524258, 0.992011978007, 0, 0.00918277941244, 0, 0},
+       {0, 0, 0.0212044718303, 0.0379265744572, 0, -0.0591310462875, 0, 0}, -0.274793065066, -0.353683041802},
+      {3, 0.575732713240472, {0, 0, 0.996341168445, 0.975537438444, 0, 0.0281213931107, 0, 0},
+       {0, 0, 0.0574393344298, 0.0660200266035, 0, -0.123459361033, 0, 0}, -0.0698819028094, -0.763469348893},
+  };
+  for (int t = 0; t < 2; ++t) {
+    const double eps = 0.5 * exp(-cases[t].c);
+    for (int cap = 3; cap <= 8; cap += 5) { /* a cap of 3 keeps exactly the active set */
+      row_result d = run_row(SMOE_F64, r, 8, 2, 0.1, eps, cap, g);
+      for (int i = 0; i < 8; ++i) {
+        check_close(d.p[i], cases[t].p[i], 1e-11, "truncated p", i);
+        CHECK((d.p[i] == 0) == (cases[t].p[i] == 0), "truncated zero pattern at %d", i);
+        check_close(d.grad[i], cases[t].dr[i], 1e-11, "truncated dL/dr", i);
+      }
+      check_close(d.threshold, cases[t].b, 1e-11, "truncated b", t);
+      check_close(d.gk, cases[t].dk, 1e-11, "truncated dL/dk", t);
+      check_close(d.ga, cases[t].da, 1e-11, "truncated dL/dalpha", t);
+    }
+  }
+}
+
+static double uniform(unsigned *state) {
+  *state = *state * 1664525u + 1013904223u;
+  return ((*state >> 8) + 0.5) / 16777216.0;
+}
+
+static double gauss(unsigned *state) {
+  return sqrt(-2.0 * log(uniform(state))) * cos(6.283185307179586 * uniform(state));
+}
+
+/* Sum p = k and the float32 / float64 agreement at E = 256, plain and truncated with a cap. */
+static void test_sums_e256(void) {
+  unsigned seed = 12345u;
+  double r[256];
+  for (int trial = 0; trial < 20; ++trial) {
+    for (int i = 0; i < 256; ++i) r[i] = (double)(float)(2.0 * gauss(&seed) + (trial % 3) * 20.0);
+    const double k = 0.5 + 7.0 * uniform(&seed), alpha = (double)(float)(0.05 + uniform(&seed));
+    const double eps = trial % 2 ? 1e-2 : 0.0;
+    const int cap = trial % 4 == 3 ? 16 : 256;
+    row_result d = run_row(SMOE_F64, r, 256, (double)(float)k, alpha, eps, cap, NULL);
+    row_result f = run_row(SMOE_F32, r, 256, k, alpha, eps, cap, NULL);
+    double sd = 0, sf = 0, worst = 0;
+    int active = 0;
+    for (int i = 0; i < 256; ++i) {
+      sd += d.p[i];
+      sf += f.p[i];
+      worst = fmax(worst, fabs(d.p[i] - f.p[i]));
+      active += d.p[i] > 0;
+      CHECK(d.p[i] >= 0 && d.p[i] <= 1, "p in [0,1]");
+    }
+    CHECK(active <= cap, "at most max_active nonzeros (%d > %d)", active, cap);
+    check_close(sd, (double)(float)k, 1e-12, "f64 sum p - k", trial);
+    check_close(sf, (double)(float)k, 1e-5, "f32 sum p - k", trial);
+    CHECK(worst <= 1e-6, "trial %d: max |p32 - p64| = %g", trial, worst);
+  }
+}
+
+static void test_limits_and_bad_rows(void) {
+  const double r[4] = {1, -INFINITY, 3, 2}, g[4] = {1, 2, 3, 4};
+  row_result z = run_row(SMOE_F64, r, 4, 0.0, 1.0, 0.0, 4, g);
+  for (int i = 0; i < 4; ++i) CHECK(z.p[i] == 0 && z.grad[i] == 0, "k = 0 gives p = 0, zero grads");
+  CHECK(isinf(z.threshold) && z.threshold > 0 && z.gk == 0, "k = 0 threshold +inf");
+  /* three finite scores: k = 3 is the upper limit, the -inf entry stays 0 */
+  row_result o = run_row(SMOE_F64, r, 4, 3.0, 1.0, 0.0, 4, g);
+  CHECK(o.p[0] == 1 && o.p[1] == 0 && o.p[2] == 1 && o.p[3] == 1, "k = m gives ones on the candidates");
+  CHECK(isinf(o.threshold) && o.threshold < 0, "k = m threshold -inf");
+  row_result big = run_row(SMOE_F64, r, 4, 3.5, 1.0, 0.0, 4, g);
+  for (int i = 0; i < 4; ++i) CHECK(isnan(big.p[i]) && isnan(big.grad[i]), "k > m gives a NaN row");
+  const double rn[3] = {1, NAN, 0}, rp[3] = {1, INFINITY, 0};
+  row_result n1 = run_row(SMOE_F32, rn, 3, 1.0, 1.0, 0.0, 3, NULL);
+  row_result n2 = run_row(SMOE_F32, rp, 3, 1.0, 1.0, 0.0, 3, NULL);
+  for (int i = 0; i < 3; ++i) CHECK(isnan(n1.p[i]) && isnan(n2.p[i]), "NaN / +inf score gives a NaN row");
+  row_result na = run_row(SMOE_F64, r, 4, 1.0, 0.0, 0.0, 4, NULL);
+  CHECK(isnan(na.p[0]) && isnan(na.threshold), "alpha = 0 gives a NaN row");
+  /* -inf entries are never active and get no gradient */
+  row_result m = run_row(SMOE_F64, r, 4, 1.5, 0.7, 0.0, 4, g);
+  CHECK(m.p[1] == 0 && m.grad[1] == 0, "-inf score: p = 0, grad = 0");
+  check_close(m.p[0] + m.p[2] + m.p[3], 1.5, 1e-14, "-inf sum", 0);
+}
+
+static void test_d_zero_branch(void) {
+  /* integer k with gaps far beyond exp underflow in float32 (and float64) */
+  const double r[4] = {0, 200, 400, 600}, r2[4] = {0, 1000, 2000, 3000};
+  for (int f = 0; f < 2; ++f) {
+    row_result a = run_row(f ? SMOE_F64 : SMOE_F32, f ? r2 : r, 4, 2.0, 1.0, 0.0, 4, NULL);
+    const double want[4] = {0, 0, 1, 1};
+    for (int i = 0; i < 4; ++i) check_close(a.p[i], want[i], 1e-12, "D = 0 branch", i);
+  }
+}
+
+static void test_multi_row_isolation_and_determinism(void) {
+  enum { ROWS = 300, N = 17 };
+  float *s = (float *)malloc(sizeof(float) * ROWS * N), *p = (float *)malloc(sizeof(float) * ROWS * N);
+  float *p2 = (float *)malloc(sizeof(float) * ROWS * N), *gk = (float *)malloc(sizeof(float) * ROWS);
+  double *th = (double *)malloc(sizeof(double) * ROWS);
+  float k = 2.5f, alpha = 0.8f;
+  unsigned seed = 7u;
+  for (int i = 0; i < ROWS * N; ++i) s[i] = (float)gauss(&seed);
+  s[5 * N + 3] = NAN;
+  smoe_topk_fwd_args fa;
+  memset(&fa, 0, sizeof fa);
+  fa.rows = ROWS;
+  fa.n = N;
+  fa.dtype = SMOE_F32;
+  fa.scores = s;
+  fa.k = &k;
+  fa.alpha = &alpha;
+  fa.eps = 0.01;
+  fa.max_active = 6;
+  fa.p = p;
+  fa.threshold = th;
+  CHECK(smoe_topk_fwd(&fa, 0, ROWS) == SMOE_OK, "multi-row forward");
+  /* chunked like a thread pool would: same bits */
+  fa.p = p2;
+  CHECK(smoe_topk_fwd(&fa, 0, 100) == SMOE_OK && smoe_topk_fwd(&fa, 100, ROWS) == SMOE_OK, "chunks");
+  CHECK(memcmp(p, p2, sizeof(float) * ROWS * N) == 0, "chunked forward is bit-identical");
+  for (int row = 0; row < ROWS; ++row) {
+    double sum = 0;
+    int nan = 0, nz = 0;
+    for (int i = 0; i < N; ++i) {
+      sum += p[row * N + i];
+      nan += isnan(p[row * N + i]);
+      nz += p[row * N + i] != 0;
+    }
+    if (row == 5)
+      CHECK(nan == N, "the NaN row is all NaN");
+    else {
+      CHECK(nan == 0 && fabs(sum - 2.5) < 1e-5 && nz <= 6, "row %d: sum %g, nonzeros %d", row, sum, nz);
+      gk[row] = (float)(row % 7) * 0.1f - 0.3f;
+    }
+  }
+  gk[5] = 0.25f;
+  const float total = smoe_sum_f32(gk, ROWS);
+  CHECK(total == smoe_sum_f32(gk, ROWS), "deterministic sum");
+  double want = 0;
+  for (int i = 0; i < ROWS; ++i) want += gk[i];
+  check_close(total, want, 1e-5, "sum", 0);
+  CHECK(smoe_sum_f64(NULL, 0) == 0.0, "empty sum");
+  free(s);
+  free(p);
+  free(p2);
+  free(gk);
+  free(th);
+}
+
+static void test_bad_arguments(void) {
+  float s[4] = {0, 1, 2, 3}, p[4], k = 1, alpha = 1;
+  double th;
+  smoe_topk_fwd_args fa;
+  memset(&fa, 0, sizeof fa);
+  fa.rows = 1;
+  fa.n = 4;
+  fa.dtype = SMOE_F32;
+  fa.scores = s;
+  fa.k = &k;
+  fa.alpha = &alpha;
+  fa.max_active = 4;
+  fa.p = p;
+  fa.threshold = &th;
+  CHECK(smoe_topk_fwd(NULL, 0, 1) == SMOE_ERR_ARG, "NULL args");
+  fa.max_active = 5;
+  CHECK(smoe_topk_fwd(&fa, 0, 1) == SMOE_ERR_ARG, "max_active > n");
+  fa.max_active = 0;
+  CHECK(smoe_topk_fwd(&fa, 0, 1) == SMOE_ERR_ARG, "max_active = 0");
+  fa.max_active = 4;
+  fa.eps = 0.5;
+  CHECK(smoe_topk_fwd(&fa, 0, 1) == SMOE_ERR_ARG, "eps = 0.5");
+  fa.eps = 0;
+  CHECK(smoe_topk_fwd(&fa, 0, 2) == SMOE_ERR_ARG, "row range past the end");
+  fa.scores = NULL;
+  CHECK(smoe_topk_fwd(&fa, 0, 1) == SMOE_ERR_ARG, "NULL scores");
+  fa.scores = s;
+  fa.dtype = (smoe_dtype)9;
+  CHECK(smoe_topk_fwd(&fa, 0, 1) == SMOE_ERR_ARG, "unknown dtype");
+  fa.dtype = SMOE_F32;
+  CHECK(smoe_topk_fwd(&fa, 0, 0) == SMOE_OK, "empty range");
+  CHECK(smoe_topk_scratch_bytes(SMOE_F32, 4, 5) == 0, "scratch size of a bad cap");
+}
+
+static void test_half_conversions(void) {
+  /* every f16 and bf16 bit pattern survives a round trip through float */
+  for (unsigned b = 0; b < 65536u; ++b) {
+    const float h = smoe_f16_bits_to_float((uint16_t)b), bf = smoe_bf16_bits_to_float((uint16_t)b);
+    if (h == h) CHECK(smoe_float_to_f16_bits(h) == b, "f16 round trip of 0x%04x", b);
+    if (bf == bf) CHECK(smoe_float_to_bf16_bits(bf) == b, "bf16 round trip of 0x%04x", b);
+  }
+  CHECK(smoe_f16_bits_to_float(0x3c00) == 1.0f && smoe_f16_bits_to_float(0x0001) == 5.9604644775390625e-8f,
+        "f16 decode");
+  CHECK(smoe_float_to_f16_bits(65520.0f) == 0x7c00 && smoe_float_to_f16_bits(65519.0f) == 0x7bff, "f16 overflow");
+  CHECK(smoe_float_to_f16_bits(1.0f + 1.0f / 2048) == 0x3c00, "f16 ties to even (down)");
+  CHECK(smoe_float_to_f16_bits(1.0f + 3.0f / 2048) == 0x3c02, "f16 ties to even (up)");
+  CHECK(smoe_float_to_f16_bits(2.98023223876953125e-8f) == 0x0000, "f16 half of the smallest subnormal");
+  CHECK(smoe_float_to_f16_bits(4.5e-8f) == 0x0001, "f16 subnormal rounding");
+  CHECK(smoe_float_to_bf16_bits(1.00390625f) == 0x3f80, "bf16 ties to even");
+  CHECK(isnan(smoe_f16_bits_to_float(smoe_float_to_f16_bits(NAN))), "f16 NaN");
+  CHECK(isnan(smoe_bf16_bits_to_float(smoe_float_to_bf16_bits(NAN))), "bf16 NaN");
+}
+
+int main(void) {
+  test_vectors();
+  test_vjp_tv2();
+  test_truncated_vectors();
+  test_sums_e256();
+  test_limits_and_bad_rows();
+  test_d_zero_branch();
+  test_multi_row_isolation_and_determinism();
+  test_bad_arguments();
+  test_half_conversions();
+  printf("%d passed, %d failed\n", checks - failures, failures);
+  return failures ? 1 : 0;
+}

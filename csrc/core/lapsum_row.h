@@ -72,11 +72,31 @@ SMOE_HD void SMOE_FN(smoe_sift)(R *val, int32_t *idx, int64_t ss, int64_t size, 
   }
 }
 
+/* Up to this many candidates a sorted buffer with insertion beats a heap: a new score is usually
+ * rejected by one well-predicted comparison, and an insertion is a short linear shift. */
+#define SMOE_INSERTION_CAP 48
+
 /* Loads one row and keeps its `cap` best finite scores, sorted best first, in val/idx.
  * Returns the number of candidates, or -1 when the row holds a NaN or +inf score. */
 SMOE_HD int64_t SMOE_FN(smoe_select)(const void *scores, smoe_dtype dtype, int64_t base, int64_t n,
                                      int64_t cap, R *val, int32_t *idx, int64_t ss) {
   int64_t m = 0;
+  if (cap <= SMOE_INSERTION_CAP) {
+    for (int64_t i = 0; i < n; ++i) {
+      const R x = SMOE_LOAD(scores, dtype, base + i);
+      if (x != x || x == (R)INFINITY) return -1;
+      if (x == -(R)INFINITY) continue;
+      if (m == cap && !(x > SMOE_AT(val, cap - 1))) continue; /* ties keep the lower index */
+      int64_t j = m < cap ? m++ : cap - 1;
+      for (; j > 0 && SMOE_AT(val, j - 1) < x; --j) {
+        SMOE_AT(val, j) = SMOE_AT(val, j - 1);
+        SMOE_AT(idx, j) = SMOE_AT(idx, j - 1);
+      }
+      SMOE_AT(val, j) = x;
+      SMOE_AT(idx, j) = (int32_t)i;
+    }
+    return m;
+  }
   for (int64_t i = 0; i < n; ++i) {
     R x = SMOE_LOAD(scores, dtype, base + i);
     if (x != x || x == (R)INFINITY) return -1;
@@ -107,10 +127,11 @@ SMOE_HD int64_t SMOE_FN(smoe_select)(const void *scores, smoe_dtype dtype, int64
  * b = s[piv] - alpha * tau with sum_j F((s_j - b) / alpha) = K. */
 SMOE_HD void SMOE_FN(smoe_lapsum_solve)(const R *s, int64_t a, R K, R alpha, R *U, R *V, int64_t ss,
                                         int64_t *piv, R *tau) {
+  const R inv_alpha = 1 / alpha;
   /* V first holds the factors e^{-gap_i}, then is turned into the suffix sums in place. */
   SMOE_AT(U, 0) = 0;
   for (int64_t i = 0; i + 1 < a; ++i) {
-    R e = SMOE_EXP(-(SMOE_AT(s, i) - SMOE_AT(s, i + 1)) / alpha);
+    R e = SMOE_EXP((SMOE_AT(s, i + 1) - SMOE_AT(s, i)) * inv_alpha);
     SMOE_AT(V, i) = e;
     SMOE_AT(U, i + 1) = e * (1 + SMOE_AT(U, i));
   }
@@ -158,9 +179,9 @@ SMOE_HD void SMOE_FN(smoe_lapsum_solve)(const R *s, int64_t a, R K, R alpha, R *
 
 /* Truncated count (times 1 - eps, plus j * eps) at b = s_j + c * alpha, where candidate j sits
  * exactly on the cut: sum over i < j of F((s_i - s_j) / alpha - c). */
-SMOE_HD R SMOE_FN(smoe_count_at_cut)(const R *s, int64_t j, R alpha, R c, int64_t ss) {
+SMOE_HD R SMOE_FN(smoe_count_at_cut)(const R *s, int64_t j, R inv_alpha, R c, int64_t ss) {
   R sum = 0;
-  for (int64_t i = 0; i < j; ++i) sum += SMOE_CDF((SMOE_AT(s, i) - SMOE_AT(s, j)) / alpha - c);
+  for (int64_t i = 0; i < j; ++i) sum += SMOE_CDF((SMOE_AT(s, i) - SMOE_AT(s, j)) * inv_alpha - c);
   return sum;
 }
 
@@ -169,7 +190,8 @@ SMOE_HD R SMOE_FN(smoe_count_at_cut)(const R *s, int64_t j, R alpha, R c, int64_
  * galloping search (the active set is usually small) followed by bisection finds the boundary. */
 SMOE_HD int64_t SMOE_FN(smoe_active_count)(const R *s, int64_t m, R k, R alpha, R eps, R c, int64_t ss) {
   const R target = k * (1 - eps);
-#define SMOE_BELOW_K(j) (SMOE_FN(smoe_count_at_cut)(s, j, alpha, c, ss) < target + (R)(j) * eps)
+  const R inv_alpha = 1 / alpha;
+#define SMOE_BELOW_K(j) (SMOE_FN(smoe_count_at_cut)(s, j, inv_alpha, c, ss) < target + (R)(j) * eps)
   int64_t lo = 0, hi = 1; /* invariant: count(lo) < k; count(m) is taken as +inf */
   while (hi < m && SMOE_BELOW_K(hi)) {
     lo = hi;
@@ -206,7 +228,8 @@ SMOE_HD void SMOE_FN(smoe_topk_fwd_row)(const smoe_topk_fwd_args *a, int64_t row
   R *s = rs, *U = rs + cap * ss, *V = rs + 2 * cap * ss;
 
   const int64_t m = SMOE_FN(smoe_select)(a->scores, a->dtype, base, n, cap, s, is, ss);
-  if (m < 0 || !(alpha > 0 && alpha < (R)INFINITY) || !(k >= 0 && k <= (R)m)) {
+  /* alpha must be positive, finite and not so small that 1 / alpha overflows */
+  if (m < 0 || !(alpha > 0 && alpha < (R)INFINITY && 1 / alpha < (R)INFINITY) || !(k >= 0 && k <= (R)m)) {
     SMOE_FN(smoe_fill_row)(a->p, a->dtype, base, n, (R)NAN);
     a->threshold[row] = NAN;
     return;
@@ -232,9 +255,9 @@ SMOE_HD void SMOE_FN(smoe_topk_fwd_row)(const smoe_topk_fwd_args *a, int64_t row
   R tau;
   SMOE_FN(smoe_lapsum_solve)(s, active, K, alpha, U, V, ss, &piv, &tau);
 
-  const R s_piv = SMOE_AT(s, piv);
+  const R s_piv = SMOE_AT(s, piv), inv_alpha = 1 / alpha;
   for (int64_t j = 0; j < active; ++j) {
-    const R x = (SMOE_AT(s, j) - s_piv) / alpha + tau;
+    const R x = (SMOE_AT(s, j) - s_piv) * inv_alpha + tau;
     R p;
     if (!truncated) {
       p = SMOE_CDF(x);

@@ -69,6 +69,8 @@ def soft_topk(
         k_tensor = k
     else:
         k_value = _checks.check_number(fn, "k", k)
+        if not math.isfinite(k_value):
+            raise ValueError(f"{fn}: k must be a finite number with 0 < k < max_active, got {k_value}")
         max_active = _checks.check_max_active(fn, max_active, num_experts, max(k_value, 0.0))
         if not 0.0 < k_value < max_active:
             raise ValueError(

@@ -28,7 +28,8 @@ def extensions():
     cuda = with_cuda()
     sources = sorted(glob.glob("csrc/core/*.c")) + ["csrc/bindings.cpp"]
     # The C core is valid C11 and C++17; the extension build compiles it as C++.
-    cxx = ["-O3", "-std=c++17", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
+    # -fopenmp: torch's at::parallel_for only runs on several threads when _OPENMP is defined.
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
     extra = {"cxx": cxx}
     macros = []
     if cuda:
@@ -43,6 +44,7 @@ def extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=macros,
             extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
         )
     ]
 

@@ -221,6 +221,302 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_topk_backward_impl(
           reduce_param_grad(grad_alpha_rows, alpha_in, alpha_stride)};
 }
 
+// ---- Truncated dispatch: dispatch_plan, gather_rows, combine_rows and their backward ops -------
+
+// Runs fn(begin, end) over [0, n) on the CPU thread pool with the given grain; first non-OK status.
+template <typename Fn>
+smoe_status parallel_ranges(int64_t n, int64_t grain, Fn fn) {
+  std::atomic<int> status{SMOE_OK};
+  at::parallel_for(0, n, std::max<int64_t>(grain, 1), [&](int64_t begin, int64_t end) {
+    smoe_status s = fn(begin, end);
+    if (s != SMOE_OK) {
+      int expected = SMOE_OK;
+      status.compare_exchange_strong(expected, static_cast<int>(s));
+    }
+  });
+  return static_cast<smoe_status>(status.load());
+}
+
+// Work items of about this many elements per task of the thread pool.
+int64_t grain_for(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_item, 1)); }
+
+void check_same_device(const char *op, const at::Tensor &t, const char *name, const at::Tensor &ref,
+                       const char *ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), "softmoe: ", op, ": ", name, " must be on the device of ", ref_name, " (",
+              ref.device(), "), got ", t.device());
+}
+
+// A plan tensor: int64 with `dim` dimensions, on the device of ref.
+void check_plan_tensor(const char *op, const at::Tensor &t, const char *name, int64_t dim, const at::Tensor &ref,
+                       const char *ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "softmoe: ", op, ": ", name,
+                   " must be an int64 tensor from dispatch_plan, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, "softmoe: ", op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  check_same_device(op, t, name, ref, ref_name);
+}
+
+void check_float_2d(const char *op, const at::Tensor &t, const char *name, const char *shape) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
+                       t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
+                   "softmoe: ", op, ": ", name, " must be float32, float64, bfloat16 or float16, got ",
+                   t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, "softmoe: ", op, ": ", name, " must be 2-D ", shape, ", got shape ", t.sizes());
+}
+
+// token_pairs [T, M] with M >= 1 and T = tokens; a slot tensor [T * M] (pair_token / pair_expert).
+void check_token_pairs(const char *op, const at::Tensor &token_pairs, int64_t tokens, const char *tokens_from) {
+  TORCH_CHECK(token_pairs.size(1) >= 1, "softmoe: ", op, ": token_pairs must have max_active >= 1 columns, got shape ",
+              token_pairs.sizes());
+  TORCH_CHECK(token_pairs.size(0) == tokens, "softmoe: ", op, ": token_pairs must have one row per token (", tokens,
+              " rows, from ", tokens_from, "), got shape ", token_pairs.sizes());
+}
+
+void check_slots(const char *op, const at::Tensor &t, const char *name, const at::Tensor &token_pairs) {
+  TORCH_CHECK(t.size(0) == token_pairs.numel(), "softmoe: ", op, ": ", name,
+              " must have tokens * max_active = ", token_pairs.numel(), " entries (the slots of token_pairs ",
+              token_pairs.sizes(), "), got ", t.size(0));
+}
+
+void check_index_status(smoe_status status, const char *op, const char *indices) {
+  TORCH_CHECK(status != SMOE_ERR_ALLOC, "softmoe: ", op, ": out of memory for scratch");
+  TORCH_CHECK(status != SMOE_ERR_ARG, "softmoe: ", op, ": ", indices,
+              " hold an index out of range; pass the tensors of one dispatch_plan");
+  TORCH_CHECK(status == SMOE_OK, "softmoe: ", op, " failed with status ", static_cast<int>(status));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_impl(const at::Tensor &p_in,
+                                                                              int64_t max_active) {
+  const char *op = "dispatch_plan";
+  check_float_2d(op, p_in, "p", "[tokens, experts]");
+  const int64_t T = p_in.size(0), E = p_in.size(1);
+  TORCH_CHECK(E >= 1, "softmoe: dispatch_plan: p must have at least one expert (p.size(1) >= 1), got shape ",
+              p_in.sizes());
+  TORCH_CHECK(max_active >= 1 && max_active <= E, "softmoe: dispatch_plan: max_active must satisfy 1 <= max_active <= ",
+              E, " (the number of experts), got ", max_active);
+  const int64_t M = max_active, P = T * M;
+  auto opts = p_in.options().dtype(at::kLong);
+  at::Tensor offsets = at::zeros({E + 1}, opts);
+  at::Tensor pair_token = at::empty({P}, opts);
+  at::Tensor pair_expert = at::empty({P}, opts);
+  at::Tensor token_pairs = at::empty({T, M}, opts);
+  if (T == 0) return {offsets, pair_token, pair_expert, token_pairs};
+  at::Tensor p = p_in.contiguous();
+
+  smoe_plan_args args{};
+  args.tokens = T;
+  args.experts = E;
+  args.max_active = M;
+  args.dtype = to_smoe_dtype(p, "p");
+  args.p = p.data_ptr();
+  args.offsets = offsets.data_ptr<int64_t>();
+  args.pair_token = pair_token.data_ptr<int64_t>();
+  args.pair_expert = pair_expert.data_ptr<int64_t>();
+  args.token_pairs = token_pairs.data_ptr<int64_t>();
+
+  if (p.is_cpu()) {
+    // Token chunks (the result does not depend on them): at most 64, at least 256 tokens each.
+    const int64_t chunk = std::max<int64_t>(256, (T + 63) / 64);
+    const int64_t chunks = (T + chunk - 1) / chunk;
+    at::Tensor counts = at::empty({chunks, E}, opts);
+    int64_t *c = counts.data_ptr<int64_t>();
+    check_status(parallel_ranges(chunks, 1,
+                                 [&](int64_t b, int64_t e) {
+                                   for (int64_t k = b; k < e; ++k) {
+                                     smoe_status st = smoe_plan_count(&args, k * chunk, std::min(T, (k + 1) * chunk),
+                                                                      c + k * E);
+                                     if (st != SMOE_OK) return st;
+                                   }
+                                   return SMOE_OK;
+                                 }),
+                 "dispatch_plan (count)");
+    check_status(smoe_plan_scan(&args, chunks, c), "dispatch_plan (scan)");
+    check_status(parallel_ranges(chunks, 1,
+                                 [&](int64_t b, int64_t e) {
+                                   for (int64_t k = b; k < e; ++k) {
+                                     smoe_status st = smoe_plan_place(&args, k * chunk, std::min(T, (k + 1) * chunk),
+                                                                      c + k * E);
+                                     if (st != SMOE_OK) return st;
+                                   }
+                                   return SMOE_OK;
+                                 }),
+                 "dispatch_plan (place)");
+  } else {
+#ifdef SOFTMOE_WITH_CUDA
+    c10::cuda::CUDAGuard guard(p.device());
+    at::Tensor ws = at::empty({static_cast<int64_t>(smoe_cuda_plan_workspace_bytes(T, E, M))}, p.options().dtype(at::kByte));
+    check_status(smoe_cuda_dispatch_plan(&args, ws.data_ptr(), at::cuda::getCurrentCUDAStream().stream()),
+                 "dispatch_plan (CUDA)");
+#else
+    TORCH_CHECK(false, "softmoe was built without CUDA");
+#endif
+  }
+  return {offsets, pair_token, pair_expert, token_pairs};
+}
+
+at::Tensor gather_rows_impl(const at::Tensor &x_in, const at::Tensor &pair_token_in, const at::Tensor &token_pairs) {
+  const char *op = "gather_rows";
+  check_float_2d(op, x_in, "x", "[tokens, features]");
+  check_plan_tensor(op, pair_token_in, "pair_token", 1, x_in, "x");
+  check_plan_tensor(op, token_pairs, "token_pairs", 2, x_in, "x");
+  check_token_pairs(op, token_pairs, x_in.size(0), "x.size(0)");
+  check_slots(op, pair_token_in, "pair_token", token_pairs);
+  const int64_t T = x_in.size(0), d = x_in.size(1), P = pair_token_in.size(0);
+  at::Tensor xs = at::empty({P, d}, x_in.options());
+  if (P == 0 || d == 0) return xs;
+  at::Tensor x = x_in.contiguous();
+  at::Tensor pair_token = pair_token_in.contiguous();
+  smoe_gather_args args{};
+  args.tokens = T;
+  args.slots = P;
+  args.d = d;
+  args.dtype = to_smoe_dtype(x, "x");
+  args.x = x.data_ptr();
+  args.pair_token = pair_token.data_ptr<int64_t>();
+  args.xs = xs.data_ptr();
+  if (x.is_cpu()) {
+    check_index_status(
+        parallel_ranges(P, grain_for(d), [&](int64_t b, int64_t e) { return smoe_gather_rows(&args, b, e); }), op,
+        "pair_token");
+  } else {
+#ifdef SOFTMOE_WITH_CUDA
+    c10::cuda::CUDAGuard guard(x.device());
+    check_status(smoe_cuda_gather_rows(&args, at::cuda::getCurrentCUDAStream().stream()), "gather_rows (CUDA)");
+#else
+    TORCH_CHECK(false, "softmoe was built without CUDA");
+#endif
+  }
+  return xs;
+}
+
+// combine with weights p (p defined) or unit weights (the backward of gather_rows).
+at::Tensor combine_common(const char *op, const at::Tensor &ys_in, const at::Tensor *p_in,
+                          const at::Tensor *pair_expert_in, const at::Tensor &token_pairs_in) {
+  const int64_t T = token_pairs_in.size(0), M = token_pairs_in.size(1), d = ys_in.size(1);
+  at::Tensor y = at::empty({T, d}, ys_in.options());
+  if (T == 0 || d == 0) return y;
+  at::Tensor ys = ys_in.contiguous();
+  at::Tensor token_pairs = token_pairs_in.contiguous();
+  at::Tensor p, pair_expert;
+  smoe_combine_args args{};
+  args.tokens = T;
+  args.max_active = M;
+  args.d = d;
+  args.ys_dtype = to_smoe_dtype(ys, "ys");
+  args.ys = ys.data_ptr();
+  args.p_dtype = SMOE_F32;
+  args.p = nullptr;
+  args.experts = M;
+  if (p_in) {
+    p = p_in->contiguous();
+    pair_expert = pair_expert_in->contiguous();
+    args.experts = p.size(1);
+    args.p_dtype = to_smoe_dtype(p, "p");
+    args.p = p.data_ptr();
+    args.pair_expert = pair_expert.data_ptr<int64_t>();
+  }
+  args.token_pairs = token_pairs.data_ptr<int64_t>();
+  args.y = y.data_ptr();
+  if (ys.is_cpu()) {
+    check_index_status(
+        parallel_ranges(T, grain_for(d * M), [&](int64_t b, int64_t e) { return smoe_combine_rows(&args, b, e); }), op,
+        p_in ? "token_pairs or pair_expert" : "token_pairs");
+  } else {
+#ifdef SOFTMOE_WITH_CUDA
+    c10::cuda::CUDAGuard guard(ys.device());
+    check_status(smoe_cuda_combine_rows(&args, at::cuda::getCurrentCUDAStream().stream()), op);
+#else
+    TORCH_CHECK(false, "softmoe was built without CUDA");
+#endif
+  }
+  return y;
+}
+
+void check_combine_args(const char *op, const at::Tensor &ys, const at::Tensor &p, const at::Tensor &pair_token,
+                        const at::Tensor &pair_expert, const at::Tensor &token_pairs) {
+  check_float_2d(op, ys, "ys", "[slots, features]");
+  check_float_2d(op, p, "p", "[tokens, experts]");
+  check_same_device(op, p, "p", ys, "ys");
+  check_plan_tensor(op, pair_token, "pair_token", 1, ys, "ys");
+  check_plan_tensor(op, pair_expert, "pair_expert", 1, ys, "ys");
+  check_plan_tensor(op, token_pairs, "token_pairs", 2, ys, "ys");
+  TORCH_CHECK(p.size(1) >= 1, "softmoe: ", op, ": p must have at least one expert, got shape ", p.sizes());
+  check_token_pairs(op, token_pairs, p.size(0), "p.size(0)");
+  TORCH_CHECK(token_pairs.size(1) <= p.size(1), "softmoe: ", op, ": token_pairs must have max_active <= ", p.size(1),
+              " (the number of experts of p) columns, got shape ", token_pairs.sizes());
+  check_slots(op, pair_token, "pair_token", token_pairs);
+  check_slots(op, pair_expert, "pair_expert", token_pairs);
+  TORCH_CHECK(ys.size(0) == token_pairs.numel(), "softmoe: ", op, ": ys must have one row per slot (",
+              token_pairs.numel(), " = tokens * max_active), got shape ", ys.sizes());
+}
+
+at::Tensor combine_rows_impl(const at::Tensor &ys, const at::Tensor &p, const at::Tensor &pair_token,
+                             const at::Tensor &pair_expert, const at::Tensor &token_pairs) {
+  check_combine_args("combine_rows", ys, p, pair_token, pair_expert, token_pairs);
+  return combine_common("combine_rows", ys, &p, &pair_expert, token_pairs);
+}
+
+at::Tensor gather_rows_backward_impl(const at::Tensor &grad_xs, const at::Tensor &token_pairs) {
+  const char *op = "gather_rows_backward";
+  check_float_2d(op, grad_xs, "grad_xs", "[slots, features]");
+  check_plan_tensor(op, token_pairs, "token_pairs", 2, grad_xs, "grad_xs");
+  check_token_pairs(op, token_pairs, token_pairs.size(0), "token_pairs");
+  TORCH_CHECK(grad_xs.size(0) == token_pairs.numel(), "softmoe: ", op, ": grad_xs must have one row per slot (",
+              token_pairs.numel(), " = tokens * max_active), got shape ", grad_xs.sizes());
+  return combine_common(op, grad_xs, nullptr, nullptr, token_pairs);
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_rows_backward_impl(const at::Tensor &grad_y_in, const at::Tensor &ys_in,
+                                                              const at::Tensor &p_in, const at::Tensor &pair_token_in,
+                                                              const at::Tensor &pair_expert_in,
+                                                              const at::Tensor &token_pairs_in) {
+  const char *op = "combine_rows_backward";
+  check_combine_args(op, ys_in, p_in, pair_token_in, pair_expert_in, token_pairs_in);
+  TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == p_in.size(0) && grad_y_in.size(1) == ys_in.size(1),
+              "softmoe: ", op, ": grad_y must have shape [tokens, features] = [", p_in.size(0), ", ", ys_in.size(1),
+              "], got ", grad_y_in.sizes());
+  check_same_device(op, grad_y_in, "grad_y", ys_in, "ys");
+  TORCH_CHECK_TYPE(at::isFloatingType(grad_y_in.scalar_type()), "softmoe: ", op,
+                   ": grad_y must be a floating-point tensor, got ", grad_y_in.scalar_type());
+  const int64_t T = p_in.size(0), E = p_in.size(1), M = token_pairs_in.size(1), d = ys_in.size(1);
+  at::Tensor grad_ys = at::empty(ys_in.sizes(), ys_in.options());
+  at::Tensor grad_p = at::empty(p_in.sizes(), p_in.options());
+  if (T == 0) return {grad_ys, grad_p};
+  at::Tensor ys = ys_in.contiguous();
+  at::Tensor grad_y = grad_y_in.to(ys.scalar_type()).contiguous();
+  at::Tensor p = p_in.contiguous();
+  at::Tensor pair_token = pair_token_in.contiguous();
+  at::Tensor pair_expert = pair_expert_in.contiguous();
+  at::Tensor token_pairs = token_pairs_in.contiguous();
+  smoe_combine_bwd_args args{};
+  args.tokens = T;
+  args.experts = E;
+  args.max_active = M;
+  args.d = d;
+  args.ys_dtype = to_smoe_dtype(ys, "ys");
+  args.grad_y = grad_y.data_ptr();
+  args.ys = ys.data_ptr();
+  args.p_dtype = to_smoe_dtype(p, "p");
+  args.p = p.data_ptr();
+  args.pair_token = pair_token.data_ptr<int64_t>();
+  args.pair_expert = pair_expert.data_ptr<int64_t>();
+  args.token_pairs = token_pairs.data_ptr<int64_t>();
+  args.grad_ys = grad_ys.data_ptr();
+  args.grad_p = grad_p.data_ptr();
+  if (ys.is_cpu()) {
+    check_index_status(parallel_ranges(T, grain_for(2 * d * M + E),
+                                       [&](int64_t b, int64_t e) { return smoe_combine_bwd(&args, b, e); }),
+                       op, "pair_token, pair_expert or token_pairs");
+  } else {
+#ifdef SOFTMOE_WITH_CUDA
+    c10::cuda::CUDAGuard guard(ys.device());
+    check_status(smoe_cuda_combine_bwd(&args, at::cuda::getCurrentCUDAStream().stream()), "combine_rows_backward (CUDA)");
+#else
+    TORCH_CHECK(false, "softmoe was built without CUDA");
+#endif
+  }
+  return {grad_ys, grad_p};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(softmoe, m) {
@@ -229,16 +525,36 @@ TORCH_LIBRARY(softmoe, m) {
   m.def(
       "soft_topk_backward(Tensor grad_p, Tensor scores, Tensor p, Tensor threshold, Tensor k, Tensor alpha, "
       "float eps, int max_active) -> (Tensor grad_scores, Tensor grad_k, Tensor grad_alpha)");
+  // Truncated dispatch (DESIGN.md §3): the plan, the permutation into expert order and back.
+  m.def(
+      "dispatch_plan(Tensor p, int max_active) -> "
+      "(Tensor offsets, Tensor pair_token, Tensor pair_expert, Tensor token_pairs)");
+  m.def("gather_rows(Tensor x, Tensor pair_token, Tensor token_pairs) -> Tensor");
+  m.def("gather_rows_backward(Tensor grad_xs, Tensor token_pairs) -> Tensor");
+  m.def("combine_rows(Tensor ys, Tensor p, Tensor pair_token, Tensor pair_expert, Tensor token_pairs) -> Tensor");
+  m.def(
+      "combine_rows_backward(Tensor grad_y, Tensor ys, Tensor p, Tensor pair_token, Tensor pair_expert, "
+      "Tensor token_pairs) -> (Tensor grad_ys, Tensor grad_p)");
 }
 
 TORCH_LIBRARY_IMPL(softmoe, CPU, m) {
   m.impl("soft_topk", &soft_topk_impl);
   m.impl("soft_topk_backward", &soft_topk_backward_impl);
+  m.impl("dispatch_plan", &dispatch_plan_impl);
+  m.impl("gather_rows", &gather_rows_impl);
+  m.impl("gather_rows_backward", &gather_rows_backward_impl);
+  m.impl("combine_rows", &combine_rows_impl);
+  m.impl("combine_rows_backward", &combine_rows_backward_impl);
 }
 
 #ifdef SOFTMOE_WITH_CUDA
 TORCH_LIBRARY_IMPL(softmoe, CUDA, m) {
   m.impl("soft_topk", &soft_topk_impl);
   m.impl("soft_topk_backward", &soft_topk_backward_impl);
+  m.impl("dispatch_plan", &dispatch_plan_impl);
+  m.impl("gather_rows", &gather_rows_impl);
+  m.impl("gather_rows_backward", &gather_rows_backward_impl);
+  m.impl("combine_rows", &combine_rows_impl);
+  m.impl("combine_rows_backward", &combine_rows_backward_impl);
 }
 #endif

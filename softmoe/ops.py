@@ -51,3 +51,205 @@ def _soft_topk_backward(ctx, grad_p, grad_threshold):
 torch.library.register_autograd(
     "softmoe::soft_topk", _soft_topk_backward, setup_context=_soft_topk_setup_context
 )
+
+
+# ==== Truncated dispatch: dispatch_plan, gather_rows, combine_rows ============================
+#
+# T tokens, E experts, M = max_active, P = T * M slots. The plan permutes the active (token, expert)
+# pairs (p != 0; at most the first M per token, in expert order) into expert-contiguous order so
+# that the experts run on contiguous row segments; every shape is fixed by (T, E, M), so nothing
+# depends on the data and nothing syncs with the host. Padding slots (s >= N, the number of routed
+# pairs) carry index -1 and zero rows.
+
+from typing import NamedTuple  # noqa: E402
+
+from . import _checks  # noqa: E402
+
+
+@torch.library.register_fake("softmoe::dispatch_plan")
+def _dispatch_plan_fake(p, max_active):
+    torch._check(p.dim() == 2, lambda: "softmoe: dispatch_plan: p must be 2-D [tokens, experts]")
+    tokens, experts = p.shape
+    idx = dict(dtype=torch.int64)
+    return (
+        p.new_empty((experts + 1,), **idx),
+        p.new_empty((tokens * max_active,), **idx),
+        p.new_empty((tokens * max_active,), **idx),
+        p.new_empty((tokens, max_active), **idx),
+    )
+
+
+@torch.library.register_fake("softmoe::gather_rows")
+def _gather_rows_fake(x, pair_token, token_pairs):
+    return x.new_empty((pair_token.shape[0], x.shape[1]))
+
+
+@torch.library.register_fake("softmoe::gather_rows_backward")
+def _gather_rows_backward_fake(grad_xs, token_pairs):
+    return grad_xs.new_empty((token_pairs.shape[0], grad_xs.shape[1]))
+
+
+@torch.library.register_fake("softmoe::combine_rows")
+def _combine_rows_fake(ys, p, pair_token, pair_expert, token_pairs):
+    return ys.new_empty((token_pairs.shape[0], ys.shape[1]))
+
+
+@torch.library.register_fake("softmoe::combine_rows_backward")
+def _combine_rows_backward_fake(grad_y, ys, p, pair_token, pair_expert, token_pairs):
+    return ys.new_empty(ys.shape), p.new_empty(p.shape)
+
+
+def _gather_rows_setup_context(ctx, inputs, output):
+    _, _, token_pairs = inputs
+    ctx.save_for_backward(token_pairs)
+
+
+def _gather_rows_backward(ctx, grad_xs):
+    (token_pairs,) = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.softmoe.gather_rows_backward(grad_xs, token_pairs)
+    return grad_x, None, None
+
+
+torch.library.register_autograd(
+    "softmoe::gather_rows", _gather_rows_backward, setup_context=_gather_rows_setup_context
+)
+
+
+def _combine_rows_setup_context(ctx, inputs, output):
+    ys, p, pair_token, pair_expert, token_pairs = inputs
+    ctx.save_for_backward(ys, p, pair_token, pair_expert, token_pairs)
+
+
+def _combine_rows_backward(ctx, grad_y):
+    ys, p, pair_token, pair_expert, token_pairs = ctx.saved_tensors
+    grad_ys = grad_p = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_ys, grad_p = torch.ops.softmoe.combine_rows_backward(grad_y, ys, p, pair_token, pair_expert, token_pairs)
+    return (
+        grad_ys if ctx.needs_input_grad[0] else None,
+        grad_p if ctx.needs_input_grad[1] else None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "softmoe::combine_rows", _combine_rows_backward, setup_context=_combine_rows_setup_context
+)
+
+
+class DispatchPlan(NamedTuple):
+    """The truncated-dispatch plan of routing weights p (T tokens, E experts, M = max_active).
+
+    All four tensors are int64 on p's device, with shapes fixed by (T, E, M):
+
+    - ``offsets`` ``[E + 1]``: expert e's pairs are the slots ``offsets[e] .. offsets[e + 1]``;
+      ``offsets[E] = N``, the number of routed (token, expert) pairs.
+    - ``pair_token`` ``[T * M]``: the token of slot s (slots sorted by expert, then token); -1 for
+      the padding slots s >= N.
+    - ``pair_expert`` ``[T * M]``: the expert of slot s; -1 for padding.
+    - ``token_pairs`` ``[T, M]``: token t's slots in increasing expert order, then -1.
+    """
+
+    offsets: torch.Tensor
+    pair_token: torch.Tensor
+    pair_expert: torch.Tensor
+    token_pairs: torch.Tensor
+
+    def tokens_per_expert(self) -> torch.Tensor:
+        """``[E]`` int64: how many tokens each expert receives (no host sync)."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+def _check_plan(fn: str, plan: object) -> DispatchPlan:
+    if not isinstance(plan, DispatchPlan):
+        raise TypeError(f"{fn}: plan must be the DispatchPlan returned by dispatch_plan, got {type(plan).__name__}")
+    return plan
+
+
+def dispatch_plan(p: torch.Tensor, max_active: int) -> DispatchPlan:
+    """Builds the truncated-dispatch plan of routing weights ``p``.
+
+    Args:
+        p: ``[..., E]`` routing weights (float32/float64/bfloat16/float16) with exact zeros, e.g.
+            from ``soft_topk(..., eps > 0, max_active=M)``. The leading dimensions are flattened
+            into T tokens. An entry is active iff it is != 0 (NaN is active, -0.0 is not).
+        max_active: M, the most experts a token is routed to, ``1 <= M <= E``. A token with more
+            than M active entries keeps its first M in expert order (lowest expert indices); the
+            rest are silently not routed. ``soft_topk(..., max_active=M)`` never produces more.
+
+    Returns:
+        A :class:`DispatchPlan` (offsets ``[E + 1]``, pair_token ``[T * M]``, pair_expert
+        ``[T * M]``, token_pairs ``[T, M]``). Not differentiable; deterministic (integer counts and
+        scans only), and identical on CPU and CUDA.
+    """
+    fn = "dispatch_plan"
+    _checks.check_float_tensor(fn, "p", p)
+    if p.dim() == 0:
+        raise ValueError(f"{fn}: p must have at least one dimension (the experts), got a 0-d tensor")
+    experts = p.shape[-1]
+    if experts == 0:
+        raise ValueError(f"{fn}: p must have at least one expert along its last dimension, got shape {tuple(p.shape)}")
+    if isinstance(max_active, bool) or not isinstance(max_active, int):
+        raise TypeError(f"{fn}: max_active must be an int, got {type(max_active).__name__}")
+    if not 1 <= max_active <= experts:
+        raise ValueError(f"{fn}: max_active must satisfy 1 <= max_active <= {experts} (the number of experts), got {max_active}")
+    offsets, pair_token, pair_expert, token_pairs = torch.ops.softmoe.dispatch_plan(p.reshape(-1, experts), max_active)
+    return DispatchPlan(offsets, pair_token, pair_expert, token_pairs)
+
+
+def gather_rows(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Permutes token rows into the plan's expert-contiguous slot order.
+
+    Args:
+        x: ``[..., d]`` token features whose leading dimensions flatten to the plan's T tokens.
+        plan: from :func:`dispatch_plan`.
+
+    Returns:
+        ``xs`` ``[T * M, d]``, dtype of x: ``xs[s] = x[pair_token[s]]`` for the N routed slots
+        (expert e's rows are ``offsets[e] .. offsets[e + 1]``), zero rows for the padding slots.
+        Differentiable in x: the gradient of token t is the sum of its slots' gradients, in the
+        fixed order of ``token_pairs[t]`` (deterministic).
+    """
+    fn = "gather_rows"
+    plan = _check_plan(fn, plan)
+    _checks.check_float_tensor(fn, "x", x)
+    if x.dim() == 0:
+        raise ValueError(f"{fn}: x must have at least one dimension (the features), got a 0-d tensor")
+    tokens = plan.token_pairs.shape[0]
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    if x2.shape[0] != tokens:
+        raise ValueError(f"{fn}: x must hold the plan's {tokens} tokens ([..., d] flattening to [{tokens}, d]), got shape {tuple(x.shape)}")
+    return torch.ops.softmoe.gather_rows(x2, plan.pair_token, plan.token_pairs)
+
+
+def combine_rows(ys: torch.Tensor, p: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Weighted, deterministic sum of the slots' rows back per token.
+
+    Args:
+        ys: ``[T * M, d]`` expert outputs in slot order (rows of padding slots are ignored).
+        p: ``[..., E]`` routing weights, the tensor the plan was built from (or any tensor of the
+            same shape: only the plan's pairs are read, e.g. ``p / k`` for normalised combining).
+        plan: from :func:`dispatch_plan`.
+
+    Returns:
+        ``y`` ``[..., d]`` (p's leading shape), dtype of ys:
+        ``y[t] = sum_j p[t, pair_expert[s_j]] * ys[s_j]`` over ``s_j = token_pairs[t, j] >= 0`` in
+        j order (a fixed order: deterministic), math in float32 (float64 when ys or p is float64).
+        Differentiable in ys and p; the gradient of p is zero outside the plan's pairs.
+    """
+    fn = "combine_rows"
+    plan = _check_plan(fn, plan)
+    _checks.check_float_tensor(fn, "ys", ys)
+    _checks.check_float_tensor(fn, "p", p)
+    if ys.dim() != 2:
+        raise ValueError(f"{fn}: ys must be 2-D [slots, d], got shape {tuple(ys.shape)}")
+    if p.dim() == 0:
+        raise ValueError(f"{fn}: p must have at least one dimension (the experts), got a 0-d tensor")
+    lead = p.shape[:-1]
+    p2 = p.reshape(-1, p.shape[-1]) if p.dim() != 2 else p
+    y = torch.ops.softmoe.combine_rows(ys, p2, plan.pair_token, plan.pair_expert, plan.token_pairs)
+    return y if p.dim() == 2 else y.reshape(*lead, ys.shape[-1])

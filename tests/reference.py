@@ -273,3 +273,61 @@ def reference_nd(
     p = reference_soft_topk(flat, k, alpha, eps=eps, max_active=max_active)
     return p.reshape(*lead, moved.shape[-1]).movedim(-1, dim)
 
+
+# ==== Truncated dispatch reference (dispatch_plan / gather_rows / combine_rows) ===============
+# Deliberately naive: Python loops over tokens and experts, float64, for small sizes only. Used by
+# tests/test_dispatch.py.
+
+
+def reference_dispatch_plan(p: torch.Tensor, max_active: int) -> Tuple[torch.Tensor, ...]:
+    """(offsets, pair_token, pair_expert, token_pairs) of p [T, E] by the definition: a token's
+    first max_active nonzero entries in expert order, pairs listed expert by expert and token by
+    token, -1 padding."""
+    T, E = p.shape
+    M = max_active
+    pv = p.detach().double().cpu()
+    kept = []
+    for t in range(T):
+        row = [e for e in range(E) if pv[t, e].item() != 0.0][:M]  # NaN != 0 is True
+        kept.append(row)
+    pairs = [(t, e) for e in range(E) for t in range(T) if e in kept[t]]
+    offsets = [0] * (E + 1)
+    for _, e in pairs:
+        offsets[e + 1] += 1
+    for e in range(E):
+        offsets[e + 1] += offsets[e]
+    P = T * M
+    pair_token = [-1] * P
+    pair_expert = [-1] * P
+    token_pairs = [[-1] * M for _ in range(T)]
+    for s, (t, e) in enumerate(pairs):
+        pair_token[s] = t
+        pair_expert[s] = e
+        token_pairs[t][kept[t].index(e)] = s
+    as_long = dict(dtype=torch.int64)
+    return (
+        torch.tensor(offsets, **as_long),
+        torch.tensor(pair_token, **as_long),
+        torch.tensor(pair_expert, **as_long),
+        torch.tensor(token_pairs, **as_long).reshape(T, M),
+    )
+
+
+def reference_moe(x: torch.Tensor, p: torch.Tensor, max_active: int, experts) -> torch.Tensor:
+    """y[t] = sum over token t's first max_active nonzero p[t, e] of p[t, e] * experts(e, x[t]),
+    summed in expert order, by a loop over tokens and experts (differentiable in x and p)."""
+    T, E = p.shape
+    rows = []
+    for t in range(T):
+        acc = torch.zeros_like(experts(0, x[t : t + 1])[0])
+        n = 0
+        for e in range(E):
+            if n == max_active:
+                break
+            if p[t, e].item() != 0.0:
+                acc = acc + p[t, e] * experts(e, x[t : t + 1])[0]
+                n += 1
+        rows.append(acc)
+    if not rows:
+        return x.new_zeros((0, experts(0, x[:1] if len(x) else x.new_zeros((1, x.shape[-1]))).shape[-1]))
+    return torch.stack(rows)

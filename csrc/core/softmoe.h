@@ -86,6 +86,103 @@ uint16_t smoe_float_to_bf16_bits(float x);
 float smoe_f16_bits_to_float(uint16_t bits);
 uint16_t smoe_float_to_f16_bits(float x);
 
+/* ==== Truncated dispatch (route.c, route_row.h, cuda/route.cu) ================================ *
+ *
+ * T tokens, E experts, M = max_active, P = T * M slots. From routing weights p [T, E] with exact
+ * zeros a *plan* permutes the active (token, expert) pairs into expert-contiguous order:
+ *   - an entry is active iff p != 0 (NaN is active, -0.0 is not); a token keeps its first M active
+ *     experts in expert order, later actives of that token are ignored (never routed);
+ *   - offsets [E + 1]: offsets[0] = 0, offsets[e + 1] - offsets[e] = tokens routed to expert e,
+ *     offsets[E] = N, the number of routed pairs;
+ *   - pair_token [P], pair_expert [P]: token and expert of slot s < N, sorted by (expert, token);
+ *     -1 for the padding slots s >= N;
+ *   - token_pairs [T, M]: the slots of token t's pairs in increasing expert order, then -1.
+ * The plan is a pure function of the zero pattern of p: integer counts and scans only, identical
+ * however the tokens are chunked (and on the GPU).
+ *
+ * All index arrays are int64. gather / combine trust that the index arrays come from one plan
+ * (each active slot referenced by exactly one token); an index outside its range ([-1, T) for
+ * pair_token, [-1, P) for token_pairs, [0, E) for pair_expert of a referenced slot) is skipped as
+ * if it were padding, and the CPU entry points then return SMOE_ERR_ARG. */
+
+/* The plan. The CPU runs it in three passes over token chunks (the caller may run the chunks of a
+ * pass in parallel): count, scan (serial, O(chunks * E)), place. Chunk c holds the tokens
+ * [c * chunk, min(T, (c + 1) * chunk)). */
+typedef struct {
+  int64_t tokens, experts, max_active; /* T >= 0, E >= 1, 1 <= M <= E */
+  smoe_dtype dtype;                    /* storage dtype of p */
+  const void *p;                       /* [T, E] */
+  int64_t *offsets;                    /* out [E + 1] */
+  int64_t *pair_token;                 /* out [P] */
+  int64_t *pair_expert;                /* out [P] */
+  int64_t *token_pairs;                /* out [T, M] */
+} smoe_plan_args;
+
+/* Pass 1 for the tokens [begin, end): selects each token's experts (written to token_pairs as
+ * expert ids for now, -1 padded) and writes this chunk's per-expert counts to counts[0..E). */
+smoe_status smoe_plan_count(const smoe_plan_args *args, int64_t begin, int64_t end, int64_t *counts);
+/* Pass 2: counts [chunks, E] (row c from pass 1 on chunk c) become, in place, the first slot of
+ * chunk c's pairs with expert e (an exclusive scan in (expert, chunk) order); writes offsets. */
+smoe_status smoe_plan_scan(const smoe_plan_args *args, int64_t chunks, int64_t *counts);
+/* Pass 3 for the tokens [begin, end) of one chunk, given that chunk's row of the scanned counts
+ * (advanced in place): writes pair_token / pair_expert of the chunk's pairs, replaces the expert
+ * ids in token_pairs by slots, and writes -1 to the padding slots among [begin * M, end * M). */
+smoe_status smoe_plan_place(const smoe_plan_args *args, int64_t begin, int64_t end, int64_t *base);
+/* The three passes in one serial call with chunks of `chunk` >= 1 tokens (scratch allocated here).
+ * The result does not depend on `chunk`. */
+smoe_status smoe_dispatch_plan(const smoe_plan_args *args, int64_t chunk);
+
+/* gather: xs[s] = x[pair_token[s]] for the slots [slot_begin, slot_end), a zero row where
+ * pair_token[s] = -1. A bit copy: x and xs have the same storage dtype. */
+typedef struct {
+  int64_t tokens, slots, d; /* T, P, features */
+  smoe_dtype dtype;         /* storage dtype of x and xs */
+  const void *x;            /* [T, d] */
+  const int64_t *pair_token; /* [P] */
+  void *xs;                 /* out [P, d] */
+} smoe_gather_args;
+
+smoe_status smoe_gather_rows(const smoe_gather_args *args, int64_t slot_begin, int64_t slot_end);
+
+/* combine for the tokens [begin, end): y[t] = sum_j w_j * ys[s_j] over s_j = token_pairs[t, j] >= 0
+ * in j order, w_j = p[t, pair_expert[s_j]], or w_j = 1 when p is NULL (the backward of gather,
+ * which then needs neither p nor pair_expert). The math type is double when ys or p is f64, float
+ * otherwise; y has the storage dtype of ys. */
+typedef struct {
+  int64_t tokens, experts, max_active, d; /* T, E (unused without p), M, features */
+  smoe_dtype ys_dtype;                    /* storage dtype of ys and y */
+  const void *ys;                         /* [P, d] */
+  smoe_dtype p_dtype;
+  const void *p;                          /* [T, E] or NULL */
+  const int64_t *pair_expert;             /* [P] (unused without p) */
+  const int64_t *token_pairs;             /* [T, M] */
+  void *y;                                /* out [T, d] */
+} smoe_combine_args;
+
+smoe_status smoe_combine_rows(const smoe_combine_args *args, int64_t begin, int64_t end);
+
+/* VJP of combine for the tokens [begin, end) and their slot range [begin * M, end * M):
+ *   grad_ys[s] = p[t, e] * grad_y[t] for an active slot s of pair (t, e), a zero row for padding;
+ *   grad_p[t, e] = <grad_y[t], ys[s]> (see smoe_route_dot) for the routed pairs, 0 elsewhere.
+ * grad_y and grad_ys have the storage dtype of ys, grad_p that of p; math type as for combine. */
+typedef struct {
+  int64_t tokens, experts, max_active, d;
+  smoe_dtype ys_dtype;
+  const void *grad_y;         /* [T, d] */
+  const void *ys;             /* [P, d] */
+  smoe_dtype p_dtype;
+  const void *p;              /* [T, E] */
+  const int64_t *pair_token;  /* [P] */
+  const int64_t *pair_expert; /* [P] */
+  const int64_t *token_pairs; /* [T, M] */
+  void *grad_ys;              /* out [P, d] */
+  void *grad_p;               /* out [T, E] */
+} smoe_combine_bwd_args;
+
+smoe_status smoe_combine_bwd(const smoe_combine_bwd_args *args, int64_t begin, int64_t end);
+
+/* ==== end of truncated dispatch ============================================================== */
+
 #ifdef __cplusplus
 }
 #endif

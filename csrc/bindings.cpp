@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <tuple>
+#include <vector>
 
 #include "core/softmoe.h"
 
@@ -517,6 +518,74 @@ std::tuple<at::Tensor, at::Tensor> combine_rows_backward_impl(const at::Tensor &
   return {grad_ys, grad_p};
 }
 
+// ---- Expert compute: one matmul per non-empty expert segment ----------------------------------
+//
+// Rows offsets[e]:offsets[e+1] of x belong to expert e; rows from offsets[E] on are padding.
+// The loop over experts reads the segment bounds on the host (free on the CPU; one sync per call on
+// CUDA) and hands each segment to BLAS / cuBLAS. Being an op, it keeps torch.compile graphs whole.
+
+std::vector<int64_t> segment_bounds(const at::Tensor &offsets, int64_t experts, int64_t rows, const char *op) {
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.size(0) == experts + 1,
+              "softmoe: ", op, ": offsets must be int64 of shape [", experts + 1, "] (experts + 1), got ",
+              offsets.scalar_type(), " of shape ", offsets.sizes());
+  at::Tensor host = offsets.to(at::kCPU).contiguous();
+  const int64_t *o = host.data_ptr<int64_t>();
+  std::vector<int64_t> bounds(o, o + experts + 1);
+  TORCH_CHECK(bounds[0] == 0, "softmoe: ", op, ": offsets[0] must be 0, got ", bounds[0]);
+  for (int64_t e = 0; e < experts; ++e)
+    TORCH_CHECK(bounds[e] <= bounds[e + 1], "softmoe: ", op, ": offsets must be nondecreasing");
+  TORCH_CHECK(bounds[experts] <= rows, "softmoe: ", op, ": offsets[-1] = ", bounds[experts],
+              " exceeds the number of rows (", rows, ")");
+  return bounds;
+}
+
+void check_grouped_operands(const at::Tensor &x, const at::Tensor &w, const at::Tensor &offsets, const char *op) {
+  TORCH_CHECK(x.dim() == 2, "softmoe: ", op, ": x must be 2-D [rows, in], got shape ", x.sizes());
+  TORCH_CHECK(w.dim() == 3, "softmoe: ", op, ": w must be 3-D [experts, in, out], got shape ", w.sizes());
+  TORCH_CHECK(x.size(1) == w.size(1), "softmoe: ", op, ": x has ", x.size(1), " columns but w expects ", w.size(1));
+  TORCH_CHECK_TYPE(x.scalar_type() == w.scalar_type(), "softmoe: ", op, ": x and w must have one dtype, got ",
+                   x.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(x.device() == w.device() && offsets.device() == x.device(), "softmoe: ", op,
+              ": x, w and offsets must be on one device");
+}
+
+// y[P, N] with y[seg_e] = x[seg_e] @ w[e]; padding rows are zero.
+at::Tensor grouped_mm_impl(const at::Tensor &x, const at::Tensor &w, const at::Tensor &offsets) {
+  check_grouped_operands(x, w, offsets, "grouped_mm");
+  const int64_t experts = w.size(0), rows = x.size(0);
+  const auto bounds = segment_bounds(offsets, experts, rows, "grouped_mm");
+  at::Tensor y = at::empty({rows, w.size(2)}, x.options());
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t len = bounds[e + 1] - bounds[e];
+    if (len > 0) {
+      at::Tensor out = y.narrow(0, bounds[e], len);
+      at::mm_out(out, x.narrow(0, bounds[e], len), w.select(0, e));
+    }
+  }
+  y.narrow(0, bounds[experts], rows - bounds[experts]).zero_();
+  return y;
+}
+
+// grad_w[E, K, N] with grad_w[e] = x[seg_e]^T @ grad_y[seg_e]; zero for empty segments.
+at::Tensor grouped_mm_weight_grad_impl(const at::Tensor &x, const at::Tensor &grad_y, const at::Tensor &offsets,
+                                       int64_t experts) {
+  TORCH_CHECK(x.dim() == 2 && grad_y.dim() == 2 && x.size(0) == grad_y.size(0),
+              "softmoe: grouped_mm_weight_grad: x and grad_y must be 2-D with one row count, got ", x.sizes(),
+              " and ", grad_y.sizes());
+  TORCH_CHECK(experts >= 1, "softmoe: grouped_mm_weight_grad: experts must be >= 1, got ", experts);
+  const auto bounds = segment_bounds(offsets, experts, x.size(0), "grouped_mm_weight_grad");
+  at::Tensor grad_w = at::empty({experts, x.size(1), grad_y.size(1)}, x.options());
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t len = bounds[e + 1] - bounds[e];
+    at::Tensor out = grad_w.select(0, e);
+    if (len > 0)
+      at::mm_out(out, x.narrow(0, bounds[e], len).t(), grad_y.narrow(0, bounds[e], len));
+    else
+      out.zero_();
+  }
+  return grad_w;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(softmoe, m) {
@@ -535,6 +604,9 @@ TORCH_LIBRARY(softmoe, m) {
   m.def(
       "combine_rows_backward(Tensor grad_y, Tensor ys, Tensor p, Tensor pair_token, Tensor pair_expert, "
       "Tensor token_pairs) -> (Tensor grad_ys, Tensor grad_p)");
+  // Expert compute over expert-contiguous segments.
+  m.def("grouped_mm(Tensor x, Tensor w, Tensor offsets) -> Tensor");
+  m.def("grouped_mm_weight_grad(Tensor x, Tensor grad_y, Tensor offsets, int experts) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(softmoe, CPU, m) {
@@ -545,6 +617,8 @@ TORCH_LIBRARY_IMPL(softmoe, CPU, m) {
   m.impl("gather_rows_backward", &gather_rows_backward_impl);
   m.impl("combine_rows", &combine_rows_impl);
   m.impl("combine_rows_backward", &combine_rows_backward_impl);
+  m.impl("grouped_mm", &grouped_mm_impl);
+  m.impl("grouped_mm_weight_grad", &grouped_mm_weight_grad_impl);
 }
 
 #ifdef SOFTMOE_WITH_CUDA
@@ -556,5 +630,7 @@ TORCH_LIBRARY_IMPL(softmoe, CUDA, m) {
   m.impl("gather_rows_backward", &gather_rows_backward_impl);
   m.impl("combine_rows", &combine_rows_impl);
   m.impl("combine_rows_backward", &combine_rows_backward_impl);
+  m.impl("grouped_mm", &grouped_mm_impl);
+  m.impl("grouped_mm_weight_grad", &grouped_mm_weight_grad_impl);
 }
 #endif

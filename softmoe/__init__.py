@@ -4,8 +4,23 @@
 >>> p = softmoe.soft_topk(torch.randn(4, 8), k=2.0, alpha=0.5, eps=1e-2)
 >>> p.sum(-1)  # each row sums to k
 """
-from . import ops  # noqa: F401  (loads the compiled library and registers torch.ops.softmoe.*)
+from . import baselines, ops  # noqa: F401  (ops loads the compiled library: torch.ops.softmoe.*)
+from .budget import GlobalBudget
+from .experts import GroupedExperts
 from .functional import soft_topk
+from .layer import SoftMoELayer
+from .ops import DispatchPlan, combine_rows, dispatch_plan, gather_rows, grouped_mm
 
-__all__ = ["soft_topk"]
+__all__ = [
+    "DispatchPlan",
+    "GlobalBudget",
+    "GroupedExperts",
+    "SoftMoELayer",
+    "baselines",
+    "combine_rows",
+    "dispatch_plan",
+    "gather_rows",
+    "grouped_mm",
+    "soft_topk",
+]
 __version__ = "0.1.0"

@@ -253,3 +253,51 @@ def combine_rows(ys: torch.Tensor, p: torch.Tensor, plan: DispatchPlan) -> torch
     p2 = p.reshape(-1, p.shape[-1]) if p.dim() != 2 else p
     y = torch.ops.softmoe.combine_rows(ys, p2, plan.pair_token, plan.pair_expert, plan.token_pairs)
     return y if p.dim() == 2 else y.reshape(*lead, ys.shape[-1])
+
+
+# ==== Expert compute: grouped matmul over expert-contiguous segments ============================
+
+
+@torch.library.register_fake("softmoe::grouped_mm")
+def _grouped_mm_fake(x, w, offsets):
+    torch._check(x.dim() == 2 and w.dim() == 3, lambda: "softmoe: grouped_mm: x must be 2-D and w 3-D")
+    return x.new_empty((x.shape[0], w.shape[2]))
+
+
+@torch.library.register_fake("softmoe::grouped_mm_weight_grad")
+def _grouped_mm_weight_grad_fake(x, grad_y, offsets, experts):
+    return x.new_empty((experts, x.shape[1], grad_y.shape[1]))
+
+
+def _grouped_mm_setup_context(ctx, inputs, output):
+    x, w, offsets = inputs
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _grouped_mm_backward(ctx, grad_y):
+    x, w, offsets = ctx.saved_tensors
+    grad_y = grad_y.contiguous()
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.softmoe.grouped_mm(grad_y, w.transpose(1, 2), offsets)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.ops.softmoe.grouped_mm_weight_grad(x, grad_y, offsets, w.shape[0])
+    return grad_x, grad_w, None
+
+
+torch.library.register_autograd("softmoe::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup_context)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per-expert matmul over expert-contiguous row segments.
+
+    Args:
+        x: ``[P, K]`` rows; rows ``offsets[e]:offsets[e + 1]`` belong to expert ``e``, rows from
+            ``offsets[E]`` on are padding.
+        w: ``[E, K, N]`` one weight matrix per expert (same dtype as x).
+        offsets: ``[E + 1]`` int64 segment bounds (``DispatchPlan.offsets``).
+
+    Returns:
+        ``[P, N]``: ``x[seg_e] @ w[e]`` per segment, zeros on padding rows. Differentiable in x and w.
+    """
+    return torch.ops.softmoe.grouped_mm(x, w, offsets)

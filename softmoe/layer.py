@@ -1,0 +1,185 @@
+"""SoftMoELayer: a drop-in FFN whose experts are chosen per token by truncated LapSum soft top-k."""
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from . import _checks, ops
+from .experts import Activation, GroupedExperts
+from .functional import soft_topk
+
+Combine = Literal["normalized", "sum"]
+
+# Router logits start with this standard deviation, in units of alpha, for unit-variance inputs.
+# Measured (E = 8 / 64, k = 2, eps = 1e-2): at 1 the truncated routing is dense (all 8 / 52 of 64
+# experts active); at 4 it is 5.2 / 11.5 active before the max_active cap, and the router still
+# spreads weight (mean largest weight 0.93 / 0.83 of 1) so every chosen expert gets gradient.
+ROUTER_INIT_STD = 4.0
+
+
+class SoftMoELayer(nn.Module):
+    """Mixture-of-experts FFN with differentiable, per-token truncated soft top-k routing.
+
+    Per token, ``p = soft_topk(router(x), k, alpha, eps, max_active)`` gives expert weights in
+    [0, 1] that sum to ``k`` with exact zeros outside at most ``max_active`` experts; only active
+    (token, expert) pairs are computed: ``y = sum_{i: p_i > 0} w_i * Expert_i(x)`` with
+    ``w = p / k`` (``combine="normalized"``, total weight 1) or ``w = p`` (``"sum"``, total k).
+    Routing uses no other token, so the layer is causal.
+
+    Args:
+        d_model: input and output width.
+        d_hidden: hidden width of each expert.
+        num_experts: E >= 1.
+        k: initial soft number of experts per token, in ``(k_min, k_max)``.
+        alpha: LapSum temperature (> 0).
+        eps: truncation level in ``(0, 0.5)``; smaller keeps more experts active.
+        max_active: cap on active experts per token; default ``min(E, ceil(k) + 2)``.
+        activation: ``"swiglu"`` or ``"gelu"`` experts.
+        combine: ``"normalized"`` or ``"sum"``.
+        learn_k: make k a trained parameter (else a fixed buffer).
+        learn_alpha: make alpha a trained parameter (kept positive: stored as log alpha). The
+            operator depends on logits / alpha only, so with a trained router this is rarely needed.
+        k_min, k_max: the range k is kept in by construction; defaults 1 (at least one expert's
+            worth of weight; ``min(1, k / 2)`` for a smaller k) and ``max_active - 1`` (room below
+            the cap; halfway between k and max_active if that is larger).
+
+    Shapes: ``forward(x[..., d_model]) -> [..., d_model]``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        num_experts: int,
+        k: float = 2.0,
+        alpha: float = 1.0,
+        eps: float = 1e-2,
+        max_active: int | None = None,
+        activation: Activation = "swiglu",
+        combine: Combine = "normalized",
+        learn_k: bool = True,
+        learn_alpha: bool = False,
+        k_min: float | None = None,
+        k_max: float | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        fn = "SoftMoELayer"
+        for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{fn}: {name} must be an int >= 1, got {value!r}")
+        if combine not in ("normalized", "sum"):
+            raise ValueError(f"{fn}: combine must be 'normalized' or 'sum', got {combine!r}")
+        k = _checks.check_number(fn, "k", k)
+        alpha = _checks.check_number(fn, "alpha", alpha)
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise ValueError(f"{fn}: alpha must be a finite number > 0, got {alpha}")
+        eps = _checks.check_eps(fn, eps)
+        if eps == 0:
+            raise ValueError(f"{fn}: eps must be > 0 so that routing has exact zeros (got 0)")
+        if not 0 < k < num_experts:
+            raise ValueError(f"{fn}: k must satisfy 0 < k < num_experts (= {num_experts}), got {k}")
+        if max_active is None:
+            max_active = min(num_experts, math.ceil(k) + 2)
+        max_active = _checks.check_max_active(fn, max_active, num_experts, k)
+        k_min = min(1.0, k / 2) if k_min is None else _checks.check_number(fn, "k_min", k_min)
+        if k_max is None:
+            k_max = max(max_active - 1.0, (k + max_active) / 2)
+        k_max = _checks.check_number(fn, "k_max", k_max)
+        if not 0 < k_min < k < k_max < max_active:
+            raise ValueError(
+                f"{fn}: need 0 < k_min < k < k_max < max_active, got k_min={k_min}, k={k}, "
+                f"k_max={k_max}, max_active={max_active}"
+            )
+
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.eps = eps
+        self.max_active = max_active
+        self.combine = combine
+        self.k_min = k_min
+        self.k_max = k_max
+        factory = {"device": device, "dtype": dtype}
+        self.router = nn.Linear(d_model, num_experts, bias=False, **factory)
+        nn.init.normal_(self.router.weight, std=ROUTER_INIT_STD * alpha / math.sqrt(d_model))
+        self.experts = GroupedExperts(num_experts, d_model, d_hidden, activation, **factory)
+        log_alpha = torch.tensor(math.log(alpha), dtype=torch.float32, device=device)
+        if learn_alpha:
+            self.log_alpha = nn.Parameter(log_alpha)
+        else:
+            self.register_buffer("log_alpha", log_alpha)
+        # k = k_min + (k_max - k_min) * sigmoid(k_logit) stays strictly inside (k_min, k_max).
+        frac = (k - k_min) / (k_max - k_min)
+        k_logit = torch.tensor(math.log(frac / (1 - frac)), dtype=torch.float32, device=device)
+        if learn_k:
+            self.k_logit = nn.Parameter(k_logit)
+        else:
+            self.register_buffer("k_logit", k_logit)
+        self.last_stats: dict[str, torch.Tensor] = {}
+        self._budget = None  # set by GlobalBudget
+        self._budget_index = 0
+
+    @property
+    def k(self) -> torch.Tensor:
+        """The current soft number of experts per token (a 0-d float32 tensor); the layer's share
+        of its GlobalBudget when it has one."""
+        if self._budget is not None:
+            return self._budget.allocation()[self._budget_index]
+        return self.k_min + (self.k_max - self.k_min) * torch.sigmoid(self.k_logit)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """The LapSum temperature (a 0-d float32 tensor)."""
+        return torch.exp(self.log_alpha)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits ``[T, E]`` (float32) and routing weights ``p`` ``[T, E]`` for ``x`` ``[T, d_model]``."""
+        logits = self.router(x).float()
+        p = soft_topk(logits, self.k, self.alpha, eps=self.eps, max_active=self.max_active)
+        return logits, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"SoftMoELayer: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"SoftMoELayer: x must have last dimension d_model = {self.d_model}, got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"SoftMoELayer: x must be a floating-point tensor, got {x.dtype}")
+        shape = x.shape
+        tokens = x.reshape(-1, self.d_model)
+        logits, p = self.route(tokens)
+        weights = p / self.k if self.combine == "normalized" else p
+        plan = ops.dispatch_plan(p, self.max_active)
+        xs = ops.gather_rows(tokens, plan)
+        ys = self.experts(xs, plan.offsets)
+        y = ops.combine_rows(ys, weights, plan)
+        self._record_stats(logits, p)
+        return y.reshape(shape)
+
+    @torch.inference_mode()
+    def inference(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward without autograd bookkeeping; the same routing as training."""
+        return self.forward(x)
+
+    @torch.no_grad()
+    def _record_stats(self, logits: torch.Tensor, p: torch.Tensor) -> None:
+        active = p > 0
+        probs = torch.softmax(logits, dim=-1)
+        entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+        self.last_stats = {
+            "soft_count": self.k.detach(),
+            "active_per_token": active.sum(-1).float().mean() if p.shape[0] else p.new_zeros(()),
+            "tokens_per_expert": active.sum(0),
+            "router_entropy": entropy.mean() if p.shape[0] else p.new_zeros(()),
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, max_active={self.max_active}, eps={self.eps}, "
+            f"combine={self.combine!r}, k_range=({self.k_min}, {self.k_max})"
+        )

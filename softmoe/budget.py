@@ -77,7 +77,7 @@ class GlobalBudget(nn.Module):
     def allocation(self) -> torch.Tensor:
         """The per-layer soft expert counts ``k_l`` ``[L]`` (differentiable w.r.t. ``theta``)."""
         target = self.num_layers * (self.mean_k - self.k_min) / (self.k_max - self.k_min)
-        share = soft_topk(self.theta.float(), target, alpha=1.0)
+        share = soft_topk(self.theta, target, alpha=1.0)
         return self.k_min + (self.k_max - self.k_min) * share
 
     def realised_active(self) -> torch.Tensor:

@@ -1,0 +1,44 @@
+"""The README demo's training script, run end to end at a toy size: checkpoints, resume, the NaN
+guard, the budget invariant and the outputs it promises."""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import train_lm  # noqa: E402
+
+TINY = ["--layers", "2", "--d-model", "32", "--d-hidden", "32", "--batch", "4", "--context", "32",
+        "--sample", "20", "--mean-k", "1.5", "--max-active", "3", "--threads", "1"]
+
+
+def run(tmp_path, *extra):
+    return train_lm.main(TINY + ["--out", str(tmp_path)] + list(extra))
+
+
+def test_trains_saves_resumes_and_reports(tmp_path, capsys):
+    assert run(tmp_path, "--steps", "6", "--eval-every", "3") == 0
+    out = capsys.readouterr().out
+    assert "learned per-layer allocation" in out and "--- sample" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert abs(sum(summary["allocation"]) - 2 * 1.5) < 1e-5
+    assert all(1.0 < k < 2.0 for k in summary["allocation"])  # k_min < k_l < max_active - 1
+    assert all(1.0 <= a <= 3.0 for a in summary["active_per_layer"])
+    assert (tmp_path / "allocation.png").exists()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 6
+
+    assert run(tmp_path, "--steps", "9", "--eval-every", "3", "--resume") == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 9
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    assert run(tmp_path, "--steps", "3", "--eval-every", "3") == 0
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    real = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(train_lm.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    assert run(tmp_path, "--steps", "6", "--eval-every", "3", "--resume") == 1
+    assert "the loss became nan" in capsys.readouterr().err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good

@@ -14,14 +14,15 @@
 static size_t real_size(smoe_dtype dtype) { return dtype == SMOE_F64 ? sizeof(double) : sizeof(float); }
 
 /* Real words per row: 3 * max_active for the forward (sorted candidates and the two exponential
- * sums), 2 * n for the backward (x and the softmax weights). */
+ * sums), 2 * n for the backward (x and the softmax weights of the active entries). Index words:
+ * max_active for the forward (candidate indices), n for the backward (active indices). */
 static int64_t real_words(int64_t n, int64_t max_active) {
   return 3 * max_active > 2 * n ? 3 * max_active : 2 * n;
 }
 
 size_t smoe_topk_scratch_bytes(smoe_dtype dtype, int64_t n, int64_t max_active) {
   if (n < 1 || max_active < 1 || max_active > n) return 0;
-  return (size_t)real_words(n, max_active) * real_size(dtype) + (size_t)max_active * sizeof(int32_t);
+  return (size_t)real_words(n, max_active) * real_size(dtype) + (size_t)n * sizeof(int32_t);
 }
 
 static int valid_dtype(smoe_dtype d) { return d == SMOE_F32 || d == SMOE_F64 || d == SMOE_BF16 || d == SMOE_F16; }
@@ -63,13 +64,14 @@ smoe_status smoe_topk_bwd(const smoe_topk_bwd_args *a, int64_t row_begin, int64_
     return SMOE_ERR_ARG;
   char *scratch = (char *)malloc(smoe_topk_scratch_bytes(a->dtype, a->n, a->max_active));
   if (!scratch) return SMOE_ERR_ALLOC;
+  int32_t *is = (int32_t *)(scratch + (size_t)real_words(a->n, a->max_active) * real_size(a->dtype));
   for (int64_t row = row_begin; row < row_end; ++row) {
     if (a->dtype == SMOE_F64) {
       double *gk = (double *)a->grad_k_rows + row, *ga = (double *)a->grad_alpha_rows + row;
-      smoe_topk_bwd_row_f64(a, row, (double *)scratch, 1, gk, ga);
+      smoe_topk_bwd_row_f64(a, row, (double *)scratch, is, 1, gk, ga);
     } else {
       float *gk = (float *)a->grad_k_rows + row, *ga = (float *)a->grad_alpha_rows + row;
-      smoe_topk_bwd_row_f32(a, row, (float *)scratch, 1, gk, ga);
+      smoe_topk_bwd_row_f32(a, row, (float *)scratch, is, 1, gk, ga);
     }
   }
   free(scratch);

@@ -82,11 +82,15 @@ SMOE_HD int64_t SMOE_FN(smoe_select)(const void *scores, smoe_dtype dtype, int64
                                      int64_t cap, R *val, int32_t *idx, int64_t ss) {
   int64_t m = 0;
   if (cap <= SMOE_INSERTION_CAP) {
+    int bad = 0;
     for (int64_t i = 0; i < n; ++i) {
       const R x = SMOE_LOAD(scores, dtype, base + i);
-      if (x != x || x == (R)INFINITY) return -1;
-      if (x == -(R)INFINITY) continue;
-      if (m == cap && !(x > SMOE_AT(val, cap - 1))) continue; /* ties keep the lower index */
+      bad |= !(x < (R)INFINITY); /* NaN or +inf: checked once after the loop */
+      if (m == cap) {
+        if (!(x > SMOE_AT(val, cap - 1))) continue; /* ties keep the lower index; NaN fails too */
+      } else if (!(x > -(R)INFINITY)) {
+        continue;
+      }
       int64_t j = m < cap ? m++ : cap - 1;
       for (; j > 0 && SMOE_AT(val, j - 1) < x; --j) {
         SMOE_AT(val, j) = SMOE_AT(val, j - 1);
@@ -95,7 +99,7 @@ SMOE_HD int64_t SMOE_FN(smoe_select)(const void *scores, smoe_dtype dtype, int64
       SMOE_AT(val, j) = x;
       SMOE_AT(idx, j) = (int32_t)i;
     }
-    return m;
+    return bad ? -1 : m;
   }
   for (int64_t i = 0; i < n; ++i) {
     R x = SMOE_LOAD(scores, dtype, base + i);
@@ -272,10 +276,11 @@ SMOE_HD void SMOE_FN(smoe_topk_fwd_row)(const smoe_topk_fwd_args *a, int64_t row
   a->threshold[row] = (double)s_piv - (double)alpha * (double)tau;
 }
 
-/* Backward of one row. rs: real scratch of 2 * n strided words. Writes grad_scores and returns the
+/* Backward of one row. rs: real scratch of 2 * n strided words, is: index scratch of n strided
+ * words. Writes grad_scores and returns the
  * row's gradient contributions for k and alpha through *gk and *ga. */
-SMOE_HD void SMOE_FN(smoe_topk_bwd_row)(const smoe_topk_bwd_args *a, int64_t row, R *rs, int64_t ss,
-                                        R *gk, R *ga) {
+SMOE_HD void SMOE_FN(smoe_topk_bwd_row)(const smoe_topk_bwd_args *a, int64_t row, R *rs, int32_t *is,
+                                        int64_t ss, R *gk, R *ga) {
   const int64_t n = a->n, base = row * n;
   const double b = a->threshold[row];
   const R alpha = ((const R *)a->alpha)[row * a->alpha_stride];
@@ -293,27 +298,27 @@ SMOE_HD void SMOE_FN(smoe_topk_bwd_row)(const smoe_topk_bwd_args *a, int64_t row
     return;
   }
   /* Which entries are active: with the plain kernel and no cap every finite score is (even where
-   * p underflowed to 0); otherwise exactly those with p != 0. */
+   * p underflowed to 0); otherwise exactly those with p != 0. The active entries are compacted
+   * (index in Xi, x in X, weight in W) so the later passes touch only them. */
   const int every_finite = a->eps == 0 && a->max_active >= n;
   R *X = rs, *W = rs + n * ss;
+  int32_t *Xi = is;
   R mu = (R)INFINITY;
   int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) {
     const R r = SMOE_LOAD(a->scores, a->dtype, base + i);
     const int active = every_finite ? (r > -(R)INFINITY && r < (R)INFINITY)
                                     : SMOE_LOAD(a->p, a->dtype, base + i) != 0;
-    if (!active) {
-      SMOE_AT(X, i) = (R)NAN;
-      continue;
-    }
+    if (!active) continue;
     /* The threshold is kept in double so that x stays accurate for large logits. */
     const R x = (R)((double)r - b) / alpha;
-    SMOE_AT(X, i) = x;
+    SMOE_AT(X, count) = x;
+    SMOE_AT(Xi, count) = (int32_t)i;
     if (SMOE_FABS(x) < mu) mu = SMOE_FABS(x);
     ++count;
   }
+  SMOE_FN(smoe_fill_row)(a->grad_scores, a->dtype, base, n, 0);
   if (count == 0) {
-    SMOE_FN(smoe_fill_row)(a->grad_scores, a->dtype, base, n, 0);
     *gk = 0;
     *ga = 0;
     return;
@@ -321,29 +326,22 @@ SMOE_HD void SMOE_FN(smoe_topk_bwd_row)(const smoe_topk_bwd_args *a, int64_t row
   /* w = phi / sum(phi) = softmax(-|x|) over the active set, shifted by mu so it never underflows
    * as a whole (alpha -> 0); phi itself may underflow, which is then the true value. */
   R Z = 0, gw = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const R x = SMOE_AT(X, i);
-    if (x != x) continue;
-    const R e = SMOE_EXP(-(SMOE_FABS(x) - mu));
-    SMOE_AT(W, i) = e;
+  for (int64_t j = 0; j < count; ++j) {
+    const R e = SMOE_EXP(-(SMOE_FABS(SMOE_AT(X, j)) - mu));
+    SMOE_AT(W, j) = e;
     Z += e;
-    gw += SMOE_LOAD(a->grad_p, a->dtype, base + i) * e;
+    gw += SMOE_LOAD(a->grad_p, a->dtype, base + SMOE_AT(Xi, j)) * e;
   }
   const R s = gw / Z;
   const R phi_scale = (R)0.5 * SMOE_EXP(-mu) / ((1 - eps) * alpha);
   R galpha = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const R x = SMOE_AT(X, i);
-    if (x != x) {
-      SMOE_STORE(a->grad_scores, a->dtype, base + i, 0);
-      continue;
-    }
-    const R g = SMOE_LOAD(a->grad_p, a->dtype, base + i);
-    const R gr = phi_scale * SMOE_AT(W, i) * (g - s);
-    SMOE_STORE(a->grad_scores, a->dtype, base + i, gr);
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t i = base + SMOE_AT(Xi, j);
+    const R gr = phi_scale * SMOE_AT(W, j) * (SMOE_LOAD(a->grad_p, a->dtype, i) - s);
+    SMOE_STORE(a->grad_scores, a->dtype, i, gr);
     /* p depends on r / alpha only, so d/dalpha = -(1/alpha) sum_j r_j d/dr_j = -sum_j x_j d/dr_j
      * (the r_j -> x_j step uses sum_j d/dr_j = 0). */
-    galpha -= gr * x;
+    galpha -= gr * SMOE_AT(X, j);
   }
   *gk = s;
   *ga = galpha;

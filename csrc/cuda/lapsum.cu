@@ -5,13 +5,13 @@
  * (row = t, t + threads, ...), so any number of rows runs in one launch and gridDim.y is never used.
  *
  * Workspace: the caller gives threads * smoe_topk_scratch_bytes(dtype, n, max_active) bytes. The
- * per-row scratch of lapsum.c (real_words words of the math type R, then max_active int32 indices)
+ * per-row scratch of lapsum.c (real_words words of the math type R, then n int32 indices)
  * is interleaved over the threads so that word j of thread t lives at region[j * threads + t]:
  *
  *   bytes [0, real_words * threads * sizeof(R))          reals:   ((R *)ws)[j * threads + t]
  *   bytes [real_words * threads * sizeof(R), total)       indices: ((int32_t *)...)[j * threads + t]
  *
- * total = threads * (real_words * sizeof(R) + max_active * 4) = threads * smoe_topk_scratch_bytes.
+ * total = threads * (real_words * sizeof(R) + n * 4) = threads * smoe_topk_scratch_bytes.
  * The index region starts at a multiple of sizeof(R) >= 4 bytes from the (sizeof(R)-aligned) base,
  * so it is int32-aligned. Each thread passes rs = reals + t, is = indices + t and ss = threads, which
  * is what lapsum_row.h's SMOE_AT(arr, j) = arr[j * ss] expects. Neighbouring threads thus touch
@@ -55,14 +55,14 @@ __device__ __forceinline__ void fwd_row(const smoe_topk_fwd_args *a, int64_t row
   smoe_topk_fwd_row_f64(a, row, rs, is, ss);
 }
 
-__device__ __forceinline__ void bwd_row(const smoe_topk_bwd_args *a, int64_t row, float *rs, int64_t ss, float *gk,
-                                        float *ga) {
-  smoe_topk_bwd_row_f32(a, row, rs, ss, gk, ga);
+__device__ __forceinline__ void bwd_row(const smoe_topk_bwd_args *a, int64_t row, float *rs, int32_t *is, int64_t ss,
+                                        float *gk, float *ga) {
+  smoe_topk_bwd_row_f32(a, row, rs, is, ss, gk, ga);
 }
 
-__device__ __forceinline__ void bwd_row(const smoe_topk_bwd_args *a, int64_t row, double *rs, int64_t ss,
-                                        double *gk, double *ga) {
-  smoe_topk_bwd_row_f64(a, row, rs, ss, gk, ga);
+__device__ __forceinline__ void bwd_row(const smoe_topk_bwd_args *a, int64_t row, double *rs, int32_t *is,
+                                        int64_t ss, double *gk, double *ga) {
+  smoe_topk_bwd_row_f64(a, row, rs, is, ss, gk, ga);
 }
 
 /* args is passed by value: it is a small struct of sizes and device pointers. */
@@ -76,11 +76,11 @@ __global__ void __launch_bounds__(SMOE_TOPK_BLOCK)
 
 template <typename R>
 __global__ void __launch_bounds__(SMOE_TOPK_BLOCK)
-    smoe_topk_bwd_kernel(const smoe_topk_bwd_args args, R *reals, int64_t threads) {
+    smoe_topk_bwd_kernel(const smoe_topk_bwd_args args, R *reals, int32_t *indices, int64_t threads) {
   const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= threads) return;
   R *gk = (R *)args.grad_k_rows, *ga = (R *)args.grad_alpha_rows;
-  for (int64_t row = t; row < args.rows; row += threads) bwd_row(&args, row, reals + t, threads, gk + row, ga + row);
+  for (int64_t row = t; row < args.rows; row += threads) bwd_row(&args, row, reals + t, indices + t, threads, gk + row, ga + row);
 }
 
 bool valid_dtype(smoe_dtype d) { return d == SMOE_F32 || d == SMOE_F64 || d == SMOE_BF16 || d == SMOE_F16; }
@@ -98,7 +98,7 @@ bool split_workspace(smoe_dtype dtype, int64_t n, int64_t max_active, void *work
                      void **reals, int32_t **indices) {
   const size_t real_size = dtype == SMOE_F64 ? sizeof(double) : sizeof(float);
   const size_t per_row = smoe_topk_scratch_bytes(dtype, n, max_active);
-  const size_t index_bytes = (size_t)max_active * sizeof(int32_t);
+  const size_t index_bytes = (size_t)n * sizeof(int32_t);
   if (per_row <= index_bytes || (per_row - index_bytes) % real_size != 0) return false;
   if (!workspace || !smoe_cuda_aligned(workspace, real_size)) return false;
   /* threads * per_row must be a representable size (the caller allocated that many bytes). */
@@ -144,12 +144,12 @@ extern "C" smoe_status smoe_cuda_topk_bwd(const smoe_topk_bwd_args *a, void *wor
       !a->grad_alpha_rows || a->alpha_stride < 0)
     return SMOE_ERR_ARG;
   void *reals;
-  int32_t *indices; /* the backward needs only the 2 * n real words */
+  int32_t *indices;
   if (!split_workspace(a->dtype, a->n, a->max_active, workspace, threads, &reals, &indices)) return SMOE_ERR_ARG;
   cudaStream_t s = (cudaStream_t)stream;
   if (a->dtype == SMOE_F64)
-    smoe_topk_bwd_kernel<double><<<grid_for(threads), SMOE_TOPK_BLOCK, 0, s>>>(*a, (double *)reals, threads);
+    smoe_topk_bwd_kernel<double><<<grid_for(threads), SMOE_TOPK_BLOCK, 0, s>>>(*a, (double *)reals, indices, threads);
   else
-    smoe_topk_bwd_kernel<float><<<grid_for(threads), SMOE_TOPK_BLOCK, 0, s>>>(*a, (float *)reals, threads);
+    smoe_topk_bwd_kernel<float><<<grid_for(threads), SMOE_TOPK_BLOCK, 0, s>>>(*a, (float *)reals, indices, threads);
   return smoe_cuda_launch_status();
 }

@@ -117,14 +117,17 @@ def main(argv=None) -> int:
     print(f"data: {args.data} ({len(train) / 1e6:.2f} MB train, {len(held) / 1e6:.2f} MB held out)")
     print(f"model: {cfg.layers} layers, d_model {cfg.d_model}, {cfg.experts} experts x {cfg.d_hidden} hidden, "
           f"{params / 1e6:.2f} M parameters; budget mean k = {cfg.mean_k}, max_active = {cfg.max_active}")
+    bpb = float("nan")
     if start == 0:
-        print(f"held-out bits per byte before training: {bits_per_byte(model, held_batches):.3f}")
+        bpb = bits_per_byte(model, held_batches)
+        print(f"held-out bits per byte before training: {bpb:.3f}")
+    elif history["bpb"]:
+        bpb = history["bpb"][-1]
 
     gen = torch.Generator().manual_seed(args.seed + start)
     stream = batches(train, args.batch, args.context, gen)
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, dynamic_ncols=True) if tqdm else range(start, args.steps)
     t0 = time.time()
-    bpb = float("nan")
     for step in bar:
         set_lr(optimizer, step, args.steps, warmup=min(100, args.steps // 10 + 1))
         x, y = next(stream)

@@ -15,14 +15,19 @@ static size_t real_size(smoe_dtype dtype) { return dtype == SMOE_F64 ? sizeof(do
 
 /* Real words per row: 3 * max_active for the forward (sorted candidates and the two exponential
  * sums), 2 * n for the backward (x and the softmax weights of the active entries). Index words:
- * max_active for the forward (candidate indices), n for the backward (active indices). */
+ * 2 * max_active for the forward (candidate indices and a merge buffer), n for the backward
+ * (active indices). */
 static int64_t real_words(int64_t n, int64_t max_active) {
   return 3 * max_active > 2 * n ? 3 * max_active : 2 * n;
 }
 
+static int64_t index_words(int64_t n, int64_t max_active) {
+  return 2 * max_active > n ? 2 * max_active : n;
+}
+
 size_t smoe_topk_scratch_bytes(smoe_dtype dtype, int64_t n, int64_t max_active) {
   if (n < 1 || max_active < 1 || max_active > n) return 0;
-  return (size_t)real_words(n, max_active) * real_size(dtype) + (size_t)n * sizeof(int32_t);
+  return (size_t)real_words(n, max_active) * real_size(dtype) + (size_t)index_words(n, max_active) * sizeof(int32_t);
 }
 
 static int valid_dtype(smoe_dtype d) { return d == SMOE_F32 || d == SMOE_F64 || d == SMOE_BF16 || d == SMOE_F16; }

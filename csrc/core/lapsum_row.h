@@ -76,11 +76,87 @@ SMOE_HD void SMOE_FN(smoe_sift)(R *val, int32_t *idx, int64_t ss, int64_t size, 
  * rejected by one well-predicted comparison, and an insertion is a short linear shift. */
 #define SMOE_INSERTION_CAP 48
 
-/* Loads one row and keeps its `cap` best finite scores, sorted best first, in val/idx.
- * Returns the number of candidates, or -1 when the row holds a NaN or +inf score. */
+/* Best-first stable order of (val, idx) pairs: larger value first, lower index on ties. */
+#define SMOE_BETTER(v1, i1, v2, i2) ((v1) > (v2) || ((v1) == (v2) && (i1) < (i2)))
+
+/* Sorts val/idx[0..m) best first: insertion-sorted runs of 8, then bottom-up merges through
+ * tv/ti. The merge step picks with conditional moves, not branches, so it runs at the same speed
+ * whatever the data; this is what makes the uncapped (plain) case fast for large E. */
+SMOE_HD void SMOE_FN(smoe_merge_sort)(R *val, int32_t *idx, R *tv, int32_t *ti, int64_t m, int64_t ss) {
+  for (int64_t lo = 0; lo < m; lo += 8) {
+    const int64_t hi = lo + 8 < m ? lo + 8 : m;
+    for (int64_t i = lo + 1; i < hi; ++i) {
+      const R v = SMOE_AT(val, i);
+      const int32_t x = SMOE_AT(idx, i);
+      int64_t j = i;
+      for (; j > lo && SMOE_BETTER(v, x, SMOE_AT(val, j - 1), SMOE_AT(idx, j - 1)); --j) {
+        SMOE_AT(val, j) = SMOE_AT(val, j - 1);
+        SMOE_AT(idx, j) = SMOE_AT(idx, j - 1);
+      }
+      SMOE_AT(val, j) = v;
+      SMOE_AT(idx, j) = x;
+    }
+  }
+  R *sv = val, *dv = tv;
+  int32_t *si = idx, *di = ti;
+  for (int64_t width = 8; width < m; width *= 2) {
+    for (int64_t lo = 0; lo < m; lo += 2 * width) {
+      const int64_t mid = lo + width < m ? lo + width : m, hi = lo + 2 * width < m ? lo + 2 * width : m;
+      int64_t i = lo, j = mid, o = lo;
+      while (i < mid && j < hi) {
+        const R lv = SMOE_AT(sv, i), rv = SMOE_AT(sv, j);
+        const int32_t li = SMOE_AT(si, i), ri = SMOE_AT(si, j);
+        const int take_left = SMOE_BETTER(lv, li, rv, ri);
+        SMOE_AT(dv, o) = take_left ? lv : rv;
+        SMOE_AT(di, o) = take_left ? li : ri;
+        i += take_left;
+        j += 1 - take_left;
+        ++o;
+      }
+      for (; i < mid; ++i, ++o) {
+        SMOE_AT(dv, o) = SMOE_AT(sv, i);
+        SMOE_AT(di, o) = SMOE_AT(si, i);
+      }
+      for (; j < hi; ++j, ++o) {
+        SMOE_AT(dv, o) = SMOE_AT(sv, j);
+        SMOE_AT(di, o) = SMOE_AT(si, j);
+      }
+    }
+    R *t = sv;
+    sv = dv;
+    dv = t;
+    int32_t *u = si;
+    si = di;
+    di = u;
+  }
+  if (sv != val)
+    for (int64_t i = 0; i < m; ++i) {
+      SMOE_AT(val, i) = SMOE_AT(sv, i);
+      SMOE_AT(idx, i) = SMOE_AT(si, i);
+    }
+}
+#undef SMOE_BETTER
+
+/* Loads one row and keeps its `cap` best finite scores, sorted best first, in val/idx (tv/ti:
+ * cap more words each, for the merge sort). Returns the number of candidates, or -1 when the row
+ * holds a NaN or +inf score. */
 SMOE_HD int64_t SMOE_FN(smoe_select)(const void *scores, smoe_dtype dtype, int64_t base, int64_t n,
-                                     int64_t cap, R *val, int32_t *idx, int64_t ss) {
+                                     int64_t cap, R *val, int32_t *idx, R *tv, int32_t *ti, int64_t ss) {
   int64_t m = 0;
+  if (cap > SMOE_INSERTION_CAP && cap == n) { /* no cap: every finite score, merge-sorted */
+    int bad = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const R x = SMOE_LOAD(scores, dtype, base + i);
+      bad |= !(x < (R)INFINITY);
+      if (!(x > -(R)INFINITY)) continue;
+      SMOE_AT(val, m) = x;
+      SMOE_AT(idx, m) = (int32_t)i;
+      ++m;
+    }
+    if (bad) return -1;
+    SMOE_FN(smoe_merge_sort)(val, idx, tv, ti, m, ss);
+    return m;
+  }
   if (cap <= SMOE_INSERTION_CAP) {
     int bad = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -222,7 +298,7 @@ SMOE_HD void SMOE_FN(smoe_fill_row)(void *out, smoe_dtype dtype, int64_t base, i
 }
 
 /* Forward of one row. rs: real scratch of 3 * max_active strided words; is: index scratch of
- * max_active strided words. */
+ * 2 * max_active strided words. */
 SMOE_HD void SMOE_FN(smoe_topk_fwd_row)(const smoe_topk_fwd_args *a, int64_t row, R *rs, int32_t *is,
                                         int64_t ss) {
   const int64_t n = a->n, cap = a->max_active, base = row * n;
@@ -231,7 +307,8 @@ SMOE_HD void SMOE_FN(smoe_topk_fwd_row)(const smoe_topk_fwd_args *a, int64_t row
   const R eps = (R)a->eps;
   R *s = rs, *U = rs + cap * ss, *V = rs + 2 * cap * ss;
 
-  const int64_t m = SMOE_FN(smoe_select)(a->scores, a->dtype, base, n, cap, s, is, ss);
+  /* U and the second half of the index scratch are free while the candidates are sorted. */
+  const int64_t m = SMOE_FN(smoe_select)(a->scores, a->dtype, base, n, cap, s, is, U, is + cap * ss, ss);
   /* alpha must be positive, finite and not so small that 1 / alpha overflows */
   if (m < 0 || !(alpha > 0 && alpha < (R)INFINITY && 1 / alpha < (R)INFINITY) || !(k >= 0 && k <= (R)m)) {
     SMOE_FN(smoe_fill_row)(a->p, a->dtype, base, n, (R)NAN);

@@ -5,13 +5,14 @@
  * (row = t, t + threads, ...), so any number of rows runs in one launch and gridDim.y is never used.
  *
  * Workspace: the caller gives threads * smoe_topk_scratch_bytes(dtype, n, max_active) bytes. The
- * per-row scratch of lapsum.c (real_words words of the math type R, then n int32 indices)
+ * per-row scratch of lapsum.c (real_words words of the math type R, then max(2 * max_active, n) int32
+ * indices)
  * is interleaved over the threads so that word j of thread t lives at region[j * threads + t]:
  *
  *   bytes [0, real_words * threads * sizeof(R))          reals:   ((R *)ws)[j * threads + t]
  *   bytes [real_words * threads * sizeof(R), total)       indices: ((int32_t *)...)[j * threads + t]
  *
- * total = threads * (real_words * sizeof(R) + n * 4) = threads * smoe_topk_scratch_bytes.
+ * total = threads * (real_words * sizeof(R) + index_words * 4) = threads * smoe_topk_scratch_bytes.
  * The index region starts at a multiple of sizeof(R) >= 4 bytes from the (sizeof(R)-aligned) base,
  * so it is int32-aligned. Each thread passes rs = reals + t, is = indices + t and ss = threads, which
  * is what lapsum_row.h's SMOE_AT(arr, j) = arr[j * ss] expects. Neighbouring threads thus touch
@@ -98,7 +99,7 @@ bool split_workspace(smoe_dtype dtype, int64_t n, int64_t max_active, void *work
                      void **reals, int32_t **indices) {
   const size_t real_size = dtype == SMOE_F64 ? sizeof(double) : sizeof(float);
   const size_t per_row = smoe_topk_scratch_bytes(dtype, n, max_active);
-  const size_t index_bytes = (size_t)n * sizeof(int32_t);
+  const size_t index_bytes = (size_t)(2 * max_active > n ? 2 * max_active : n) * sizeof(int32_t);
   if (per_row <= index_bytes || (per_row - index_bytes) % real_size != 0) return false;
   if (!workspace || !smoe_cuda_aligned(workspace, real_size)) return false;
   /* threads * per_row must be a representable size (the caller allocated that many bytes). */

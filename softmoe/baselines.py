@@ -24,6 +24,8 @@ def _check_sizes(fn: str, **sizes: int) -> None:
 class TopKMoE(nn.Module):
     """Hard top-k MoE FFN (Switch for ``top_k=1``, Mixtral for ``top_k=2``).
 
+    ``normalize`` (default: ``top_k > 1``) renormalises the top-k probabilities to sum to 1.
+
     ``forward(x[..., d_model]) -> [..., d_model]``. After each forward, ``aux_loss`` holds
     ``lb_coef * load_balancing_loss + z_coef * router_z_loss`` (add it to the task loss) and
     ``last_losses`` both terms separately. The load-balancing loss is
@@ -39,7 +41,7 @@ class TopKMoE(nn.Module):
         num_experts: int,
         top_k: int = 2,
         activation: Activation = "swiglu",
-        normalize: bool = True,
+        normalize: bool | None = None,
         lb_coef: float = 1e-2,
         z_coef: float = 1e-3,
         *,
@@ -53,7 +55,9 @@ class TopKMoE(nn.Module):
         self.d_model = d_model
         self.num_experts = num_experts
         self.top_k = top_k
-        self.normalize = normalize
+        # Renormalising a single weight makes it exactly 1, which would leave the top-1 router
+        # without a task-loss gradient: Switch (top_k = 1) keeps the softmax probability.
+        self.normalize = top_k > 1 if normalize is None else normalize
         self.lb_coef = lb_coef
         self.z_coef = z_coef
         factory = {"device": device, "dtype": dtype}
@@ -67,7 +71,7 @@ class TopKMoE(nn.Module):
             raise ValueError(f"TopKMoE: x must have last dimension d_model = {self.d_model}, got shape {tuple(x.shape)}")
         shape = x.shape
         tokens = x.reshape(-1, self.d_model)
-        logits = self.router(tokens).float()
+        logits = self.router(tokens).to(torch.float64 if tokens.dtype == torch.float64 else torch.float32)
         probs = torch.softmax(logits, dim=-1)
         top_w, top_i = probs.topk(self.top_k, dim=-1)
         if self.normalize:

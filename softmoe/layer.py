@@ -137,7 +137,7 @@ class SoftMoELayer(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits ``[T, E]`` (float32) and routing weights ``p`` ``[T, E]`` for ``x`` ``[T, d_model]``."""
-        logits = self.router(x).float()
+        logits = self.router(x).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         p = soft_topk(logits, self.k, self.alpha, eps=self.eps, max_active=self.max_active)
         return logits, p
 
@@ -150,6 +150,11 @@ class SoftMoELayer(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"SoftMoELayer: x must be a floating-point tensor, got {x.dtype}")
+        if x.dtype != self.router.weight.dtype:
+            raise TypeError(
+                f"SoftMoELayer: x must have the layer's dtype {self.router.weight.dtype}, got {x.dtype} "
+                f"(convert the layer with .to() or the input)"
+            )
         shape = x.shape
         tokens = x.reshape(-1, self.d_model)
         logits, p = self.route(tokens)
@@ -160,6 +165,33 @@ class SoftMoELayer(nn.Module):
         y = ops.combine_rows(ys, weights, plan)
         self._record_stats(logits, p)
         return y.reshape(shape)
+
+    # k and alpha are a handful of scalars that steer routing: casting the layer to a 16-bit dtype
+    # would round them (k = 2.3 becomes 2.297 in bfloat16) and train them at that resolution, so they
+    # stay float32 unless the layer goes to float64.
+    _FLOAT32_STATE = ("k_logit", "log_alpha")
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: getattr(self, name).detach().clone() for name in self._FLOAT32_STATE}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = getattr(self, name)
+            if new.dtype in (torch.bfloat16, torch.float16) and old.dtype == torch.float32:
+                new.data = old.data.to(device=new.device)
+        return self
+
+    def get_extra_state(self) -> dict:
+        """The routing configuration, saved in ``state_dict`` and checked on load: loading k_logit
+        into a layer with another k range would silently change k."""
+        return {"k_min": self.k_min, "k_max": self.k_max, "max_active": self.max_active, "eps": self.eps,
+                "num_experts": self.num_experts, "combine": self.combine}
+
+    def set_extra_state(self, state: dict) -> None:
+        mine = self.get_extra_state()
+        diff = {key: (state.get(key), value) for key, value in mine.items() if state.get(key) != value}
+        if diff:
+            detail = ", ".join(f"{key}: saved {saved!r} vs this layer {here!r}" for key, (saved, here) in diff.items())
+            raise ValueError(f"SoftMoELayer.load_state_dict: the saved routing configuration differs ({detail})")
 
     @torch.inference_mode()
     def inference(self, x: torch.Tensor) -> torch.Tensor:

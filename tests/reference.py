@@ -331,3 +331,123 @@ def reference_moe(x: torch.Tensor, p: torch.Tensor, max_active: int, experts) ->
     if not rows:
         return x.new_zeros((0, experts(0, x[:1] if len(x) else x.new_zeros((1, x.shape[-1]))).shape[-1]))
     return torch.stack(rows)
+
+
+# ==== naive per-token SoftMoE layer reference ===================================================
+# Deliberately naive: a Python loop over tokens and over each token's experts, float64 throughout,
+# small sizes only. Routing uses the bisection oracle above, one token (one row) at a time; each
+# expert is written out with plain matmuls from the layer's weight tensors. Everything stays on the
+# autograd graph of the layer's parameters (router, experts, k_logit, log_alpha) and of x, so the
+# reference gives reference gradients too. Used by tests/test_layer.py and tests/test_baselines.py.
+
+
+def _ref_silu(h: torch.Tensor) -> torch.Tensor:
+    return h * (1.0 / (1.0 + torch.exp(-h)))
+
+
+def _ref_gelu(h: torch.Tensor) -> torch.Tensor:
+    return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+
+
+def reference_expert(experts, e: int, x_t: torch.Tensor) -> torch.Tensor:
+    """Expert e of a GroupedExperts on one token x_t [d_model], float64, plain matmuls.
+
+    SwiGLU: (silu(x W_in[:, :h]) * (x W_in[:, h:])) W_out; GELU (exact, erf): gelu(x W_in) W_out.
+    """
+    w_in = experts.w_in[e].to(torch.float64)
+    w_out = experts.w_out[e].to(torch.float64)
+    h = x_t.to(torch.float64) @ w_in
+    if experts.activation == "swiglu":
+        d_hidden = experts.d_hidden
+        a = _ref_silu(h[:d_hidden]) * h[d_hidden:]
+    elif experts.activation == "gelu":
+        a = _ref_gelu(h)
+    else:  # pragma: no cover
+        raise ValueError(f"unknown activation {experts.activation!r}")
+    return a @ w_out
+
+
+def reference_softmoe_routing(layer, x_t: torch.Tensor) -> torch.Tensor:
+    """Routing weights p [E] (float64) of one token x_t [d_model] of a SoftMoELayer: float64 router
+    logits, then the bisection oracle with the layer's k, alpha, eps and max_active."""
+    logits = layer.router.weight.to(torch.float64) @ x_t.to(torch.float64)
+    return reference_soft_topk(
+        logits.unsqueeze(0), layer.k, layer.alpha, eps=layer.eps, max_active=layer.max_active
+    )[0]
+
+
+def reference_softmoe_layer(layer, x: torch.Tensor) -> torch.Tensor:
+    """SoftMoELayer(x) by its definition, token by token (float64 result, shape of x).
+
+    y_t = sum_{i : p_i > 0} w_i * Expert_i(x_t), in expert order, with p the per-token soft top-k
+    of the router logits and w_i = p_i / k (combine="normalized") or p_i (combine="sum").
+    """
+    d_model = layer.router.weight.shape[1]
+    tokens = x.reshape(-1, d_model)
+    k = layer.k.to(torch.float64)
+    rows = []
+    for t in range(tokens.shape[0]):
+        x_t = tokens[t]
+        p = reference_softmoe_routing(layer, x_t)
+        acc = torch.zeros(d_model, dtype=torch.float64)
+        for e in range(p.shape[0]):
+            if p[e].item() > 0.0:
+                w = p[e] / k if layer.combine == "normalized" else p[e]
+                acc = acc + w * reference_expert(layer.experts, e, x_t)
+        rows.append(acc)
+    if not rows:
+        return x.new_zeros(x.shape, dtype=torch.float64)
+    return torch.stack(rows).reshape(*x.shape[:-1], d_model)
+
+
+def reference_topk_routing(moe, x_t: torch.Tensor) -> Tuple[torch.Tensor, list]:
+    """TopKMoE routing of one token: (softmax probabilities [E] float64, [(expert, weight), ...] in
+    decreasing probability order). Top-k by a plain sort of the probabilities (ties: lower index
+    first, as torch.topk on distinct values); weights renormalised to sum 1 when moe.normalize."""
+    logits = moe.router.weight.to(torch.float64) @ x_t.to(torch.float64)
+    probs = torch.exp(logits - logits.max())
+    probs = probs / probs.sum()
+    order = sorted(range(probs.shape[0]), key=lambda e: (-probs[e].item(), e))[: moe.top_k]
+    chosen = [probs[e] for e in order]
+    if moe.normalize:
+        total = sum(chosen)
+        chosen = [w / total for w in chosen]
+    return probs, list(zip(order, chosen))
+
+
+def reference_topk_moe(moe, x: torch.Tensor) -> torch.Tensor:
+    """TopKMoE(x) token by token (float64 result, shape of x): y_t = sum over the token's top_k
+    experts of w_e * Expert_e(x_t)."""
+    d_model = moe.router.weight.shape[1]
+    tokens = x.reshape(-1, d_model)
+    rows = []
+    for t in range(tokens.shape[0]):
+        _, routed = reference_topk_routing(moe, tokens[t])
+        acc = torch.zeros(d_model, dtype=torch.float64)
+        for e, w in sorted(routed):  # expert order, like the layer's combine
+            acc = acc + w * reference_expert(moe.experts, e, tokens[t])
+        rows.append(acc)
+    return torch.stack(rows).reshape(*x.shape[:-1], d_model)
+
+
+def reference_topk_losses(moe, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(load-balancing loss, router z-loss) of TopKMoE by the Switch formulas, with loops:
+    lb = E * sum_e f_e * P_e, f_e = (#tokens routed to e) / (T * top_k), P_e = mean_t probs[t, e];
+    z = mean_t (log sum_e exp(logits[t, e]))^2."""
+    d_model = moe.router.weight.shape[1]
+    tokens = x.reshape(-1, d_model)
+    T, E = tokens.shape[0], moe.router.weight.shape[0]
+    counts = [0] * E
+    prob_sum = [0.0] * E
+    z = 0.0
+    for t in range(T):
+        probs, routed = reference_topk_routing(moe, tokens[t])
+        for e, _ in routed:
+            counts[e] += 1
+        for e in range(E):
+            prob_sum[e] += probs[e].item()
+        logits = (moe.router.weight.to(torch.float64) @ tokens[t].to(torch.float64)).tolist()
+        m = max(logits)
+        z += (m + math.log(sum(math.exp(v - m) for v in logits))) ** 2
+    lb = E * sum((counts[e] / (T * moe.top_k)) * (prob_sum[e] / T) for e in range(E))
+    return torch.tensor(lb, dtype=torch.float64), torch.tensor(z / T, dtype=torch.float64)

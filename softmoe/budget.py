@@ -70,6 +70,14 @@ class GlobalBudget(nn.Module):
             object.__setattr__(layer, "_budget", self)
             object.__setattr__(layer, "_budget_index", index)
 
+    def _apply(self, fn, recurse=True):
+        # theta steers the whole allocation: keep it float32 when the model is cast to 16 bits.
+        kept = self.theta.detach().clone()
+        super()._apply(fn, recurse)
+        if self.theta.dtype in (torch.bfloat16, torch.float16) and kept.dtype == torch.float32:
+            self.theta.data = kept.to(device=self.theta.device)
+        return self
+
     @property
     def layers(self) -> list[SoftMoELayer]:
         return list(self._layers)

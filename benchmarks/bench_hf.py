@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Hugging Face benchmark (issue 5): one training step (forward + backward) of a Mixtral model
+converted with softmoe.hf.convert, against the original top-k model, same run.
+
+Model: MixtralForCausalLM from a config (no download): 4 layers, hidden 256, 8 experts of
+intermediate size 512, top-2, 8 attention heads (4 KV heads), vocabulary 256 (bytes), random
+weights (seed 0); float32 on the CPU. Input: 8 x 128 tokens of the bundled text (bytes).
+
+Methods (one model's weights: the converted models start from a copy of the original)
+  topk             baseline (ratio denominator): the original model, top-2 routing, with
+                   transformers' default experts backend (reported: "grouped_mm" on this torch).
+  topk_eager       the same model with experts_implementation="eager" (transformers' per-expert
+                   Python loop), for reference.
+  softmoe          softmoe.hf.convert(model) with the defaults: mean_k = 2 (the model's top-k), alpha 1,
+                   eps 1e-2, max_active 4, router weights copied. The random router's logits are
+                   small, so routing is nearly uniform and every token uses max_active = 4 experts
+                   (reported as "active"): twice top-2's expert work.
+  softmoe_matched  softmoe.hf.convert(model, mean_k=1.0, max_active=3) with the router weights scaled
+                   (bisection on one factor s, as benchmarks/bench_layer.py does) so that the realised
+                   mean number of active experts per token, over layers, is 2.0 on the benchmark input:
+                   the same expert FLOPs as top-2. (For mean_k > 1 every token uses >= 2 experts, so
+                   a mean of exactly 2 needs mean_k <= 1: tokens then use 1, 2 or 3 experts.)
+
+Timing: loss = cross_entropy(model(x).logits, y); loss.backward(), gradients set to None before each
+step (untimed); train mode. Medians over --repeats timed repeats after warm-up, methods interleaved
+round robin (benchmarks/_timing.py); "x topk" = median(method) / median(topk) of the same run,
+"paired" = median over repeats of the per-repeat ratio.
+
+  python3 benchmarks/bench_hf.py                  # ~2-4 minutes on 2 cores
+  python3 benchmarks/bench_hf.py --threads 2      # torch threads (default 1: steadier on a shared 2-core machine)
+  python3 benchmarks/bench_hf.py --quick          # smoke run: 2 layers, hidden 64, 3 repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+
+import torch
+from torch.nn import functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+import _timing  # noqa: E402
+
+DEFAULT_JSON = os.path.join(HERE, "results", "bench_hf.json")
+
+
+def build_original(args):
+    import transformers
+
+    config = transformers.MixtralConfig(
+        vocab_size=256, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=max(1, args.heads // 2), num_local_experts=args.experts,
+        num_experts_per_tok=2, max_position_embeddings=max(512, args.context), tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=0,
+    )
+    torch.manual_seed(args.seed)
+    return transformers.MixtralForCausalLM(config).train()
+
+
+def mean_active(model, x) -> float:
+    import softmoe.hf
+
+    with torch.no_grad():
+        model(x)
+    return sum(r["active"] for r in softmoe.hf.stats(model)) / len(softmoe.hf.layers(model))
+
+
+def match_active(model, x, target: float, iters: int = 30) -> tuple[float, float]:
+    """Scales every router weight by one factor s so the realised mean active experts is ~target."""
+    import softmoe.hf
+
+    base = [layer.router.weight.detach().clone() for layer in softmoe.hf.layers(model)]
+
+    def at(s: float) -> float:
+        with torch.no_grad():
+            for layer, w in zip(softmoe.hf.layers(model), base):
+                layer.router.weight.copy_(w * s)
+        return mean_active(model, x)
+
+    lo, hi = math.log(1e-2), math.log(1e5)  # active decreases with s
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if at(math.exp(mid)) > target:
+            lo = mid
+        else:
+            hi = mid
+    s = math.exp(hi)
+    return s, at(s)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--target-active", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 layers, hidden 64, 3 repeats")
+    ap.add_argument("--out", default=DEFAULT_JSON)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.layers, args.hidden, args.intermediate, args.heads, args.repeats = 2, 64, 128, 4, 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import transformers
+
+    import softmoe.hf
+    from tiny_lm import fixed_batches, load_bytes
+
+    (x, y), = fixed_batches(load_bytes(), 1, args.batch, args.context)
+    original = build_original(args)
+    backend = original.get_experts_implementation()
+    eager = copy.deepcopy(original)
+    eager.set_experts_implementation("eager")
+    converted = softmoe.hf.convert(copy.deepcopy(original))
+    active_default = mean_active(converted, x)
+    matched = softmoe.hf.convert(copy.deepcopy(original), mean_k=1.0, max_active=3)
+    scale, active_matched = match_active(matched, x, args.target_active)
+    print(f"transformers {transformers.__version__}, experts backend of the original: {backend}; "
+          f"softmoe active experts/token: default {active_default:.3f}, matched {active_matched:.3f} (router x{scale:.4g})")
+
+    models = {"topk": original, "topk_eager": eager, "softmoe": converted, "softmoe_matched": matched}
+
+    def step_case(name, model):
+        def setup():
+            model.zero_grad(set_to_none=True)
+
+        def fn(_state):
+            loss = F.cross_entropy(model(x).logits.reshape(-1, 256), y.reshape(-1))
+            loss.backward()
+
+        return _timing.Case(name, fn, setup)
+
+    # the same loss from the same weights for the two top-k backends (a check, not timed)
+    with torch.no_grad():
+        a = F.cross_entropy(original(x).logits.reshape(-1, 256), y.reshape(-1)).item()
+        b = F.cross_entropy(eager(x).logits.reshape(-1, 256), y.reshape(-1)).item()
+    assert abs(a - b) < 1e-4, (a, b)
+
+    info = _timing.machine_info()
+    info["transformers"] = transformers.__version__
+    stats = _timing.measure([step_case(n, m) for n, m in models.items()], repeats=args.repeats, warmup=2)
+    base = stats["topk"]
+    active = {"topk": 2.0, "topk_eager": 2.0, "softmoe": active_default, "softmoe_matched": active_matched}
+    results = {}
+    lines = ["| method | median ms | x topk | paired | active experts/token |", "|---|---:|---:|---:|---:|"]
+    for name, s in stats.items():
+        ratio = _timing.ratio_of_medians(s, base)
+        paired = _timing.median_of_ratios(s, base)
+        results[name] = dict(s.as_dict(), ratio_vs_topk=ratio, paired_ratio_vs_topk=paired, active_per_token=active[name])
+        lines.append(f"| {name} | {s.median_ms:.1f} | {ratio:.2f} | {paired:.2f} | {active[name]:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    data = {
+        "benchmark": "bench_hf: forward+backward step, converted Mixtral (softmoe.hf.convert) vs original top-2",
+        "machine": info,
+        "settings": dict(vars(args), tokens=args.batch * args.context, dtype="float32", device="cpu",
+                         original_experts_implementation=backend, softmoe_matched_router_scale=scale,
+                         softmoe_matched_routing={"mean_k": 1.0, "max_active": 3},
+                         softmoe_default_routing=converted.config.softmoe),
+        "notes": [
+            "topk is the ratio denominator; ratios come from the same interleaved run",
+            "softmoe (defaults) routes every token to max_active = 4 experts here: the random router's logits are "
+            "nearly uniform, so it does twice top-2's expert work",
+            "softmoe_matched scales the router so that the realised mean active experts per token equals top-2's 2.0",
+        ],
+        "results": results,
+        "table_markdown": table,
+    }
+    _timing.write_json(args.out, data)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

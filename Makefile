@@ -20,7 +20,7 @@ CUDA_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=s
 setup: .stamp-install
 .stamp-install: setup.py pyproject.toml csrc/bindings.cpp $(CORE_SRC) $(CORE_HDR) $(wildcard csrc/cuda/*)
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q "setuptools>=64" wheel ninja pytest numpy hypothesis tqdm matplotlib
+	$(PIP) install -q "setuptools>=64" wheel ninja pytest numpy hypothesis tqdm matplotlib "transformers==5.23.0"
 	$(PIP) install -q --no-deps entmax
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	@touch $@
@@ -32,7 +32,7 @@ pytest: setup
 	$(PYTHON) -m pytest -q tests
 
 # The C core alone, as strict C11, under AddressSanitizer and UndefinedBehaviorSanitizer.
-ctest: $(C_TESTS)
+ctest: $(C_TESTS) fuzz-regress
 	@for t in $(C_TESTS); do echo "== $$t"; ASAN_OPTIONS=detect_leaks=1 $$t || exit 1; done
 
 $(BUILD_DIR)/%: tests/c/%.c $(CORE_SRC) $(CORE_HDR)
@@ -53,3 +53,52 @@ bench: setup
 
 clean:
 	rm -rf build $(BUILD_DIR) softmoe/*.so .stamp-install *.egg-info
+
+# ==== Fuzzing the C core (tests/fuzz/README.md) ===============================================
+# `make fuzz` runs each libFuzzer target for FUZZ_SECONDS (needs clang with libFuzzer: on Debian
+# `apt-get install clang libclang-rt-14-dev`); `make fuzz-smoke` replays the corpus and then fuzzes
+# each target for FUZZ_SMOKE_SECONDS (CI); `make fuzz-regress` replays the committed corpus through
+# the same targets built with $(CC) and ASan/UBSan but without libFuzzer (part of `make ctest`).
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 300
+FUZZ_SMOKE_SECONDS ?= 30
+FUZZ_DIR = tests/fuzz
+FUZZ_BUILD = $(FUZZ_DIR)/build
+FUZZ_TARGETS = fuzz_topk fuzz_dispatch
+FUZZ_DEPS = $(FUZZ_DIR)/fuzz_common.h $(CORE_SRC) $(CORE_HDR)
+FUZZ_CFLAGS = -std=c11 -O1 -g -Wall -Wextra -Icsrc -fsanitize=fuzzer,address,undefined \
+  -fno-sanitize-recover=all -fno-omit-frame-pointer
+FUZZ_RUN_FLAGS = -max_len=8192 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+
+.PHONY: fuzz fuzz-smoke fuzz-regress fuzz-run
+
+# The harness itself is built without comparison tracing (its checking loops would otherwise take
+# half the time of every run and tell libFuzzer nothing about the core); the core keeps it.
+$(FUZZ_BUILD)/libfuzzer_%: $(FUZZ_DIR)/%.c $(FUZZ_DEPS)
+	@command -v $(FUZZ_CC) >/dev/null || { echo "fuzz: $(FUZZ_CC) not found; apt-get install clang libclang-rt-14-dev"; exit 1; }
+	@mkdir -p $(FUZZ_BUILD)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fno-sanitize-coverage=trace-cmp -c $< -o $@.o
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $@.o $(CORE_SRC) -lm -o $@
+
+$(FUZZ_BUILD)/replay_%: $(FUZZ_DIR)/%.c $(FUZZ_DIR)/replay_main.c $(FUZZ_DEPS)
+	@mkdir -p $(FUZZ_BUILD)
+	$(CC) $(CFLAGS_TEST) $(SANITIZE) $< $(FUZZ_DIR)/replay_main.c $(CORE_SRC) -lm -o $@
+
+fuzz-regress: $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/replay_%)
+	@for t in $(FUZZ_TARGETS); do echo "== corpus of $$t"; \
+	  ASAN_OPTIONS=detect_leaks=1 $(FUZZ_BUILD)/replay_$$t $(FUZZ_DIR)/corpus/$$t || exit 1; done
+
+# New inputs go to $(FUZZ_BUILD)/work/<target>, crashes to $(FUZZ_BUILD)/crashes/<target>-*; the
+# committed corpus is only read. Keep a crasher by copying it into tests/fuzz/corpus/<target>/.
+fuzz-run: $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/libfuzzer_%)
+	@for t in $(FUZZ_TARGETS); do echo "== $$t for $(FUZZ_RUN_SECONDS) s"; \
+	  mkdir -p $(FUZZ_BUILD)/work/$$t $(FUZZ_BUILD)/crashes; \
+	  $(FUZZ_BUILD)/libfuzzer_$$t $(FUZZ_RUN_FLAGS) -max_total_time=$(FUZZ_RUN_SECONDS) \
+	    -artifact_prefix=$(FUZZ_BUILD)/crashes/$$t- $(FUZZ_BUILD)/work/$$t $(FUZZ_DIR)/corpus/$$t || exit 1; done
+
+fuzz:
+	@$(MAKE) --no-print-directory fuzz-run FUZZ_RUN_SECONDS=$(FUZZ_SECONDS)
+
+fuzz-smoke: fuzz-regress
+	@test $(FUZZ_SMOKE_SECONDS) -le 60 || { echo "fuzz-smoke: FUZZ_SMOKE_SECONDS must be <= 60"; exit 1; }
+	@$(MAKE) --no-print-directory fuzz-run FUZZ_RUN_SECONDS=$(FUZZ_SMOKE_SECONDS)

@@ -50,9 +50,12 @@ def check_row_param(
         )
 
 
-def check_number(fn: str, name: str, value: object) -> float:
+def check_number(fn: str, name: str, value: object, tensor_ok: bool = False) -> float:
+    """A Python int or float (not bool). `tensor_ok`: the caller also accepts a Tensor (handled before
+    this check), which the message then mentions."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a float or a Tensor, got {type(value).__name__}")
+        kind = "a float or a Tensor" if tensor_ok else "a float"
+        raise TypeError(f"{fn}: {name} must be {kind}, got {type(value).__name__}")
     return float(value)
 
 

@@ -68,7 +68,7 @@ def soft_topk(
         max_active = _checks.check_max_active(fn, max_active, num_experts, None)
         k_tensor = k
     else:
-        k_value = _checks.check_number(fn, "k", k)
+        k_value = _checks.check_number(fn, "k", k, tensor_ok=True)
         if not math.isfinite(k_value):
             raise ValueError(f"{fn}: k must be a finite number with 0 < k < max_active, got {k_value}")
         max_active = _checks.check_max_active(fn, max_active, num_experts, max(k_value, 0.0))
@@ -82,7 +82,7 @@ def soft_topk(
         _checks.check_row_param(fn, "alpha", alpha, scores, lead_shape)
         alpha_tensor = alpha
     else:
-        alpha_value = _checks.check_number(fn, "alpha", alpha)
+        alpha_value = _checks.check_number(fn, "alpha", alpha, tensor_ok=True)
         if not (alpha_value > 0.0 and math.isfinite(alpha_value)):
             raise ValueError(f"{fn}: alpha must be a finite number > 0, got {alpha_value}")
         alpha_tensor = torch.tensor(alpha_value, dtype=math_dtype, device=scores.device)

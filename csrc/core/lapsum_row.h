@@ -33,12 +33,16 @@ typedef double SMOE_FN(smoe_real);
 #define SMOE_LOG log
 #define SMOE_SQRT sqrt
 #define SMOE_FABS fabs
+#define SMOE_NEXTAFTER nextafter
+#define SMOE_RMAX 1.7976931348623157e308
 #else
 typedef float SMOE_FN(smoe_real);
 #define SMOE_EXP expf
 #define SMOE_LOG logf
 #define SMOE_SQRT sqrtf
 #define SMOE_FABS fabsf
+#define SMOE_NEXTAFTER nextafterf
+#define SMOE_RMAX 3.40282347e38f
 #endif
 #define R SMOE_FN(smoe_real)
 #define SMOE_LOAD SMOE_FN(smoe_load)
@@ -222,7 +226,9 @@ SMOE_HD void SMOE_FN(smoe_lapsum_solve)(const R *s, int64_t a, R K, R alpha, R *
 #define SMOE_COUNT_AT(i) ((R)(i) + (R)0.5 + (R)0.5 * (SMOE_AT(V, i) - SMOE_AT(U, i)))
   if (K <= SMOE_COUNT_AT(0)) {
     *piv = 0;
-    *tau = SMOE_LOG(2 * K / (1 + SMOE_AT(V, 0)));
+    const R q = 2 * K / (1 + SMOE_AT(V, 0));
+    /* a tiny K (subnormal k) underflows q to 0 (tau = -inf, threshold +inf as if k = 0) */
+    *tau = q > (R)1e-30 ? SMOE_LOG(q) : SMOE_LOG(2 * K) - SMOE_LOG(1 + SMOE_AT(V, 0));
     return;
   }
   if (K >= SMOE_COUNT_AT(a - 1)) {
@@ -253,7 +259,9 @@ SMOE_HD void SMOE_FN(smoe_lapsum_solve)(const R *s, int64_t a, R K, R alpha, R *
     *tau = SMOE_LOG(Q) - SMOE_LOG(root - D);
   } else { /* integer K: E may underflow, so the other branches would take log(0) */
     *piv = l;
-    *tau = (R)0.5 * (gap + SMOE_LOG(Q) - SMOE_LOG(P));
+    /* a gap that overflowed (|s| / alpha near the top of the range) would make tau = +inf and
+     * x = -inf + inf = NaN below the pivot: any threshold inside the gap gives the same p */
+    *tau = (R)0.5 * ((gap < SMOE_RMAX ? gap : SMOE_RMAX) + SMOE_LOG(Q) - SMOE_LOG(P));
   }
 }
 
@@ -290,6 +298,9 @@ SMOE_HD int64_t SMOE_FN(smoe_active_count)(const R *s, int64_t m, R k, R alpha, 
   /* sum p = k needs more than k active entries; rounding must not break that. */
   int64_t need = (int64_t)k + 1;
   if (active < need) active = need < m ? need : m;
+  /* tied candidates have one x: keep a tie group whole (the minimum above, or rounding in the
+   * search, could otherwise cut it and give equal scores different p, one of them 0) */
+  while (active < m && SMOE_AT(s, active) == SMOE_AT(s, active - 1)) ++active;
   return active;
 }
 
@@ -331,7 +342,10 @@ SMOE_HD void SMOE_FN(smoe_topk_fwd_row)(const smoe_topk_fwd_args *a, int64_t row
   const int64_t active = truncated ? SMOE_FN(smoe_active_count)(s, m, k, alpha, eps, c, ss) : m;
   /* On the active set the truncated kernel is (F - eps) / (1 - eps): solve plain LapSum for
    * sum F = k (1 - eps) + active * eps. */
-  const R K = truncated ? k * (1 - eps) + (R)active * eps : k;
+  R K = truncated ? k * (1 - eps) + (R)active * eps : k;
+  /* K < active exactly (active > k), but k within an ulp of active can round K up to it, and the
+   * solve would then return tau = +inf (threshold -inf, as if k = m): keep K below active. */
+  if (!(K < (R)active)) K = SMOE_NEXTAFTER((R)active, (R)0);
   int64_t piv;
   R tau;
   SMOE_FN(smoe_lapsum_solve)(s, active, K, alpha, U, V, ss, &piv, &tau);
@@ -388,7 +402,14 @@ SMOE_HD void SMOE_FN(smoe_topk_bwd_row)(const smoe_topk_bwd_args *a, int64_t row
                                     : SMOE_LOAD(a->p, a->dtype, base + i) != 0;
     if (!active) continue;
     /* The threshold is kept in double so that x stays accurate for large logits. */
-    const R x = (R)((double)r - b) / alpha;
+    const double d = (double)r - b;
+    R x = (R)d / alpha;
+    /* r - b can overflow the math type while (r - b) / alpha does not (a huge alpha): divide in double */
+    if (!(SMOE_FABS(x) < (R)INFINITY)) x = (R)(d / (double)alpha);
+    /* keep x finite where (r - b) / alpha overflows: phi is 0 there either way, and an infinite x
+     * would give 0 * inf = NaN in grad_alpha (and inf - inf in the shift mu) */
+    if (x > SMOE_RMAX) x = SMOE_RMAX;
+    if (x < -SMOE_RMAX) x = -SMOE_RMAX;
     SMOE_AT(X, count) = x;
     SMOE_AT(Xi, count) = (int32_t)i;
     if (SMOE_FABS(x) < mu) mu = SMOE_FABS(x);
@@ -432,6 +453,8 @@ SMOE_HD void SMOE_FN(smoe_topk_bwd_row)(const smoe_topk_bwd_args *a, int64_t row
 #undef SMOE_LOG
 #undef SMOE_SQRT
 #undef SMOE_FABS
+#undef SMOE_NEXTAFTER
+#undef SMOE_RMAX
 #undef SMOE_IS_F64
 #undef SMOE_F64_SUFFIX_f64
 #undef SMOE_F64_SUFFIX_f32

@@ -1,0 +1,784 @@
+"""The bad-input table: every public entry point x every class of bad argument.
+
+``CASES`` below is the single source of ``docs/bad_inputs.md``; regenerate the markdown with
+``python tests/test_bad_inputs.py --write`` after changing it (``test_markdown_is_up_to_date`` fails
+until then). Every case states what the call does: the exception type and the start of its message
+(``Raises``) or the documented result (``Returns``, with a check over the returned value ``out``).
+A case with ``bug`` set is a reported problem: the table pins today's behaviour and says what is
+wrong with it, so a fix makes the case fail until the table is updated.
+
+The cases run in a subprocess (all of them in one, restarted after a crash), so a segfault or an
+abort in the compiled code fails the case that caused it instead of killing pytest.
+"""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Union
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(ROOT, "docs", "bad_inputs.md")
+
+KINDS = ("type", "dtype", "device", "shape", "range", "NaN/inf", "empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class Raises:
+    exc: str  # the exception class name
+    prefix: str  # str(exception) starts with this
+
+
+@dataclasses.dataclass(frozen=True)
+class Returns:
+    what: str  # the documented result, in words
+    check: str  # a Python expression over `out` (the call's value) and `warned` (warning messages)
+
+
+@dataclasses.dataclass(frozen=True)
+class NotApplicable:
+    why: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    api: str
+    kind: str
+    arg: str  # what is bad, in words
+    call: str  # a Python expression evaluated after SETUP
+    expect: Union[Raises, Returns, NotApplicable]
+    bug: str = ""  # non-empty: a reported problem (see the module docstring)
+
+    @property
+    def id(self) -> str:
+        return f"{self.api} | {self.kind} | {self.arg}"
+
+
+# Names available to the calls (a fresh random state per case: torch.manual_seed(0) before each).
+SETUP = textwrap.dedent(
+    """
+    import math, warnings
+    import torch
+    import softmoe
+    from softmoe import soft_topk, SoftMoELayer, GlobalBudget, dispatch_plan, gather_rows, combine_rows, grouped_mm
+    from softmoe.baselines import TopKMoE, SlotSoftMoE
+    nan, inf = math.nan, math.inf
+
+    def scores(*shape):  # [3, 8] router scores by default
+        return torch.randn(*(shape or (3, 8)))
+
+    def rows(*r):
+        return torch.tensor(r)
+
+    def weights():  # [4, 8] routing weights with at most 3 nonzeros per token
+        return soft_topk(torch.randn(4, 8), 1.5, eps=0.05, max_active=3)
+
+    def plan(p=None, m=3):  # the plan of weights(): T = 4, E = 8, M = 3, P = 12 slots
+        return dispatch_plan(weights() if p is None else p, m)
+
+    def layer(**kw):  # d_model 8, d_hidden 16, 4 experts, k = 2 (max_active 4)
+        return SoftMoELayer(8, 16, 4, **kw)
+
+    def offs(*o):
+        return torch.tensor(o)
+
+    def forward(module, x):  # the output, with the module attached for checks (aux_loss)
+        out = module(x)
+        out.module = module
+        return out
+    """
+)
+
+ST, L, LF, GB, DP, GR, CR, GM, TK, TKF, SL, SLF = (
+    "softmoe.soft_topk",
+    "SoftMoELayer(...)",
+    "SoftMoELayer.forward",
+    "GlobalBudget(...)",
+    "softmoe.dispatch_plan",
+    "softmoe.gather_rows",
+    "softmoe.combine_rows",
+    "softmoe.grouped_mm",
+    "baselines.TopKMoE(...)",
+    "baselines.TopKMoE.forward",
+    "baselines.SlotSoftMoE(...)",
+    "baselines.SlotSoftMoE.forward",
+)
+APIS = (ST, L, LF, GB, DP, GR, CR, GM, TK, TKF, SL, SLF)
+
+R, V, NA = Raises, Returns, NotApplicable
+FLOATS = "float32, float64, bfloat16 or float16"
+NAN_ROW = "that row of `p` is NaN, every other row is unaffected (no device sync)"
+BUG_VALUE_FOR_TYPE = "a wrong type raises ValueError, not TypeError (as everywhere else)"
+BUG_ACTIVATION = "the message names the internal GroupedExperts, not the class the user called"
+BUG_INT_DTYPE = "torch's own message from parameter creation; no check of `dtype` with the class name"
+BUG_META = (
+    "an argument on `meta` makes the dispatcher run the shape-only fake kernel, which allocates the result "
+    "on the device of the first tensor: a CPU tensor of **uninitialized memory**, no error. Fix: "
+    "`torch._check` same device in the fake kernels of softmoe/ops.py (or device checks in the wrappers)"
+)
+
+CASES = [
+    # ---- softmoe.soft_topk --------------------------------------------------------------------
+    Case(ST, "type", "scores is a list", "soft_topk([[0.1, 0.2]], 1.0)",
+         R("TypeError", "soft_topk: scores must be a torch.Tensor, got list")),
+    Case(ST, "type", "k is a str", "soft_topk(scores(), '2')",
+         R("TypeError", "soft_topk: k must be a float or a Tensor, got str")),
+    Case(ST, "type", "k is a bool", "soft_topk(scores(), True)",
+         R("TypeError", "soft_topk: k must be a float or a Tensor, got bool")),
+    Case(ST, "type", "alpha is None", "soft_topk(scores(), 2.0, None)",
+         R("TypeError", "soft_topk: alpha must be a float or a Tensor, got NoneType")),
+    Case(ST, "type", "eps is a Tensor", "soft_topk(scores(), 2.0, eps=torch.tensor(0.1))",
+         R("TypeError", "soft_topk: eps must be a float, got Tensor")),
+    Case(ST, "type", "dim is a float", "soft_topk(scores(), 2.0, dim=1.0)",
+         R("TypeError", "soft_topk: dim must be an int, got float")),
+    Case(ST, "type", "max_active is a float", "soft_topk(scores(), 1.5, max_active=2.0)",
+         R("TypeError", "soft_topk: max_active must be an int or None, got float")),
+    Case(ST, "dtype", "int64 scores", "soft_topk(scores().long(), 2.0)",
+         R("TypeError", f"soft_topk: scores must be {FLOATS}, got torch.int64")),
+    Case(ST, "dtype", "complex64 scores", "soft_topk(scores().to(torch.complex64), 2.0)",
+         R("TypeError", f"soft_topk: scores must be {FLOATS}, got torch.complex64")),
+    Case(ST, "dtype", "integer k tensor", "soft_topk(scores(), torch.tensor(2))",
+         R("TypeError", "soft_topk: k must be a floating-point tensor, got torch.int64")),
+    Case(ST, "dtype", "integer alpha tensor", "soft_topk(scores(), 2.0, torch.tensor(1))",
+         R("TypeError", "soft_topk: alpha must be a floating-point tensor, got torch.int64")),
+    Case(ST, "dtype", "k tensor float64, scores bfloat16",
+         "soft_topk(scores().bfloat16(), torch.tensor(2.0, dtype=torch.float64))",
+         V("accepted: k and alpha are converted to the math type; `p` is bfloat16",
+           "out.dtype == torch.bfloat16 and bool((out.float().sum(-1) - 2).abs().max() < 0.05)")),
+    Case(ST, "device", "k on meta, scores on cpu", "soft_topk(scores(), torch.tensor(2.0, device='meta'))",
+         R("ValueError", "soft_topk: k must be on the device of scores (cpu), got meta")),
+    Case(ST, "device", "alpha on meta, scores on cpu", "soft_topk(scores(), 2.0, torch.tensor(1.0, device='meta'))",
+         R("ValueError", "soft_topk: alpha must be on the device of scores (cpu), got meta")),
+    Case(ST, "device", "scores on meta, k a cpu tensor", "soft_topk(scores().to('meta'), torch.tensor(2.0))",
+         R("ValueError", "soft_topk: k must be on the device of scores (meta), got cpu")),
+    Case(ST, "device", "scores on meta, k a float", "soft_topk(scores().to('meta'), 2.0)",
+         V("a meta tensor of the shape of scores (shape propagation only)",
+           "out.device.type == 'meta' and tuple(out.shape) == (3, 8)")),
+    Case(ST, "shape", "0-d scores", "soft_topk(torch.tensor(1.0), 0.5)",
+         R("ValueError", "soft_topk: scores must have at least one dimension (the experts), got a 0-d tensor")),
+    Case(ST, "shape", "k tensor of the wrong shape", "soft_topk(scores(), torch.full((2,), 2.0))",
+         R("ValueError", "soft_topk: k must be a scalar or have the shape of scores without dim ((3,)), got shape (2,)")),
+    Case(ST, "shape", "alpha tensor of the shape of scores", "soft_topk(scores(), 2.0, torch.ones(3, 8))",
+         R("ValueError", "soft_topk: alpha must be a scalar or have the shape of scores without dim ((3,)), got "
+                         "shape (3, 8)")),
+    Case(ST, "shape", "dim out of range", "soft_topk(scores(), 2.0, dim=2)",
+         R("ValueError", "soft_topk: dim must be in [-2, 1] for a 2-d tensor, got 2")),
+    Case(ST, "range", "k = 0 (a float)", "soft_topk(scores(), 0.0)",
+         R("ValueError", "soft_topk: k must satisfy 0 < k < max_active (= 8, the number of candidates), got 0.0")),
+    Case(ST, "range", "k = E", "soft_topk(scores(), 8.0)",
+         R("ValueError", "soft_topk: k must satisfy 0 < k < max_active (= 8, the number of candidates), got 8.0")),
+    Case(ST, "range", "k < 0", "soft_topk(scores(), -1.0)",
+         R("ValueError", "soft_topk: k must satisfy 0 < k < max_active")),
+    Case(ST, "range", "k = max_active", "soft_topk(scores(), 2.0, max_active=2)",
+         R("ValueError", "soft_topk: k must satisfy 0 < k < max_active (= 2, the number of candidates), got 2.0")),
+    Case(ST, "range", "alpha = 0", "soft_topk(scores(), 2.0, 0.0)",
+         R("ValueError", "soft_topk: alpha must be a finite number > 0, got 0.0")),
+    Case(ST, "range", "alpha < 0", "soft_topk(scores(), 2.0, -1.0)",
+         R("ValueError", "soft_topk: alpha must be a finite number > 0, got -1.0")),
+    Case(ST, "range", "eps = 0.5", "soft_topk(scores(), 2.0, eps=0.5)",
+         R("ValueError", "soft_topk: eps must satisfy 0 <= eps < 0.5, got 0.5")),
+    Case(ST, "range", "eps < 0", "soft_topk(scores(), 2.0, eps=-0.1)",
+         R("ValueError", "soft_topk: eps must satisfy 0 <= eps < 0.5, got -0.1")),
+    Case(ST, "range", "max_active = 0", "soft_topk(scores(), 1.5, max_active=0)",
+         R("ValueError", "soft_topk: max_active must satisfy ceil(k) = 2 <= max_active <= 8 (the number of experts), "
+                         "got 0")),
+    Case(ST, "range", "max_active > E", "soft_topk(scores(), 1.5, max_active=9)",
+         R("ValueError", "soft_topk: max_active must satisfy ceil(k) = 2 <= max_active <= 8")),
+    Case(ST, "range", "max_active < ceil(k)", "soft_topk(scores(), 2.5, max_active=2)",
+         R("ValueError", "soft_topk: max_active must satisfy ceil(k) = 3 <= max_active")),
+    Case(ST, "range", "a k tensor with one row's k > m", "soft_topk(scores(), torch.tensor([1.0, 9.0, 2.0]))",
+         V(NAN_ROW, "bool(out[1].isnan().all()) and not bool(out[[0, 2]].isnan().any())")),
+    Case(ST, "range", "the same with strict=True", "soft_topk(scores(), torch.tensor([1.0, 9.0, 2.0]), strict=True)",
+         R("ValueError", "soft_topk: row (1,) of scores produced NaN because k = 9.0 is outside [0, number of "
+                         "candidates] (strict=True)")),
+    Case(ST, "range", "a k tensor exactly 0 / exactly m (the limits)", "soft_topk(scores(), torch.tensor([0.0, 8.0, 2.0]))",
+         V("allowed: `p = 0` for k = 0, `p = 1` on the candidates for k = m (zero gradients)",
+           "bool((out[0] == 0).all()) and bool((out[1] == 1).all())")),
+    Case(ST, "range", "an alpha tensor with one row's alpha = 0, strict=True",
+         "soft_topk(scores(), 2.0, torch.tensor([1.0, 0.0, 1.0]), strict=True)",
+         R("ValueError", "soft_topk: row (1,) of scores produced NaN because alpha = 0.0 is not a finite number > 0 "
+                         "(strict=True)")),
+    Case(ST, "range", "fewer finite scores than a float k", "soft_topk(rows([-inf, -inf, 1.0], [0.0, 1.0, 2.0]), 1.5)",
+         V(NAN_ROW + " (k is outside [0, m] for m = 1 candidate)",
+           "bool(out[0].isnan().all()) and not bool(out[1].isnan().any())")),
+    Case(ST, "NaN/inf", "k = nan", "soft_topk(scores(), nan)",
+         R("ValueError", "soft_topk: k must be a finite number with 0 < k < max_active, got nan")),
+    Case(ST, "NaN/inf", "k = inf", "soft_topk(scores(), inf)",
+         R("ValueError", "soft_topk: k must be a finite number with 0 < k < max_active, got inf")),
+    Case(ST, "NaN/inf", "alpha = nan", "soft_topk(scores(), 2.0, nan)",
+         R("ValueError", "soft_topk: alpha must be a finite number > 0, got nan")),
+    Case(ST, "NaN/inf", "alpha = inf", "soft_topk(scores(), 2.0, inf)",
+         R("ValueError", "soft_topk: alpha must be a finite number > 0, got inf")),
+    Case(ST, "NaN/inf", "eps = nan", "soft_topk(scores(), 2.0, eps=nan)",
+         R("ValueError", "soft_topk: eps must satisfy 0 <= eps < 0.5, got nan")),
+    Case(ST, "NaN/inf", "a NaN score", "soft_topk(rows([nan, 1.0, 2.0], [0.0, 1.0, 2.0]), 1.0)",
+         V(NAN_ROW, "bool(out[0].isnan().all()) and abs(float(out[1].sum()) - 1) < 1e-5")),
+    Case(ST, "NaN/inf", "a NaN score, strict=True", "soft_topk(rows([nan, 1.0, 2.0], [0.0, 1.0, 2.0]), 1.0, strict=True)",
+         R("ValueError", "soft_topk: row (0,) of scores produced NaN because its scores contain NaN (strict=True)")),
+    Case(ST, "NaN/inf", "a +inf score", "soft_topk(rows([inf, 1.0, 2.0], [0.0, 1.0, 2.0]), 1.0)",
+         V(NAN_ROW, "bool(out[0].isnan().all()) and abs(float(out[1].sum()) - 1) < 1e-5")),
+    Case(ST, "NaN/inf", "a +inf score, strict=True", "soft_topk(rows([inf, 1.0, 2.0], [0.0, 1.0, 2.0]), 1.0, strict=True)",
+         R("ValueError", "soft_topk: row (0,) of scores produced NaN because its scores contain +inf (strict=True)")),
+    Case(ST, "NaN/inf", "a -inf score", "soft_topk(rows([-inf, 1.0, 2.0]), 1.0)",
+         V("allowed: that entry is never selected (`p` exactly 0), the row sums to k",
+           "float(out[0, 0]) == 0 and abs(float(out.sum()) - 1) < 1e-5")),
+    Case(ST, "NaN/inf", "a row of -inf only", "soft_topk(rows([-inf, -inf, -inf], [0.0, 1.0, 2.0]), 1.0)",
+         V(NAN_ROW + " (no candidates)", "bool(out[0].isnan().all()) and not bool(out[1].isnan().any())")),
+    Case(ST, "NaN/inf", "finite scores whose differences overflow (+-3e38), integer k",
+         "soft_topk(rows([3e38, -3e38, -3e38]), 1.0)",
+         V("allowed: `p` = [1, 0, 0] (was [1, NaN, NaN] before the fix of the overflowing gap)",
+           "out.tolist() == [[1.0, 0.0, 0.0]]")),
+    Case(ST, "NaN/inf", "alpha = 1e38 (the threshold leaves the float range), backward",
+         "(lambda s: ((soft_topk(s, 0.5, 1e38) * torch.arange(4.0)).sum().backward(), s.grad)[1])"
+         "(torch.randn(4, requires_grad=True))",
+         V("finite gradients (were NaN before the backward divided in double)", "bool(out.isfinite().all())")),
+    Case(ST, "NaN/inf", "a NaN k tensor", "soft_topk(scores(), torch.tensor(nan))",
+         V("every row of `p` is NaN (k is broadcast)", "bool(out.isnan().all())")),
+    Case(ST, "empty", "no rows: scores [0, 8]", "soft_topk(torch.empty(0, 8), 2.0)",
+         V("an empty `p` [0, 8]", "tuple(out.shape) == (0, 8)")),
+    Case(ST, "empty", "no experts: scores [3, 0]", "soft_topk(torch.empty(3, 0), 0.5)",
+         R("ValueError", "soft_topk: scores must have at least one expert along dim 1, got 0")),
+    # ---- SoftMoELayer(...) ---------------------------------------------------------------------
+    Case(L, "type", "d_model is a str", "SoftMoELayer('8', 16, 4)",
+         R("ValueError", "SoftMoELayer: d_model must be an int >= 1, got '8'"), bug=BUG_VALUE_FOR_TYPE),
+    Case(L, "type", "num_experts is a float", "SoftMoELayer(8, 16, 4.0)",
+         R("ValueError", "SoftMoELayer: num_experts must be an int >= 1, got 4.0"), bug=BUG_VALUE_FOR_TYPE),
+    Case(L, "type", "k is a str", "layer(k='2')", R("TypeError", "SoftMoELayer: k must be a float, got str")),
+    Case(L, "type", "k is a Tensor", "layer(k=torch.tensor(2.0))",
+         R("TypeError", "SoftMoELayer: k must be a float, got Tensor")),
+    Case(L, "type", "alpha is None", "layer(alpha=None)", R("TypeError", "SoftMoELayer: alpha must be a float, got NoneType")),
+    Case(L, "type", "eps is a str", "layer(eps='0.1')", R("TypeError", "SoftMoELayer: eps must be a float, got str")),
+    Case(L, "type", "max_active is a float", "layer(max_active=2.0)",
+         R("TypeError", "SoftMoELayer: max_active must be an int or None, got float")),
+    Case(L, "type", "k_min is a str", "layer(k_min='0.5')", R("TypeError", "SoftMoELayer: k_min must be a float, got str")),
+    Case(L, "type", "unknown combine", "layer(combine='mean')",
+         R("ValueError", "SoftMoELayer: combine must be 'normalized' or 'sum', got 'mean'")),
+    Case(L, "type", "unknown activation", "layer(activation='relu')",
+         R("ValueError", "GroupedExperts: activation must be 'swiglu' or 'gelu', got 'relu'"), bug=BUG_ACTIVATION),
+    Case(L, "dtype", "dtype=torch.int64", "layer(dtype=torch.int64)",
+         R("RuntimeError", "Only Tensors of floating point and complex dtype can require gradients"), bug=BUG_INT_DTYPE),
+    Case(L, "dtype", "dtype=torch.float64", "layer(dtype=torch.float64)",
+         V("a float64 layer", "out.router.weight.dtype == torch.float64")),
+    Case(L, "device", "device='meta'", "layer(device='meta')",
+         V("a layer on meta (shapes only)", "out.router.weight.device.type == 'meta'")),
+    Case(L, "device", "an unknown device string", "layer(device='nonsense')",
+         R("RuntimeError", "Expected one of cpu, cuda")),
+    Case(L, "shape", "-", "None", NA("no tensor arguments (sizes are ints: see range)")),
+    Case(L, "range", "d_model = 0", "SoftMoELayer(0, 16, 4)",
+         R("ValueError", "SoftMoELayer: d_model must be an int >= 1, got 0")),
+    Case(L, "range", "num_experts = 0", "SoftMoELayer(8, 16, 0)",
+         R("ValueError", "SoftMoELayer: num_experts must be an int >= 1, got 0")),
+    Case(L, "range", "k = num_experts", "layer(k=4.0)",
+         R("ValueError", "SoftMoELayer: k must satisfy 0 < k < num_experts (= 4), got 4.0")),
+    Case(L, "range", "k = 0", "layer(k=0.0)", R("ValueError", "SoftMoELayer: k must satisfy 0 < k < num_experts (= 4), got 0.0")),
+    Case(L, "range", "alpha = 0", "layer(alpha=0.0)", R("ValueError", "SoftMoELayer: alpha must be a finite number > 0, got 0.0")),
+    Case(L, "range", "eps = 0", "layer(eps=0.0)",
+         R("ValueError", "SoftMoELayer: eps must be > 0 so that routing has exact zeros (got 0)")),
+    Case(L, "range", "eps = 0.5", "layer(eps=0.5)", R("ValueError", "SoftMoELayer: eps must satisfy 0 <= eps < 0.5, got 0.5")),
+    Case(L, "range", "max_active < ceil(k)", "layer(max_active=1)",
+         R("ValueError", "SoftMoELayer: max_active must satisfy ceil(k) = 2 <= max_active <= 4 (the number of experts), "
+                         "got 1")),
+    Case(L, "range", "max_active > num_experts", "layer(max_active=5)",
+         R("ValueError", "SoftMoELayer: max_active must satisfy ceil(k) = 2 <= max_active <= 4")),
+    Case(L, "range", "k_min >= k", "layer(k_min=2.5)",
+         R("ValueError", "SoftMoELayer: need 0 < k_min < k < k_max < max_active, got k_min=2.5, k=2.0")),
+    Case(L, "range", "k_max >= max_active", "layer(k_max=4.0)",
+         R("ValueError", "SoftMoELayer: need 0 < k_min < k < k_max < max_active, got k_min=1.0, k=2.0, k_max=4.0")),
+    Case(L, "NaN/inf", "k = nan", "layer(k=nan)", R("ValueError", "SoftMoELayer: k must satisfy 0 < k < num_experts (= 4), got nan")),
+    Case(L, "NaN/inf", "alpha = inf", "layer(alpha=inf)", R("ValueError", "SoftMoELayer: alpha must be a finite number > 0, got inf")),
+    Case(L, "NaN/inf", "eps = nan", "layer(eps=nan)", R("ValueError", "SoftMoELayer: eps must satisfy 0 <= eps < 0.5, got nan")),
+    Case(L, "NaN/inf", "k_min = nan", "layer(k_min=nan)",
+         R("ValueError", "SoftMoELayer: need 0 < k_min < k < k_max < max_active, got k_min=nan")),
+    Case(L, "empty", "a single expert, k < 1", "SoftMoELayer(8, 16, 1, k=0.5)",
+         V("allowed (max_active = 1)", "out.max_active == 1")),
+    Case(L, "empty", "a single expert, default k = 2", "SoftMoELayer(8, 16, 1)",
+         R("ValueError", "SoftMoELayer: k must satisfy 0 < k < num_experts (= 1), got 2.0")),
+    # ---- SoftMoELayer.forward -----------------------------------------------------------------
+    Case(LF, "type", "x is a list", "layer()([[0.0] * 8])", R("TypeError", "SoftMoELayer: x must be a torch.Tensor, got list")),
+    Case(LF, "dtype", "int64 x", "layer()(torch.zeros(3, 8, dtype=torch.int64))",
+         R("TypeError", "SoftMoELayer: x must be a floating-point tensor, got torch.int64")),
+    Case(LF, "dtype", "float64 x, float32 layer", "layer()(torch.zeros(3, 8, dtype=torch.float64))",
+         R("TypeError", "SoftMoELayer: x must have the layer's dtype torch.float32, got torch.float64")),
+    Case(LF, "dtype", "bfloat16 x, float32 layer", "layer()(torch.zeros(3, 8, dtype=torch.bfloat16))",
+         R("TypeError", "SoftMoELayer: x must have the layer's dtype torch.float32, got torch.bfloat16")),
+    Case(LF, "device", "x on meta, layer on cpu", "layer()(torch.zeros(3, 8, device='meta'))",
+         R("ValueError", "soft_topk: k must be on the device of scores (meta), got cpu"),
+         bug="misleading: names soft_topk's k instead of x; the layer does not check x's device"),
+    Case(LF, "device", "layer and x on meta", "layer(device='meta')(torch.zeros(3, 8, device='meta'))",
+         V("a meta output of the shape of x", "out.device.type == 'meta' and tuple(out.shape) == (3, 8)")),
+    Case(LF, "shape", "wrong last dimension", "layer()(torch.zeros(3, 7))",
+         R("ValueError", "SoftMoELayer: x must have last dimension d_model = 8, got shape (3, 7)")),
+    Case(LF, "shape", "0-d x", "layer()(torch.tensor(1.0))",
+         R("ValueError", "SoftMoELayer: x must have last dimension d_model = 8, got shape ()")),
+    Case(LF, "shape", "1-d x [d_model]", "layer()(torch.zeros(8))",
+         V("allowed: one token, output [d_model]", "tuple(out.shape) == (8,)")),
+    Case(LF, "range", "-", "None", NA("x has no range (see NaN/inf)")),
+    Case(LF, "NaN/inf", "a NaN token", "layer()(rows([nan] * 8, [0.5] * 8))",
+         V("that token's output is NaN; the other tokens are unaffected",
+           "bool(out[0].isnan().all()) and bool(out[1].isfinite().all())")),
+    Case(LF, "NaN/inf", "an inf token", "layer()(rows([inf] * 8, [0.5] * 8))",
+         V("that token's output is NaN; the other tokens are unaffected",
+           "bool(out[0].isnan().all()) and bool(out[1].isfinite().all())")),
+    Case(LF, "empty", "no tokens [0, d_model]", "layer()(torch.zeros(0, 8))", V("an empty output [0, d_model]", "tuple(out.shape) == (0, 8)")),
+    Case(LF, "empty", "an empty sequence [2, 0, d_model]", "layer()(torch.zeros(2, 0, 8))",
+         V("an empty output [2, 0, d_model]", "tuple(out.shape) == (2, 0, 8)")),
+    # ---- GlobalBudget(...) ------------------------------------------------------------------------
+    Case(GB, "type", "layers is one layer, not a list", "GlobalBudget(layer(), 2.0)",
+         R("TypeError", "'SoftMoELayer' object is not iterable"),
+         bug="unclear: Python's iteration error, without `GlobalBudget: layers`"),
+    Case(GB, "type", "layers is None", "GlobalBudget(None, 2.0)", R("TypeError", "'NoneType' object is not iterable"),
+         bug="unclear: Python's iteration error, without `GlobalBudget: layers`"),
+    Case(GB, "type", "a layer is not a SoftMoELayer", "GlobalBudget([torch.nn.Linear(2, 2)], 2.0)",
+         R("TypeError", "GlobalBudget: layers[0] must be a SoftMoELayer, got Linear")),
+    Case(GB, "type", "mean_k is a str", "GlobalBudget([layer()], '2')", R("TypeError", "GlobalBudget: mean_k must be a float, got str")),
+    Case(GB, "type", "k_min is None", "GlobalBudget([layer()], 2.0, k_min=None)",
+         R("TypeError", "GlobalBudget: k_min must be a float, got NoneType")),
+    Case(GB, "dtype", "-", "None", NA("no tensor arguments")),
+    Case(GB, "device", "-", "None", NA("no tensor arguments (theta is created on the CPU; move the model with .to())")),
+    Case(GB, "shape", "-", "None", NA("no tensor arguments")),
+    Case(GB, "range", "mean_k >= k_max", "GlobalBudget([layer()], 3.5)",
+         R("ValueError", "GlobalBudget: mean_k must satisfy k_min (= 1.0) < mean_k < k_max (= 3.0, the smallest layer "
+                         "cap max_active - 1), got 3.5")),
+    Case(GB, "range", "mean_k <= k_min", "GlobalBudget([layer()], 1.0)",
+         R("ValueError", "GlobalBudget: mean_k must satisfy k_min (= 1.0) < mean_k < k_max (= 3.0")),
+    Case(GB, "range", "k_min <= 0", "GlobalBudget([layer()], 2.0, k_min=0.0)",
+         R("ValueError", "GlobalBudget: k_min must satisfy 0 < k_min < k_max (= 3.0), got 0.0")),
+    Case(GB, "range", "a layer already attached to a budget", "(lambda l: (GlobalBudget([l], 2.0), GlobalBudget([l], 2.0)))(layer())",
+         R("ValueError", "GlobalBudget: layers[0] is already attached to a GlobalBudget")),
+    Case(GB, "NaN/inf", "mean_k = nan", "GlobalBudget([layer()], nan)",
+         R("ValueError", "GlobalBudget: mean_k must satisfy k_min (= 1.0) < mean_k < k_max (= 3.0")),
+    Case(GB, "NaN/inf", "mean_k = inf", "GlobalBudget([layer()], inf)",
+         R("ValueError", "GlobalBudget: mean_k must satisfy k_min (= 1.0) < mean_k < k_max (= 3.0")),
+    Case(GB, "empty", "no layers", "GlobalBudget([], 2.0)", R("ValueError", "GlobalBudget: layers must hold at least one SoftMoELayer")),
+    # ---- softmoe.dispatch_plan -----------------------------------------------------------------
+    Case(DP, "type", "p is a list", "dispatch_plan([[0.5, 0.0]], 1)", R("TypeError", "dispatch_plan: p must be a torch.Tensor, got list")),
+    Case(DP, "type", "max_active is a float", "dispatch_plan(weights(), 2.0)",
+         R("TypeError", "dispatch_plan: max_active must be an int, got float")),
+    Case(DP, "type", "max_active is a bool", "dispatch_plan(weights(), True)",
+         R("TypeError", "dispatch_plan: max_active must be an int, got bool")),
+    Case(DP, "dtype", "int64 p", "dispatch_plan(weights().long(), 2)", R("TypeError", f"dispatch_plan: p must be {FLOATS}, got torch.int64")),
+    Case(DP, "dtype", "bool p", "dispatch_plan(weights().bool(), 2)", R("TypeError", f"dispatch_plan: p must be {FLOATS}, got torch.bool")),
+    Case(DP, "device", "p on meta", "dispatch_plan(weights().to('meta'), 3)",
+         V("a plan of meta tensors with the shapes fixed by (T, E, M)",
+           "out.offsets.device.type == 'meta' and tuple(out.token_pairs.shape) == (4, 3)")),
+    Case(DP, "shape", "0-d p", "dispatch_plan(torch.tensor(1.0), 1)",
+         R("ValueError", "dispatch_plan: p must have at least one dimension (the experts), got a 0-d tensor")),
+    Case(DP, "shape", "3-d p [2, 2, 8]", "dispatch_plan(weights().reshape(2, 2, 8), 3)",
+         V("allowed: the leading dimensions are flattened into T = 4 tokens", "tuple(out.token_pairs.shape) == (4, 3)")),
+    Case(DP, "range", "max_active = 0", "dispatch_plan(weights(), 0)",
+         R("ValueError", "dispatch_plan: max_active must satisfy 1 <= max_active <= 8 (the number of experts), got 0")),
+    Case(DP, "range", "max_active > E", "dispatch_plan(weights(), 9)",
+         R("ValueError", "dispatch_plan: max_active must satisfy 1 <= max_active <= 8 (the number of experts), got 9")),
+    Case(DP, "range", "more than max_active nonzeros in a row", "dispatch_plan(torch.ones(1, 4), 2)",
+         V("the first max_active in expert order are routed, the rest silently not", "out.pair_expert.tolist() == [0, 1]")),
+    Case(DP, "NaN/inf", "NaN, +inf and -0.0 weights", "dispatch_plan(rows([nan, -0.0, inf, 0.0]), 3)",
+         V("NaN and inf are active (routed), -0.0 is not", "out.pair_expert.tolist() == [0, 2, -1]")),
+    Case(DP, "empty", "no tokens: p [0, 8]", "dispatch_plan(torch.zeros(0, 8), 3)",
+         V("an empty plan: offsets all 0, token_pairs [0, 3]",
+           "out.offsets.tolist() == [0] * 9 and tuple(out.token_pairs.shape) == (0, 3)")),
+    Case(DP, "empty", "no experts: p [4, 0]", "dispatch_plan(torch.zeros(4, 0), 1)",
+         R("ValueError", "dispatch_plan: p must have at least one expert along its last dimension, got shape (4, 0)")),
+    # ---- softmoe.gather_rows ---------------------------------------------------------------------
+    Case(GR, "type", "plan is a tuple", "gather_rows(torch.zeros(4, 5), tuple(plan()))",
+         R("TypeError", "gather_rows: plan must be the DispatchPlan returned by dispatch_plan, got tuple")),
+    Case(GR, "type", "x is a list", "gather_rows([[0.0]], plan())", R("TypeError", "gather_rows: x must be a torch.Tensor, got list")),
+    Case(GR, "dtype", "int64 x", "gather_rows(torch.zeros(4, 5, dtype=torch.int64), plan())",
+         R("TypeError", f"gather_rows: x must be {FLOATS}, got torch.int64")),
+    Case(GR, "dtype", "a forged plan with int32 indices",
+         "(lambda pl: gather_rows(torch.zeros(4, 5), pl._replace(pair_token=pl.pair_token.int())))(plan())",
+         R("TypeError", "softmoe: gather_rows: pair_token must be an int64 tensor from dispatch_plan, got Int")),
+    Case(GR, "dtype", "float64 x, plan from float32 p", "gather_rows(torch.zeros(4, 5, dtype=torch.float64), plan())",
+         V("allowed (the plan holds indices only)", "out.dtype == torch.float64 and tuple(out.shape) == (12, 5)")),
+    Case(GR, "device", "x on cpu, plan on meta", "gather_rows(torch.arange(20.0).reshape(4, 5), plan(weights().to('meta')))",
+         V("returns a CPU tensor [12, 5] without error", "out.device.type == 'cpu' and tuple(out.shape) == (12, 5)"),
+         bug=BUG_META),
+    Case(GR, "device", "x on meta, plan on cpu", "gather_rows(torch.zeros(4, 5, device='meta'), plan())",
+         V("a meta tensor [12, 5] (mixed devices not rejected)", "out.device.type == 'meta'")),
+    Case(GR, "shape", "x with the wrong number of tokens", "gather_rows(torch.zeros(3, 5), plan())",
+         R("ValueError", "gather_rows: x must hold the plan's 4 tokens ([..., d] flattening to [4, d]), got shape (3, 5)")),
+    Case(GR, "shape", "0-d x", "gather_rows(torch.tensor(1.0), plan())",
+         R("ValueError", "gather_rows: x must have at least one dimension (the features), got a 0-d tensor")),
+    Case(GR, "shape", "x [2, 2, d] for T = 4", "gather_rows(torch.zeros(2, 2, 5), plan())",
+         V("allowed: flattened to [4, d]", "tuple(out.shape) == (12, 5)")),
+    Case(GR, "shape", "a forged plan with a short pair_token",
+         "(lambda pl: gather_rows(torch.zeros(4, 5), pl._replace(pair_token=pl.pair_token[:-1])))(plan())",
+         R("RuntimeError", "softmoe: gather_rows: pair_token must have tokens * max_active = 12 entries")),
+    Case(GR, "range", "a forged plan with indices out of range",
+         "(lambda pl: gather_rows(torch.zeros(4, 5), pl._replace(pair_token=pl.pair_token + 100)))(plan())",
+         R("RuntimeError", "softmoe: gather_rows: pair_token hold an index out of range; pass the tensors of one "
+                           "dispatch_plan")),
+    Case(GR, "NaN/inf", "NaN features", "gather_rows(torch.full((4, 5), nan), plan())",
+         V("copied bit for bit (routed slots NaN, padding slots 0)",
+           "bool((out.isnan().all(1) | (out == 0).all(1)).all()) and bool(out.isnan().any())")),
+    Case(GR, "empty", "no tokens", "gather_rows(torch.zeros(0, 5), dispatch_plan(torch.zeros(0, 8), 3))",
+         V("an empty [0, d]", "tuple(out.shape) == (0, 5)")),
+    Case(GR, "empty", "no features: x [4, 0]", "gather_rows(torch.zeros(4, 0), plan())",
+         V("an empty [12, 0]", "tuple(out.shape) == (12, 0)")),
+    # ---- softmoe.combine_rows ----------------------------------------------------------------------
+    Case(CR, "type", "plan is a tuple", "combine_rows(torch.zeros(12, 5), weights(), tuple(plan()))",
+         R("TypeError", "combine_rows: plan must be the DispatchPlan returned by dispatch_plan, got tuple")),
+    Case(CR, "type", "ys is a list", "combine_rows([[0.0]], weights(), plan())", R("TypeError", "combine_rows: ys must be a torch.Tensor, got list")),
+    Case(CR, "type", "p is a list", "combine_rows(torch.zeros(12, 5), [[0.0]], plan())",
+         R("TypeError", "combine_rows: p must be a torch.Tensor, got list")),
+    Case(CR, "dtype", "int64 ys", "combine_rows(torch.zeros(12, 5, dtype=torch.int64), weights(), plan())",
+         R("TypeError", f"combine_rows: ys must be {FLOATS}, got torch.int64")),
+    Case(CR, "dtype", "int64 p", "combine_rows(torch.zeros(12, 5), weights().long(), plan())",
+         R("TypeError", f"combine_rows: p must be {FLOATS}, got torch.int64")),
+    Case(CR, "dtype", "float64 ys, float32 p", "combine_rows(torch.ones(12, 5, dtype=torch.float64), weights(), plan())",
+         V("allowed: the math runs in float64, `y` has the dtype of ys", "out.dtype == torch.float64")),
+    Case(CR, "device", "p on meta, ys and plan on cpu", "combine_rows(torch.ones(12, 5), weights().to('meta'), plan())",
+         V("returns a CPU tensor [4, 5] without error", "out.device.type == 'cpu' and tuple(out.shape) == (4, 5)"),
+         bug=BUG_META),
+    Case(CR, "device", "ys on meta", "combine_rows(torch.ones(12, 5, device='meta'), weights(), plan())",
+         V("a meta tensor [4, 5] (mixed devices not rejected)", "out.device.type == 'meta'")),
+    Case(CR, "shape", "1-d ys", "combine_rows(torch.zeros(12), weights(), plan())",
+         R("ValueError", "combine_rows: ys must be 2-D [slots, d], got shape (12,)")),
+    Case(CR, "shape", "ys with the wrong number of slots", "combine_rows(torch.zeros(11, 5), weights(), plan())",
+         R("RuntimeError", "softmoe: combine_rows: ys must have one row per slot (12 = tokens * max_active), got shape [11, 5]")),
+    Case(CR, "shape", "p with the wrong number of tokens", "combine_rows(torch.zeros(12, 5), weights()[:3], plan())",
+         R("RuntimeError", "softmoe: combine_rows: token_pairs must have one row per token (3 rows, from p.size(0)), got "
+                           "shape [4, 3]"),
+         bug="unclear: blames token_pairs although p is the wrong argument"),
+    Case(CR, "shape", "p with fewer experts than max_active", "combine_rows(torch.zeros(12, 5), weights()[:, :2], plan())",
+         R("RuntimeError", "softmoe: combine_rows: token_pairs must have max_active <= 2 (the number of experts of p) "
+                           "columns, got shape [4, 3]")),
+    Case(CR, "shape", "p with more experts than the plan", "combine_rows(torch.ones(12, 5), torch.cat([weights()] * 2, 1), plan())",
+         V("accepted: only the plan's pairs of p are read", "tuple(out.shape) == (4, 5)")),
+    Case(CR, "shape", "0-d p", "combine_rows(torch.zeros(12, 5), torch.tensor(1.0), plan())",
+         R("ValueError", "combine_rows: p must have at least one dimension (the experts), got a 0-d tensor")),
+    Case(CR, "range", "a forged plan with token_pairs out of range",
+         "(lambda pl: combine_rows(torch.zeros(12, 5), weights(), pl._replace(token_pairs=pl.token_pairs + 100)))(plan())",
+         R("RuntimeError", "softmoe: combine_rows: token_pairs or pair_expert hold an index out of range; pass the "
+                           "tensors of one dispatch_plan")),
+    Case(CR, "range", "a forged plan with pair_expert out of range",
+         "(lambda pl: combine_rows(torch.zeros(12, 5), weights(), pl._replace(pair_expert=pl.pair_expert + 100)))(plan())",
+         R("RuntimeError", "softmoe: combine_rows: token_pairs or pair_expert hold an index out of range")),
+    Case(CR, "NaN/inf", "NaN in the routed rows of ys", "combine_rows(torch.full((12, 5), nan), weights(), plan())",
+         V("NaN in the tokens that read them", "bool(out.isnan().all())")),
+    Case(CR, "NaN/inf", "NaN in the padding rows of ys",
+         "(lambda pl: combine_rows(torch.ones(12, 5).index_fill(0, torch.arange(int(pl.offsets[-1]), 12), nan), "
+         "weights(), pl))(plan())",
+         V("ignored: padding rows are never read", "bool(out.isfinite().all())")),
+    Case(CR, "NaN/inf", "NaN weights", "(lambda p: combine_rows(torch.ones(12, 5), torch.full_like(p, nan), plan(p)))(weights())",
+         V("NaN in the tokens with a NaN weight", "bool(out.isnan().all())")),
+    Case(CR, "empty", "no tokens", "combine_rows(torch.zeros(0, 5), torch.zeros(0, 8), dispatch_plan(torch.zeros(0, 8), 3))",
+         V("an empty [0, d]", "tuple(out.shape) == (0, 5)")),
+    Case(CR, "empty", "no features: ys [12, 0]", "combine_rows(torch.zeros(12, 0), weights(), plan())",
+         V("an empty [4, 0]", "tuple(out.shape) == (4, 0)")),
+    # ---- softmoe.grouped_mm ----------------------------------------------------------------------
+    Case(GM, "type", "x is a list", "grouped_mm([[0.0]], torch.zeros(2, 3, 4), offs(0, 1, 1))",
+         R("RuntimeError", "softmoe::grouped_mm() Expected a value of type 'Tensor' for argument 'x' but instead found "
+                           "type 'list'"),
+         bug="no Python-level check: the dispatcher's RuntimeError, not TypeError with `grouped_mm: x`"),
+    Case(GM, "type", "w is None", "grouped_mm(torch.zeros(4, 3), None, offs(0, 1, 1))",
+         R("RuntimeError", "softmoe: grouped_mm: w must be 3-D [experts, in, out], got shape [0]"),
+         bug="unclear: None becomes an undefined tensor reported as `shape [0]`"),
+    Case(GM, "type", "offsets is a list", "grouped_mm(torch.zeros(4, 3), torch.zeros(2, 3, 4), [0, 1, 1])",
+         R("RuntimeError", "softmoe::grouped_mm() Expected a value of type 'Tensor' for argument 'offsets'"),
+         bug="no Python-level check: the dispatcher's RuntimeError, not TypeError"),
+    Case(GM, "dtype", "x float32, w float64", "grouped_mm(torch.zeros(4, 3), torch.zeros(2, 3, 4, dtype=torch.float64), offs(0, 1, 1))",
+         R("TypeError", "softmoe: grouped_mm: x and w must have one dtype, got Float and Double")),
+    Case(GM, "dtype", "int32 offsets", "grouped_mm(torch.zeros(4, 3), torch.zeros(2, 3, 4), offs(0, 1, 1).int())",
+         R("RuntimeError", "softmoe: grouped_mm: offsets must be int64 of shape [3] (experts + 1), got Int of shape [3]")),
+    Case(GM, "dtype", "int64 x and w", "grouped_mm(torch.ones(4, 3, dtype=torch.int64), torch.ones(2, 3, 4, dtype=torch.int64), offs(0, 1, 1))",
+         V("accepted: an int64 matmul (not differentiable)", "out.dtype == torch.int64 and int(out[0, 0]) == 3")),
+    Case(GM, "device", "w on meta, x and offsets on cpu", "grouped_mm(torch.ones(4, 3), torch.ones(2, 3, 4, device='meta'), offs(0, 1, 1))",
+         V("returns a CPU tensor [4, 4] without error", "out.device.type == 'cpu' and tuple(out.shape) == (4, 4)"),
+         bug=BUG_META),
+    Case(GM, "device", "offsets on meta", "grouped_mm(torch.ones(4, 3), torch.ones(2, 3, 4), offs(0, 1, 1).to('meta'))",
+         V("returns a CPU tensor [4, 4] without error", "out.device.type == 'cpu' and tuple(out.shape) == (4, 4)"),
+         bug=BUG_META),
+    Case(GM, "shape", "1-d x", "grouped_mm(torch.zeros(4), torch.zeros(2, 3, 4), offs(0, 1, 1))",
+         R("RuntimeError", "softmoe: grouped_mm: x must be 2-D [rows, in], got shape [4]")),
+    Case(GM, "shape", "2-d w", "grouped_mm(torch.zeros(4, 3), torch.zeros(3, 4), offs(0, 1, 1))",
+         R("RuntimeError", "softmoe: grouped_mm: w must be 3-D [experts, in, out], got shape [3, 4]")),
+    Case(GM, "shape", "x and w disagree on in", "grouped_mm(torch.zeros(4, 2), torch.zeros(2, 3, 4), offs(0, 1, 1))",
+         R("RuntimeError", "softmoe: grouped_mm: x has 2 columns but w expects 3")),
+    Case(GM, "shape", "offsets of the wrong length", "grouped_mm(torch.zeros(4, 3), torch.zeros(2, 3, 4), offs(0, 1))",
+         R("RuntimeError", "softmoe: grouped_mm: offsets must be int64 of shape [3] (experts + 1), got Long of shape [2]")),
+    Case(GM, "range", "offsets[0] != 0", "grouped_mm(torch.zeros(4, 3), torch.zeros(2, 3, 4), offs(1, 1, 1))",
+         R("RuntimeError", "softmoe: grouped_mm: offsets[0] must be 0, got 1")),
+    Case(GM, "range", "decreasing offsets", "grouped_mm(torch.zeros(4, 3), torch.zeros(2, 3, 4), offs(0, 3, 1))",
+         R("RuntimeError", "softmoe: grouped_mm: offsets must be nondecreasing")),
+    Case(GM, "range", "offsets[-1] > rows", "grouped_mm(torch.zeros(4, 3), torch.zeros(2, 3, 4), offs(0, 1, 5))",
+         R("RuntimeError", "softmoe: grouped_mm: offsets[-1] = 5 exceeds the number of rows (4)")),
+    Case(GM, "NaN/inf", "a NaN row of x", "grouped_mm(torch.ones(4, 3).index_fill(0, torch.tensor([0]), nan), torch.ones(2, 3, 4), offs(0, 1, 4))",
+         V("NaN in that row's output only", "bool(out[0].isnan().all()) and bool(out[1:].isfinite().all())")),
+    Case(GM, "empty", "no rows", "grouped_mm(torch.zeros(0, 3), torch.zeros(2, 3, 4), offs(0, 0, 0))",
+         V("an empty [0, out]", "tuple(out.shape) == (0, 4)")),
+    Case(GM, "empty", "no experts: w [0, in, out], offsets [0]", "grouped_mm(torch.ones(4, 3), torch.zeros(0, 3, 4), offs(0))",
+         V("every row is padding: zeros [4, out]", "bool((out == 0).all()) and tuple(out.shape) == (4, 4)")),
+    Case(GM, "empty", "in = 0", "grouped_mm(torch.zeros(4, 0), torch.zeros(2, 0, 4), offs(0, 1, 1))",
+         V("zeros [4, out]", "bool((out == 0).all())")),
+    # ---- baselines.TopKMoE(...) --------------------------------------------------------------------
+    Case(TK, "type", "d_model is a str", "TopKMoE('8', 16, 4)",
+         R("ValueError", "TopKMoE: d_model must be an int >= 1, got '8'"), bug=BUG_VALUE_FOR_TYPE),
+    Case(TK, "type", "top_k is a float", "TopKMoE(8, 16, 4, top_k=2.0)",
+         R("ValueError", "TopKMoE: top_k must be an int >= 1, got 2.0"), bug=BUG_VALUE_FOR_TYPE),
+    Case(TK, "type", "lb_coef is a str", "TopKMoE(8, 16, 4, lb_coef='x')",
+         V("accepted without a check", "isinstance(out, TopKMoE)"),
+         bug="not validated: forward then fails with `TypeError: only integer tensors of a single element can be "
+             "converted to an index`"),
+    Case(TK, "type", "unknown activation", "TopKMoE(8, 16, 4, activation='relu')",
+         R("ValueError", "GroupedExperts: activation must be 'swiglu' or 'gelu', got 'relu'"), bug=BUG_ACTIVATION),
+    Case(TK, "dtype", "dtype=torch.int64", "TopKMoE(8, 16, 4, dtype=torch.int64)",
+         R("RuntimeError", "Only Tensors of floating point and complex dtype can require gradients"), bug=BUG_INT_DTYPE),
+    Case(TK, "device", "device='meta'", "TopKMoE(8, 16, 4, device='meta')",
+         V("a module on meta (shapes only)", "out.router.weight.device.type == 'meta'")),
+    Case(TK, "shape", "-", "None", NA("no tensor arguments (sizes are ints: see range)")),
+    Case(TK, "range", "top_k > num_experts", "TopKMoE(8, 16, 4, top_k=5)",
+         R("ValueError", "TopKMoE: top_k must be <= num_experts (= 4), got 5")),
+    Case(TK, "range", "top_k = 0", "TopKMoE(8, 16, 4, top_k=0)", R("ValueError", "TopKMoE: top_k must be an int >= 1, got 0")),
+    Case(TK, "range", "num_experts = 0", "TopKMoE(8, 16, 0)", R("ValueError", "TopKMoE: num_experts must be an int >= 1, got 0")),
+    Case(TK, "NaN/inf", "lb_coef = nan", "forward(TopKMoE(8, 16, 4, lb_coef=nan), torch.randn(3, 8))",
+         V("accepted without a check; `aux_loss` is NaN", "bool(out.module.aux_loss.isnan())"),
+         bug="not validated: a NaN coefficient silently makes the auxiliary loss NaN"),
+    Case(TK, "empty", "-", "None", NA("no container arguments (num_experts = 0: see range)")),
+    # ---- baselines.TopKMoE.forward -----------------------------------------------------------------
+    Case(TKF, "type", "x is a list", "TopKMoE(8, 16, 4)([[0.0] * 8])", R("AttributeError", "'list' object has no attribute 'shape'"),
+         bug="unclear: no type check, Python's AttributeError"),
+    Case(TKF, "dtype", "int64 x", "TopKMoE(8, 16, 4)(torch.zeros(3, 8, dtype=torch.int64))",
+         R("RuntimeError", "expected m1 and m2 to have the same dtype, but got: long int != float"),
+         bug="unclear: torch's matmul message, no `TopKMoE: x` check"),
+    Case(TKF, "dtype", "float64 x, float32 module", "TopKMoE(8, 16, 4)(torch.zeros(3, 8, dtype=torch.float64))",
+         R("RuntimeError", "expected m1 and m2 to have the same dtype, but got: double != float"),
+         bug="unclear: torch's matmul message, no `TopKMoE: x` check"),
+    Case(TKF, "device", "x on meta, module on cpu", "TopKMoE(8, 16, 4)(torch.zeros(3, 8, device='meta'))",
+         V("a meta output (mixed devices not rejected)", "out.device.type == 'meta'")),
+    Case(TKF, "shape", "wrong last dimension", "TopKMoE(8, 16, 4)(torch.zeros(3, 7))",
+         R("ValueError", "TopKMoE: x must have last dimension d_model = 8, got shape (3, 7)")),
+    Case(TKF, "shape", "0-d x", "TopKMoE(8, 16, 4)(torch.tensor(1.0))", R("IndexError", "tuple index out of range"),
+         bug="unclear: Python's IndexError from x.shape[-1]"),
+    Case(TKF, "range", "-", "None", NA("x has no range (see NaN/inf)")),
+    Case(TKF, "NaN/inf", "a NaN token", "TopKMoE(8, 16, 4)(rows([nan] * 8, [0.5] * 8))",
+         V("that token's output is NaN; the other tokens are unaffected",
+           "bool(out[0].isnan().all()) and bool(out[1].isfinite().all())")),
+    Case(TKF, "empty", "no tokens", "forward(TopKMoE(8, 16, 4), torch.zeros(0, 8))",
+         V("an empty output [0, d_model], but `aux_loss` is NaN",
+           "tuple(out.shape) == (0, 8) and bool(out.module.aux_loss.isnan())"),
+         bug="the load-balancing loss averages over zero tokens: NaN aux_loss for an empty batch"),
+    # ---- baselines.SlotSoftMoE(...) ----------------------------------------------------------------
+    Case(SL, "type", "d_model is a str", "SlotSoftMoE('8', 16, 4)",
+         R("ValueError", "SlotSoftMoE: d_model must be an int >= 1, got '8'"), bug=BUG_VALUE_FOR_TYPE),
+    Case(SL, "type", "slots_per_expert is a float", "SlotSoftMoE(8, 16, 4, slots_per_expert=1.5)",
+         R("ValueError", "SlotSoftMoE: slots_per_expert must be an int >= 1, got 1.5"), bug=BUG_VALUE_FOR_TYPE),
+    Case(SL, "type", "unknown activation", "SlotSoftMoE(8, 16, 4, activation='relu')",
+         R("ValueError", "GroupedExperts: activation must be 'swiglu' or 'gelu', got 'relu'"), bug=BUG_ACTIVATION),
+    Case(SL, "type", "causal=True", "SlotSoftMoE(8, 16, 4, causal=True)",
+         V("a module and a UserWarning: slot Soft MoE is not causal",
+           "isinstance(out, SlotSoftMoE) and any('not causal' in w for w in warned)")),
+    Case(SL, "dtype", "dtype=torch.int64", "SlotSoftMoE(8, 16, 4, dtype=torch.int64)",
+         R("NotImplementedError", "\"normal_kernel_cpu\" not implemented for 'Long'"), bug=BUG_INT_DTYPE),
+    Case(SL, "device", "device='meta'", "SlotSoftMoE(8, 16, 4, device='meta')",
+         V("a module on meta (shapes only)", "out.slot_embed.device.type == 'meta'")),
+    Case(SL, "shape", "-", "None", NA("no tensor arguments (sizes are ints: see range)")),
+    Case(SL, "range", "slots_per_expert = 0", "SlotSoftMoE(8, 16, 4, slots_per_expert=0)",
+         R("ValueError", "SlotSoftMoE: slots_per_expert must be an int >= 1, got 0")),
+    Case(SL, "range", "num_experts = 0", "SlotSoftMoE(8, 16, 0)", R("ValueError", "SlotSoftMoE: num_experts must be an int >= 1, got 0")),
+    Case(SL, "NaN/inf", "-", "None", NA("no float arguments")),
+    Case(SL, "empty", "-", "None", NA("no container arguments (num_experts = 0: see range)")),
+    # ---- baselines.SlotSoftMoE.forward -------------------------------------------------------------
+    Case(SLF, "type", "x is a list", "SlotSoftMoE(8, 16, 4)([[[0.0] * 8]])", R("AttributeError", "'list' object has no attribute 'dim'"),
+         bug="unclear: no type check, Python's AttributeError"),
+    Case(SLF, "dtype", "int64 x", "SlotSoftMoE(8, 16, 4)(torch.zeros(2, 3, 8, dtype=torch.int64))",
+         R("RuntimeError", "expected m1 and m2 to have the same dtype, but got: long int != float"),
+         bug="unclear: torch's matmul message, no `SlotSoftMoE: x` check"),
+    Case(SLF, "dtype", "float64 x, float32 module", "SlotSoftMoE(8, 16, 4)(torch.zeros(2, 3, 8, dtype=torch.float64))",
+         R("RuntimeError", "expected m1 and m2 to have the same dtype, but got: double != float"),
+         bug="unclear: torch's matmul message, no `SlotSoftMoE: x` check"),
+    Case(SLF, "device", "x on meta, module on cpu", "SlotSoftMoE(8, 16, 4)(torch.zeros(2, 3, 8, device='meta'))",
+         V("a meta output (mixed devices not rejected)", "out.device.type == 'meta'")),
+    Case(SLF, "shape", "2-d x", "SlotSoftMoE(8, 16, 4)(torch.zeros(3, 8))",
+         R("ValueError", "SlotSoftMoE: x must be [batch, seq, d_model = 8], got shape (3, 8)")),
+    Case(SLF, "shape", "wrong last dimension", "SlotSoftMoE(8, 16, 4)(torch.zeros(2, 3, 7))",
+         R("ValueError", "SlotSoftMoE: x must be [batch, seq, d_model = 8], got shape (2, 3, 7)")),
+    Case(SLF, "range", "-", "None", NA("x has no range (see NaN/inf)")),
+    Case(SLF, "NaN/inf", "one NaN token", "SlotSoftMoE(8, 16, 4)(torch.zeros(2, 3, 8).index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(nan)))",
+         V("every token of that sequence is NaN (slots mix the whole sequence); other sequences are unaffected",
+           "bool(out[0].isnan().all()) and bool(out[1].isfinite().all())")),
+    Case(SLF, "empty", "an empty sequence [2, 0, d_model]", "SlotSoftMoE(8, 16, 4)(torch.zeros(2, 0, 8))",
+         V("an empty output [2, 0, d_model]", "tuple(out.shape) == (2, 0, 8)")),
+    Case(SLF, "empty", "an empty batch [0, 3, d_model]", "SlotSoftMoE(8, 16, 4)(torch.zeros(0, 3, 8))",
+         V("an empty output [0, 3, d_model]", "tuple(out.shape) == (0, 3, 8)")),
+]
+
+RUNNABLE = [c for c in CASES if not isinstance(c.expect, NotApplicable)]
+
+# ---- the subprocess ----------------------------------------------------------------------------------
+
+RUNNER = textwrap.dedent(
+    """
+    import json, sys, warnings
+    job = json.load(sys.stdin)
+    ns = {}
+    exec(job["setup"], ns)
+    torch = ns["torch"]
+    for case in job["cases"]:
+        print(json.dumps({"start": case["id"]}), flush=True)
+        torch.manual_seed(0)
+        result = {"id": case["id"]}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                out = eval(case["call"], ns)
+                result["raised"] = None
+            except BaseException as exc:  # noqa: BLE001 - every outcome is data here
+                result["raised"] = type(exc).__name__
+                result["message"] = str(exc)
+        if result["raised"] is None and case["check"] is not None:
+            try:
+                result["check"] = bool(eval(case["check"], dict(ns, out=out, warned=[str(w.message) for w in caught])))
+            except BaseException as exc:  # noqa: BLE001
+                result["check"] = False
+                result["check_error"] = f"{type(exc).__name__}: {exc}"
+        print(json.dumps(result), flush=True)
+    """
+)
+
+
+def run_cases(cases, timeout=300):
+    """Runs the cases in one subprocess, restarting it after a crash; returns {id: result}."""
+    results = {}
+    todo = list(cases)
+    while todo:
+        job = {
+            "setup": SETUP,
+            "cases": [
+                {"id": c.id, "call": c.call, "check": c.expect.check if isinstance(c.expect, Returns) else None}
+                for c in todo
+            ],
+        }
+        env = dict(os.environ, PYTHONFAULTHANDLER="1", OMP_NUM_THREADS="1")
+        proc = subprocess.run(
+            [sys.executable, "-c", RUNNER], input=json.dumps(job), capture_output=True, text=True, cwd=ROOT,
+            timeout=timeout, env=env,
+        )
+        started = None
+        for line in proc.stdout.splitlines():
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if "start" in msg:
+                started = msg["start"]
+            else:
+                results[msg["id"]] = msg
+                started = None
+        if started is None and proc.returncode == 0:
+            break
+        if started is None:  # died outside a case (setup): every remaining case fails with it
+            for c in todo:
+                results.setdefault(c.id, {"id": c.id, "crashed": proc.returncode, "stderr": proc.stderr[-2000:]})
+            break
+        results[started] = {"id": started, "crashed": proc.returncode, "stderr": proc.stderr[-2000:]}
+        todo = [c for c in todo if c.id not in results]
+    return results
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_cases(RUNNABLE)
+
+
+@pytest.mark.parametrize("case", RUNNABLE, ids=[c.id for c in RUNNABLE])
+def test_case(case, results):
+    got = results.get(case.id)
+    assert got is not None, "no result (the runner lost this case)"
+    assert "crashed" not in got, f"the process crashed (exit {got['crashed']}) on {case.call}:\n{got['stderr']}"
+    if isinstance(case.expect, Raises):
+        assert got["raised"] == case.expect.exc, (
+            f"{case.call}: expected {case.expect.exc}, got "
+            + (f"{got['raised']}: {got.get('message', '')}" if got["raised"] else "no exception")
+        )
+        assert got["message"].startswith(case.expect.prefix), (
+            f"{case.call}: message {got['message']!r} does not start with {case.expect.prefix!r}"
+        )
+    else:
+        assert got["raised"] is None, f"{case.call}: raised {got['raised']}: {got.get('message', '')}"
+        assert got["check"], f"{case.call}: check `{case.expect.check}` failed {got.get('check_error', '')}"
+
+
+def test_table_is_complete():
+    """Every entry point has a row (a case or an explicit n/a) for every class of bad argument."""
+    missing = [(api, kind) for api in APIS for kind in KINDS if not any(c.api == api and c.kind == kind for c in CASES)]
+    assert not missing, f"no row for {missing}"
+    assert all(c.kind in KINDS and c.api in APIS for c in CASES)
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)), "duplicate case ids"
+
+
+def test_runner_reports_a_crash_as_a_failure():
+    """A segfault in the middle of a batch is pinned on its case; the cases after it still run."""
+    crash = Case(ST, "type", "__crash__", "__import__('ctypes').string_at(0)", R("X", ""))
+    after = Case(ST, "type", "__after__", "1 + 1", V("", "out == 2"))
+    got = run_cases([crash, after], timeout=120)
+    assert "crashed" in got[crash.id]
+    assert got[after.id].get("check") is True
+
+
+# ---- the markdown ------------------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown() -> str:
+    bugs = sum(1 for c in CASES if c.bug)
+    lines = [
+        "# Bad inputs: what every public entry point does with them",
+        "",
+        "<!-- Generated from CASES in tests/test_bad_inputs.py by `python tests/test_bad_inputs.py --write`;",
+        "     do not edit by hand. tests/test_bad_inputs.py runs every row and checks this file is current. -->",
+        "",
+        "Every public entry point, for every class of bad argument (wrong **type**, **dtype**, **device**, "
+        "**shape**, **range**, **NaN/inf**, **empty**): the exception it raises and the start of its message, "
+        "or the documented result. `tests/test_bad_inputs.py` runs every row in a subprocess (so a crash "
+        "would fail the row instead of the test run) and asserts the exception type and message prefix, "
+        "or checks the result. Devices: only `meta` against `cpu` can be tested without a GPU.",
+        "",
+        "Conventions: the Python wrappers raise `TypeError` (wrong type or dtype) or `ValueError` (shape, "
+        "range, device) with a message that starts with the function and the argument, e.g. "
+        "`soft_topk: k must ...`; checks inside the compiled ops raise `RuntimeError` (or `TypeError` for "
+        "dtypes) starting with `softmoe: <op>: ...`. Bad values inside tensors (NaN/inf scores, a per-row "
+        "k or alpha out of range) do not raise: `soft_topk` returns NaN for exactly those rows and leaves "
+        "the others alone (`strict=True` raises instead, at the cost of a device sync).",
+        "",
+        f"Rows marked **bug** ({bugs}) are reported problems: the row pins today's behaviour, the note says "
+        "what is wrong.",
+        "",
+    ]
+    for api in APIS:
+        lines += [f"## `{api}`", "", "| Class | Bad argument | Call | Raises / result |", "|---|---|---|---|"]
+        for c in (c for c in CASES if c.api == api):
+            if isinstance(c.expect, NotApplicable):
+                lines.append(f"| {c.kind} | n/a | | {_cell(c.expect.why)} |")
+                continue
+            if isinstance(c.expect, Raises):
+                res = f"`{c.expect.exc}`: `{_cell(c.expect.prefix)}`"
+            else:
+                res = _cell(c.expect.what)
+            if c.bug:
+                res += f" — **bug**: {_cell(c.bug)}"
+            lines.append(f"| {c.kind} | {_cell(c.arg)} | `{_cell(c.call)}` | {res} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def test_markdown_is_up_to_date():
+    with open(DOC, encoding="utf-8") as f:
+        current = f.read()
+    assert current == render_markdown(), "docs/bad_inputs.md is stale: run `python tests/test_bad_inputs.py --write`"
+
+
+if __name__ == "__main__":
+    if "--write" in sys.argv:
+        os.makedirs(os.path.dirname(DOC), exist_ok=True)
+        with open(DOC, "w", encoding="utf-8") as f:
+            f.write(render_markdown())
+        print(f"wrote {DOC}")
+    else:
+        print(render_markdown())

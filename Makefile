@@ -88,17 +88,21 @@ fuzz-regress: $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/replay_%)
 	@for t in $(FUZZ_TARGETS); do echo "== corpus of $$t"; \
 	  ASAN_OPTIONS=detect_leaks=1 $(FUZZ_BUILD)/replay_$$t $(FUZZ_DIR)/corpus/$$t || exit 1; done
 
-# New inputs go to $(FUZZ_BUILD)/work/<target>, crashes to $(FUZZ_BUILD)/crashes/<target>-*; the
+# New inputs go to $(FUZZ_WORK)/<target>, crashes to $(FUZZ_BUILD)/crashes/<target>-*; the
 # committed corpus is only read. Keep a crasher by copying it into tests/fuzz/corpus/<target>/.
+# libFuzzer first replays its whole working corpus, which -max_total_time does not bound: the smoke
+# run therefore starts from an empty working directory (only the committed corpus to replay).
+FUZZ_WORK ?= $(FUZZ_BUILD)/work
 fuzz-run: $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/libfuzzer_%)
 	@for t in $(FUZZ_TARGETS); do echo "== $$t for $(FUZZ_RUN_SECONDS) s"; \
-	  mkdir -p $(FUZZ_BUILD)/work/$$t $(FUZZ_BUILD)/crashes; \
+	  mkdir -p $(FUZZ_WORK)/$$t $(FUZZ_BUILD)/crashes; \
 	  $(FUZZ_BUILD)/libfuzzer_$$t $(FUZZ_RUN_FLAGS) -max_total_time=$(FUZZ_RUN_SECONDS) \
-	    -artifact_prefix=$(FUZZ_BUILD)/crashes/$$t- $(FUZZ_BUILD)/work/$$t $(FUZZ_DIR)/corpus/$$t || exit 1; done
+	    -artifact_prefix=$(FUZZ_BUILD)/crashes/$$t- $(FUZZ_WORK)/$$t $(FUZZ_DIR)/corpus/$$t || exit 1; done
 
 fuzz:
 	@$(MAKE) --no-print-directory fuzz-run FUZZ_RUN_SECONDS=$(FUZZ_SECONDS)
 
 fuzz-smoke: fuzz-regress
 	@test $(FUZZ_SMOKE_SECONDS) -le 60 || { echo "fuzz-smoke: FUZZ_SMOKE_SECONDS must be <= 60"; exit 1; }
-	@$(MAKE) --no-print-directory fuzz-run FUZZ_RUN_SECONDS=$(FUZZ_SMOKE_SECONDS)
+	@rm -rf $(FUZZ_BUILD)/smoke
+	@$(MAKE) --no-print-directory fuzz-run FUZZ_RUN_SECONDS=$(FUZZ_SMOKE_SECONDS) FUZZ_WORK=$(FUZZ_BUILD)/smoke

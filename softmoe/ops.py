@@ -17,8 +17,20 @@ def _lead_shape(scores: torch.Tensor) -> torch.Size:
     return scores.shape[:-1]
 
 
+def _check_same_device(op: str, *tensors: torch.Tensor) -> None:
+    """Fake kernels also run when one argument is on the meta device and the rest are real; without
+    this check they would return uninitialised memory instead of an error."""
+    device = tensors[0].device
+    torch._check(
+        all(t.device == device for t in tensors),
+        lambda: f"softmoe: {op}: all tensor arguments must be on one device, got "
+        + ", ".join(str(t.device) for t in tensors),
+    )
+
+
 @torch.library.register_fake("softmoe::soft_topk")
 def _soft_topk_fake(scores, k, alpha, eps, max_active):
+    _check_same_device("soft_topk", scores, k, alpha)
     torch._check(scores.dim() >= 1, lambda: "softmoe: scores must have at least one dimension")
     p = torch.empty_like(scores, memory_format=torch.contiguous_format)
     threshold = scores.new_empty(_lead_shape(scores), dtype=torch.float64)
@@ -81,6 +93,7 @@ def _dispatch_plan_fake(p, max_active):
 
 @torch.library.register_fake("softmoe::gather_rows")
 def _gather_rows_fake(x, pair_token, token_pairs):
+    _check_same_device("gather_rows", x, pair_token, token_pairs)
     return x.new_empty((pair_token.shape[0], x.shape[1]))
 
 
@@ -91,6 +104,7 @@ def _gather_rows_backward_fake(grad_xs, token_pairs):
 
 @torch.library.register_fake("softmoe::combine_rows")
 def _combine_rows_fake(ys, p, pair_token, pair_expert, token_pairs):
+    _check_same_device("combine_rows", ys, p, pair_token, pair_expert, token_pairs)
     return ys.new_empty((token_pairs.shape[0], ys.shape[1]))
 
 
@@ -260,6 +274,7 @@ def combine_rows(ys: torch.Tensor, p: torch.Tensor, plan: DispatchPlan) -> torch
 
 @torch.library.register_fake("softmoe::grouped_mm")
 def _grouped_mm_fake(x, w, offsets):
+    _check_same_device("grouped_mm", x, w, offsets)
     torch._check(x.dim() == 2 and w.dim() == 3, lambda: "softmoe: grouped_mm: x must be 2-D and w 3-D")
     return x.new_empty((x.shape[0], w.shape[2]))
 

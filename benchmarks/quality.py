@@ -30,6 +30,7 @@ status is 1 if a SoftMoE run hit a NaN or a layer left its allowed range.
 
   python3 benchmarks/quality.py                  # default: 6 methods x 2 seeds x {steps} steps,
                                                  #   about {minutes} minutes on 2 idle CPU cores
+  python3 benchmarks/quality.py --threads 1      # the same on a shared / busy machine (see --threads)
   python3 benchmarks/quality.py --quick          # smoke run: tiny model, a few steps, seconds
   python3 benchmarks/quality.py --scale          # longer / larger: hours on 2 cores
   python3 benchmarks/quality.py --data my.txt --steps 2000 --seeds 0 1 2 --out runs/quality
@@ -132,7 +133,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--budget-lr", type=float, default=3e-2, help="learning rate of the budget logits")
     ap.add_argument("--active-window", type=int, default=50,
                     help="average the realised active experts over the last N steps (default 50)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default, all cores). On a shared machine use 1: with 2 "
+                         "threads on 2 cores and one other busy process, a training step ran 4-15x slower "
+                         "than with 1 thread in our measurements")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNGs")
     ap.add_argument("--no-step-timing", action="store_true",
                     help="skip the interleaved step timing of the trained models at the end")

@@ -1,7 +1,7 @@
 """Train a small byte-level SoftMoE language model on bundled English text and show how it learns
 to spread its expert budget over the layers.
 
-    python examples/train_lm.py                 # the README demo: about 3 minutes on 2 CPU cores
+    python examples/train_lm.py                 # the README demo: under 4 minutes on 2 CPU cores
     python examples/train_lm.py --data my.txt --steps 3000 --out runs/mine
     python examples/train_lm.py --resume        # continue from --out/checkpoint.pt
 

@@ -272,9 +272,12 @@ void check_token_pairs(const char *op, const at::Tensor &token_pairs, int64_t to
               " rows, from ", tokens_from, "), got shape ", token_pairs.sizes());
 }
 
+// A slot tensor (pair_token / pair_expert / ys rows): S entries with S <= tokens * max_active, all of
+// them (S = T * M) or the routed prefix (S = N, see DispatchPlan.trim); an index of token_pairs
+// beyond S is then caught by the kernels' range checks.
 void check_slots(const char *op, const at::Tensor &t, const char *name, const at::Tensor &token_pairs) {
-  TORCH_CHECK(t.size(0) == token_pairs.numel(), "softmoe: ", op, ": ", name,
-              " must have tokens * max_active = ", token_pairs.numel(), " entries (the slots of token_pairs ",
+  TORCH_CHECK(t.size(0) <= token_pairs.numel(), "softmoe: ", op, ": ", name,
+              " must have at most tokens * max_active = ", token_pairs.numel(), " entries (the slots of token_pairs ",
               token_pairs.sizes(), "), got ", t.size(0));
 }
 
@@ -402,6 +405,7 @@ at::Tensor combine_common(const char *op, const at::Tensor &ys_in, const at::Ten
   args.tokens = T;
   args.max_active = M;
   args.d = d;
+  args.slots = ys.size(0);
   args.ys_dtype = to_smoe_dtype(ys, "ys");
   args.ys = ys.data_ptr();
   args.p_dtype = SMOE_F32;
@@ -445,9 +449,11 @@ void check_combine_args(const char *op, const at::Tensor &ys, const at::Tensor &
   TORCH_CHECK(token_pairs.size(1) <= p.size(1), "softmoe: ", op, ": token_pairs must have max_active <= ", p.size(1),
               " (the number of experts of p) columns, got shape ", token_pairs.sizes());
   check_slots(op, pair_token, "pair_token", token_pairs);
-  check_slots(op, pair_expert, "pair_expert", token_pairs);
-  TORCH_CHECK(ys.size(0) == token_pairs.numel(), "softmoe: ", op, ": ys must have one row per slot (",
-              token_pairs.numel(), " = tokens * max_active), got shape ", ys.sizes());
+  TORCH_CHECK(pair_expert.size(0) == pair_token.size(0), "softmoe: ", op,
+              ": pair_expert must have as many slots as pair_token (", pair_token.size(0), "), got ",
+              pair_expert.size(0));
+  TORCH_CHECK(ys.size(0) == pair_token.size(0), "softmoe: ", op, ": ys must have one row per slot of pair_token (",
+              pair_token.size(0), "), got shape ", ys.sizes());
 }
 
 at::Tensor combine_rows_impl(const at::Tensor &ys, const at::Tensor &p, const at::Tensor &pair_token,
@@ -461,8 +467,7 @@ at::Tensor gather_rows_backward_impl(const at::Tensor &grad_xs, const at::Tensor
   check_float_2d(op, grad_xs, "grad_xs", "[slots, features]");
   check_plan_tensor(op, token_pairs, "token_pairs", 2, grad_xs, "grad_xs");
   check_token_pairs(op, token_pairs, token_pairs.size(0), "token_pairs");
-  TORCH_CHECK(grad_xs.size(0) == token_pairs.numel(), "softmoe: ", op, ": grad_xs must have one row per slot (",
-              token_pairs.numel(), " = tokens * max_active), got shape ", grad_xs.sizes());
+  check_slots(op, grad_xs, "grad_xs", token_pairs);
   return combine_common(op, grad_xs, nullptr, nullptr, token_pairs);
 }
 
@@ -493,6 +498,7 @@ std::tuple<at::Tensor, at::Tensor> combine_rows_backward_impl(const at::Tensor &
   args.experts = E;
   args.max_active = M;
   args.d = d;
+  args.slots = ys.size(0);
   args.ys_dtype = to_smoe_dtype(ys, "ys");
   args.grad_y = grad_y.data_ptr();
   args.ys = ys.data_ptr();

@@ -79,3 +79,74 @@ def check_max_active(fn: str, max_active: Optional[int], num_experts: int, k: Op
             f"got {max_active}"
         )
     return max_active
+
+
+def check_int(fn: str, name: str, value: object, minimum: int = 1) -> int:
+    """A size or a count: a Python int (not bool; a float such as 4.0 is a type error, not rounded)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{fn}: {name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_activation(fn: str, activation: object) -> str:
+    """Checked by the modules themselves so that the message names the class the user called, not
+    the GroupedExperts they build."""
+    if not isinstance(activation, str):
+        raise TypeError(f"{fn}: activation must be 'swiglu' or 'gelu' (a str), got {type(activation).__name__}")
+    if activation not in ("swiglu", "gelu"):
+        raise ValueError(f"{fn}: activation must be 'swiglu' or 'gelu', got {activation!r}")
+    return activation
+
+
+def check_module_dtype(fn: str, dtype: object) -> None:
+    """The ``dtype`` of a module constructor: the kernels run float32/float64/bfloat16/float16 only,
+    and without this check an integer dtype fails deep inside parameter creation with torch's message."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{fn}: dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: dtype must be float32, float64, bfloat16, float16 or None, got {dtype}")
+
+
+def check_layer_input(fn: str, x: object, d_model: int, weight: torch.Tensor, batched: bool = False) -> torch.Tensor:
+    """The input of a MoE layer's forward: a floating tensor ``[..., d_model]`` (``[batch, seq,
+    d_model]`` when ``batched``) with the dtype and device of ``weight`` (the layer's first weight).
+    Shapes, dtypes and devices only, so torch.compile traces it without graph breaks."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    if batched:
+        if x.dim() != 3 or x.shape[-1] != d_model:
+            raise ValueError(f"{fn}: x must be [batch, seq, d_model = {d_model}], got shape {tuple(x.shape)}")
+    elif x.dim() < 1 or x.shape[-1] != d_model:
+        raise ValueError(f"{fn}: x must have last dimension d_model = {d_model}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating-point tensor, got {x.dtype}")
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"{fn}: x must have the layer's dtype {weight.dtype}, got {x.dtype} "
+            f"(convert the layer with .to() or the input)"
+        )
+    if x.device != weight.device:
+        raise ValueError(
+            f"{fn}: x must be on the layer's device {weight.device}, got {x.device} "
+            f"(move the layer with .to() or the input)"
+        )
+    return x
+
+
+def check_coef(fn: str, name: str, value: object) -> float:
+    """A loss coefficient: NaN or inf would silently turn the auxiliary loss into NaN."""
+    value = check_number(fn, name, value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def check_bool(fn: str, name: str, value: object) -> bool:
+    """A flag: a str such as "no" or "False" is truthy and would silently switch the feature on."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
+    return value

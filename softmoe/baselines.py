@@ -11,14 +11,15 @@ import warnings
 import torch
 from torch import nn
 
-from . import ops
+from . import _checks, ops
 from .experts import Activation, GroupedExperts
 
 
-def _check_sizes(fn: str, **sizes: int) -> None:
+def _check_config(fn: str, activation: object, dtype: object, **sizes: int) -> None:
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{fn}: {name} must be an int >= 1, got {value!r}")
+        _checks.check_int(fn, name, value)
+    _checks.check_activation(fn, activation)
+    _checks.check_module_dtype(fn, dtype)
 
 
 class TopKMoE(nn.Module):
@@ -49,9 +50,14 @@ class TopKMoE(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_sizes("TopKMoE", d_model=d_model, d_hidden=d_hidden, num_experts=num_experts, top_k=top_k)
+        fn = "TopKMoE"
+        _check_config(fn, activation, dtype, d_model=d_model, d_hidden=d_hidden, num_experts=num_experts, top_k=top_k)
         if top_k > num_experts:
-            raise ValueError(f"TopKMoE: top_k must be <= num_experts (= {num_experts}), got {top_k}")
+            raise ValueError(f"{fn}: top_k must be <= num_experts (= {num_experts}), got {top_k}")
+        if normalize is not None and not isinstance(normalize, bool):
+            raise TypeError(f"{fn}: normalize must be a bool or None, got {type(normalize).__name__}")
+        lb_coef = _checks.check_coef(fn, "lb_coef", lb_coef)
+        z_coef = _checks.check_coef(fn, "z_coef", z_coef)
         self.d_model = d_model
         self.num_experts = num_experts
         self.top_k = top_k
@@ -67,8 +73,7 @@ class TopKMoE(nn.Module):
         self.last_losses: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"TopKMoE: x must have last dimension d_model = {self.d_model}, got shape {tuple(x.shape)}")
+        _checks.check_layer_input("TopKMoE", x, self.d_model, self.router.weight)
         shape = x.shape
         tokens = x.reshape(-1, self.d_model)
         logits = self.router(tokens).to(torch.float64 if tokens.dtype == torch.float64 else torch.float32)
@@ -82,9 +87,12 @@ class TopKMoE(nn.Module):
         y = ops.combine_rows(ys, p, plan)
 
         routed = torch.zeros_like(probs).scatter(-1, top_i, 1.0)
-        fraction = routed.mean(0) / self.top_k
-        load_balancing = self.num_experts * (fraction * probs.mean(0)).sum()
-        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        # Means over max(T, 1) tokens: an empty batch gives 0 losses (not 0 / 0 = NaN) that are still
+        # connected to the router, so backward and DDP see the same graph as for any other batch.
+        count = max(tokens.shape[0], 1)
+        fraction = routed.sum(0) / (count * self.top_k)
+        load_balancing = self.num_experts * (fraction * (probs.sum(0) / count)).sum()
+        z_loss = torch.logsumexp(logits, dim=-1).square().sum() / count
         self.last_losses = {"load_balancing": load_balancing, "router_z": z_loss}
         self.aux_loss = self.lb_coef * load_balancing + self.z_coef * z_loss
         return y.reshape(shape)
@@ -116,9 +124,11 @@ class SlotSoftMoE(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_sizes(
-            "SlotSoftMoE", d_model=d_model, d_hidden=d_hidden, num_experts=num_experts, slots_per_expert=slots_per_expert
+        _check_config(
+            "SlotSoftMoE", activation, dtype,
+            d_model=d_model, d_hidden=d_hidden, num_experts=num_experts, slots_per_expert=slots_per_expert,
         )
+        _checks.check_bool("SlotSoftMoE", "causal", causal)
         if causal:
             warnings.warn(
                 "SlotSoftMoE mixes all tokens of a sequence into every slot, so it is not causal; "
@@ -133,10 +143,7 @@ class SlotSoftMoE(nn.Module):
         self.experts = GroupedExperts(num_experts, d_model, d_hidden, activation, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"SlotSoftMoE: x must be [batch, seq, d_model = {self.d_model}], got shape {tuple(x.shape)}"
-            )
+        _checks.check_layer_input("SlotSoftMoE", x, self.d_model, self.slot_embed, batched=True)
         batch, _, _ = x.shape
         slots = self.num_experts * self.slots_per_expert
         logits = x @ self.slot_embed  # [B, N, slots]

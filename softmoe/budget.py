@@ -37,6 +37,11 @@ class GlobalBudget(nn.Module):
 
     def __init__(self, layers: Sequence[SoftMoELayer], mean_k: float, k_min: float = 1.0) -> None:
         super().__init__()
+        # A lone layer or None would otherwise fail inside list() with Python's "not iterable".
+        if isinstance(layers, SoftMoELayer):
+            raise TypeError("GlobalBudget: layers must be a list of SoftMoELayer, got a single SoftMoELayer (pass [layer])")
+        if isinstance(layers, (str, bytes, torch.Tensor)) or not hasattr(layers, "__iter__"):
+            raise TypeError(f"GlobalBudget: layers must be a list of SoftMoELayer, got {type(layers).__name__}")
         layers = list(layers)
         if not layers:
             raise ValueError("GlobalBudget: layers must hold at least one SoftMoELayer")

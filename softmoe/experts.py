@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import ops
+from . import _checks, ops
 
 Activation = Literal["swiglu", "gelu"]
 
@@ -31,11 +31,11 @@ class GroupedExperts(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if activation not in ("swiglu", "gelu"):
-            raise ValueError(f"GroupedExperts: activation must be 'swiglu' or 'gelu', got {activation!r}")
+        fn = "GroupedExperts"
+        _checks.check_activation(fn, activation)
         for name, value in (("num_experts", num_experts), ("d_model", d_model), ("d_hidden", d_hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GroupedExperts: {name} must be an int >= 1, got {value!r}")
+            _checks.check_int(fn, name, value)
+        _checks.check_module_dtype(fn, dtype)
         self.num_experts = num_experts
         self.d_model = d_model
         self.d_hidden = d_hidden

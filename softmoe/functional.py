@@ -59,6 +59,7 @@ def soft_topk(
     if num_experts == 0:
         raise ValueError(f"{fn}: scores must have at least one expert along dim {dim}, got 0")
     eps = _checks.check_eps(fn, eps)
+    strict = _checks.check_bool(fn, "strict", strict)
     moved = scores.movedim(dim, -1)
     lead_shape = moved.shape[:-1]
     math_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32

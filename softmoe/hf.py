@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,7 +47,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
         "the extra with `pip install 'softmoe[hf]'` (tested with transformers 5.23.0)"
     ) from exc
 
-from . import ops
+from . import _checks, ops
 from .budget import GlobalBudget
 from .experts import GroupedExperts
 from .layer import SoftMoELayer
@@ -430,6 +431,13 @@ def _check_model(fn: str, model: object) -> None:
         raise ValueError(f"{fn}: {type(model).__name__} already has SoftMoE routing (it was converted or upcycled)")
 
 
+def _check_module(fn: str, model: object) -> None:
+    # The readers take any module (a converted model or a part of it); anything else would fail
+    # with an AttributeError on .modules().
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def _adapter(fn: str, model: PreTrainedModel, method: str) -> MoEAdapter | DenseAdapter:
     """The registered adapter for ``model`` (``convert``: MoE, ``upcycle``: dense), or a clear error."""
     registry, what, hint = {
@@ -458,10 +466,21 @@ def _routing(fn: str, mean_k: object, routing: dict) -> dict:
         raise ValueError(f"{fn}: mean_k must be finite, got {mean_k}")
     mean_k = float(mean_k)
     k_min = routing.get("k_min")
-    k_min = min(1.0, mean_k / 2) if k_min is None else k_min
+    if k_min is None:
+        k_min = min(1.0, mean_k / 2)
+    else:
+        # Checked here: a NaN k_min would otherwise fail the mean_k > k_min check and blame mean_k.
+        k_min = _checks.check_number(fn, "k_min", k_min)
+        if not (math.isfinite(k_min) and k_min > 0):
+            raise ValueError(f"{fn}: k_min must be a finite number > 0, got {k_min}")
     combine = routing.get("combine", "normalized")
     if combine not in _COMBINES:
         raise ValueError(f"{fn}: combine must be 'normalized' or 'sum', got {combine!r}")
+    flags = {}
+    for name, default in (("learn_k", True), ("learn_alpha", False)):
+        flags[name] = routing.get(name, default)
+        if not isinstance(flags[name], bool):  # bool("no") would silently be True
+            raise TypeError(f"{fn}: {name} must be a bool, got {type(flags[name]).__name__}")
     return {
         "mean_k": mean_k,
         "k_min": k_min,
@@ -469,8 +488,7 @@ def _routing(fn: str, mean_k: object, routing: dict) -> dict:
         "eps": routing.get("eps", 1e-2),
         "max_active": routing.get("max_active"),
         "combine": combine,
-        "learn_k": bool(routing.get("learn_k", True)),
-        "learn_alpha": bool(routing.get("learn_alpha", False)),
+        **flags,
     }
 
 
@@ -651,9 +669,9 @@ def upcycle(model: PreTrainedModel, num_experts: int, mean_k: float = 2.0, noise
     """
     fn = "softmoe.hf.upcycle"
     _check_model(fn, model)
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 2:
-        raise ValueError(f"{fn}: num_experts must be an int >= 2, got {num_experts!r}")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (math.isfinite(noise) and noise >= 0):
+    _checks.check_int(fn, "num_experts", num_experts, minimum=2)
+    noise = _checks.check_number(fn, "noise", noise)
+    if not (math.isfinite(noise) and noise >= 0):
         raise ValueError(f"{fn}: noise must be a finite float >= 0, got {noise!r}")
     _adapter(fn, model, "upcycle")
     spec = dict(_routing(fn, mean_k, routing), num_experts=num_experts)
@@ -685,7 +703,14 @@ def from_pretrained(path: str, **kwargs) -> PreTrainedModel:
     the SoftMoE weights.)
     """
     fn = "softmoe.hf.from_pretrained"
-    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path)
+    # Anything else would be turned into a hub repository name and fail after network retries.
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{fn}: path must be a str or os.PathLike (a directory or a hub repository id), got "
+                        f"{type(path).__name__}")
+    config = kwargs.pop("config", None)
+    if config is None and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{fn}: {path} has no config.json; pass a directory written by save_pretrained")
+    config = config or AutoConfig.from_pretrained(path)
     spec = getattr(config, "softmoe", None)
     if not isinstance(spec, dict) or spec.get("method") not in ("convert", "upcycle"):
         raise ValueError(f"{fn}: {path} has no SoftMoE routing configuration (config.softmoe); was it saved from a "
@@ -706,16 +731,19 @@ def from_pretrained(path: str, **kwargs) -> PreTrainedModel:
 
 def layers(model: nn.Module) -> list[SoftMoEBlock]:
     """The SoftMoE blocks of a converted or upcycled model, in model order."""
+    _check_module("softmoe.hf.layers", model)
     return [m for m in model.modules() if isinstance(m, SoftMoEBlock)]
 
 
 def budget(model: nn.Module) -> GlobalBudget | None:
     """The model's :class:`SoftMoEBudget` (``model.softmoe_budget``), or None (``learn_k=False``)."""
+    _check_module("softmoe.hf.budget", model)
     return getattr(model, "softmoe_budget", None)
 
 
 def allocation(model: nn.Module) -> torch.Tensor:
     """The per-layer soft expert counts ``k_l`` ``[L]`` (sum ``L * mean_k`` under the budget)."""
+    _check_module("softmoe.hf.allocation", model)
     found = layers(model)
     if not found:
         raise ValueError(f"softmoe.hf.allocation: {type(model).__name__} has no SoftMoE layers")
@@ -727,6 +755,7 @@ def stats(model: nn.Module) -> list[dict]:
     """Per SoftMoE layer, in model order: ``name``, ``k`` (soft count k_l), and from the last
     forward ``active`` (realised mean number of active experts per token), ``tokens_per_expert``
     and ``router_entropy`` (None before the first forward). Reads tensors back (host sync)."""
+    _check_module("softmoe.hf.stats", model)
     names = {id(m): n for n, m in model.named_modules()}
     out = []
     for layer in layers(model):
@@ -743,6 +772,7 @@ def stats(model: nn.Module) -> list[dict]:
 
 def format_stats(model: nn.Module) -> str:
     """A small table of :func:`stats` (one line per layer) and the budget total."""
+    _check_module("softmoe.hf.format_stats", model)
     rows = stats(model)
     lines = [f"{'layer':<28} {'k_l':>6} {'active':>7}  tokens per expert"]
     for r in rows:

@@ -69,10 +69,13 @@ class SoftMoELayer(nn.Module):
         super().__init__()
         fn = "SoftMoELayer"
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{fn}: {name} must be an int >= 1, got {value!r}")
+            _checks.check_int(fn, name, value)
         if combine not in ("normalized", "sum"):
             raise ValueError(f"{fn}: combine must be 'normalized' or 'sum', got {combine!r}")
+        _checks.check_activation(fn, activation)
+        _checks.check_module_dtype(fn, dtype)
+        _checks.check_bool(fn, "learn_k", learn_k)
+        _checks.check_bool(fn, "learn_alpha", learn_alpha)
         k = _checks.check_number(fn, "k", k)
         alpha = _checks.check_number(fn, "alpha", alpha)
         if not (alpha > 0 and math.isfinite(alpha)):
@@ -142,24 +145,17 @@ class SoftMoELayer(nn.Module):
         return logits, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"SoftMoELayer: x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"SoftMoELayer: x must have last dimension d_model = {self.d_model}, got shape {tuple(x.shape)}"
-            )
-        if not x.is_floating_point():
-            raise TypeError(f"SoftMoELayer: x must be a floating-point tensor, got {x.dtype}")
-        if x.dtype != self.router.weight.dtype:
-            raise TypeError(
-                f"SoftMoELayer: x must have the layer's dtype {self.router.weight.dtype}, got {x.dtype} "
-                f"(convert the layer with .to() or the input)"
-            )
+        _checks.check_layer_input("SoftMoELayer", x, self.d_model, self.router.weight)
         shape = x.shape
         tokens = x.reshape(-1, self.d_model)
         logits, p = self.route(tokens)
         weights = p / self.k if self.combine == "normalized" else p
         plan = ops.dispatch_plan(p, self.max_active)
+        if not torch.compiler.is_compiling() and p.device.type != "meta":
+            # Eager code can afford to read the routed count: the expert buffers then hold N rows
+            # instead of T * max_active (padding rows cost memory, though no FLOPs). Meta tensors
+            # have no count to read; they keep the fixed shapes, as compiled code does.
+            plan = plan.trim()
         xs = ops.gather_rows(tokens, plan)
         ys = self.experts(xs, plan.offsets)
         y = ops.combine_rows(ys, weights, plan)

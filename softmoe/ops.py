@@ -177,6 +177,15 @@ class DispatchPlan(NamedTuple):
         """``[E]`` int64: how many tokens each expert receives (no host sync)."""
         return self.offsets[1:] - self.offsets[:-1]
 
+    def trim(self) -> "DispatchPlan":
+        """The same plan without its padding slots: ``pair_token`` and ``pair_expert`` keep their
+        first N (routed) entries, so :func:`gather_rows` returns ``[N, d]`` instead of ``[T * M, d]``
+        and the experts' buffers hold routed pairs only (the memory of a hard top-k at the same
+        realised count). Reads N on the host: a sync on CUDA, and a data-dependent shape that
+        ``torch.compile`` would specialise on, so compiled code keeps the untrimmed plan."""
+        routed = int(self.offsets[-1])
+        return self._replace(pair_token=self.pair_token[:routed], pair_expert=self.pair_expert[:routed])
+
 
 def _check_plan(fn: str, plan: object) -> DispatchPlan:
     if not isinstance(plan, DispatchPlan):
@@ -223,7 +232,8 @@ def gather_rows(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         plan: from :func:`dispatch_plan`.
 
     Returns:
-        ``xs`` ``[T * M, d]``, dtype of x: ``xs[s] = x[pair_token[s]]`` for the N routed slots
+        ``xs`` ``[S, d]``, dtype of x, with S = ``len(plan.pair_token)`` (``T * M``, or N for a
+        trimmed plan, see :meth:`DispatchPlan.trim`): ``xs[s] = x[pair_token[s]]`` for the N routed slots
         (expert e's rows are ``offsets[e] .. offsets[e + 1]``), zero rows for the padding slots.
         Differentiable in x: the gradient of token t is the sum of its slots' gradients, in the
         fixed order of ``token_pairs[t]`` (deterministic).
@@ -244,7 +254,8 @@ def combine_rows(ys: torch.Tensor, p: torch.Tensor, plan: DispatchPlan) -> torch
     """Weighted, deterministic sum of the slots' rows back per token.
 
     Args:
-        ys: ``[T * M, d]`` expert outputs in slot order (rows of padding slots are ignored).
+        ys: ``[S, d]`` expert outputs in slot order, one row per entry of ``plan.pair_token``
+            (``T * M``, or N for a trimmed plan); rows of padding slots are ignored.
         p: ``[..., E]`` routing weights, the tensor the plan was built from (or any tensor of the
             same shape: only the plan's pairs are read, e.g. ``p / k`` for normalised combining).
         plan: from :func:`dispatch_plan`.
@@ -263,8 +274,19 @@ def combine_rows(ys: torch.Tensor, p: torch.Tensor, plan: DispatchPlan) -> torch
         raise ValueError(f"{fn}: ys must be 2-D [slots, d], got shape {tuple(ys.shape)}")
     if p.dim() == 0:
         raise ValueError(f"{fn}: p must have at least one dimension (the experts), got a 0-d tensor")
+    # Checked here because the compiled op can only name its own arguments (token_pairs, max_active)
+    # when p is the tensor of the wrong shape.
+    tokens, experts = plan.token_pairs.shape[0], plan.offsets.shape[0] - 1
+    if p.shape[-1] < experts:
+        raise ValueError(
+            f"{fn}: p must have at least the plan's {experts} experts along its last dimension, got shape {tuple(p.shape)}"
+        )
     lead = p.shape[:-1]
     p2 = p.reshape(-1, p.shape[-1]) if p.dim() != 2 else p
+    if p2.shape[0] != tokens:
+        raise ValueError(
+            f"{fn}: p must hold the plan's {tokens} tokens ([..., E] flattening to [{tokens}, E]), got shape {tuple(p.shape)}"
+        )
     y = torch.ops.softmoe.combine_rows(ys, p2, plan.pair_token, plan.pair_expert, plan.token_pairs)
     return y if p.dim() == 2 else y.reshape(*lead, ys.shape[-1])
 
@@ -315,4 +337,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     Returns:
         ``[P, N]``: ``x[seg_e] @ w[e]`` per segment, zeros on padding rows. Differentiable in x and w.
     """
+    # The dispatcher would reject a list with its own schema message and turn None into an undefined
+    # tensor that the kernel reports as "shape [0]".
+    for name, value in (("x", x), ("w", w), ("offsets", offsets)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"grouped_mm: {name} must be a torch.Tensor, got {type(value).__name__}")
     return torch.ops.softmoe.grouped_mm(x, w, offsets)

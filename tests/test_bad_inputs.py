@@ -11,6 +11,7 @@ The cases run in a subprocess (all of them in one, restarted after a crash), so 
 abort in the compiled code fails the case that caused it instead of killing pytest.
 """
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -30,6 +31,7 @@ KINDS = ("type", "dtype", "device", "shape", "range", "NaN/inf", "empty")
 class Raises:
     exc: str  # the exception class name
     prefix: str  # str(exception) starts with this
+    contains: str = ""  # and contains this (the rule, where the message quotes a variable part such as a path first)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +91,36 @@ SETUP = textwrap.dedent(
         out = module(x)
         out.module = module
         return out
+
+    def hf():  # softmoe.hf, imported on first use: only its rows pay for importing transformers
+        import softmoe.hf
+        return softmoe.hf
+
+    def tiny(arch="mixtral", **config):  # a 1-layer causal LM: Mixtral (4 experts, top-2), Qwen2-MoE or Llama (dense)
+        import transformers
+        common = dict(vocab_size=64, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+                      num_hidden_layers=1, max_position_embeddings=32)
+        common.update(config)
+        if arch == "mixtral":
+            cfg = transformers.MixtralConfig(**common, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
+        elif arch == "qwen2_moe":
+            cfg = transformers.Qwen2MoeConfig(**common, intermediate_size=24, moe_intermediate_size=16,
+                                              shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+        else:
+            cfg = transformers.LlamaConfig(**common, intermediate_size=32)
+        return transformers.AutoModelForCausalLM.from_config(cfg)
+
+    def saved(model):  # a fresh directory holding model.save_pretrained (None: an empty directory)
+        import atexit, shutil, tempfile
+        path = tempfile.mkdtemp(prefix="softmoe-bad-inputs-")
+        atexit.register(shutil.rmtree, path, True)
+        if model is not None:
+            model.save_pretrained(path)
+        return path
     """
 )
 
-ST, L, LF, GB, DP, GR, CR, GM, TK, TKF, SL, SLF = (
+ST, L, LF, GB, DP, GR, CR, GM, TK, TKF, SL, SLF, HC, HU, HP, HR = (
     "softmoe.soft_topk",
     "SoftMoELayer(...)",
     "SoftMoELayer.forward",
@@ -105,20 +133,25 @@ ST, L, LF, GB, DP, GR, CR, GM, TK, TKF, SL, SLF = (
     "baselines.TopKMoE.forward",
     "baselines.SlotSoftMoE(...)",
     "baselines.SlotSoftMoE.forward",
+    "softmoe.hf.convert",
+    "softmoe.hf.upcycle",
+    "softmoe.hf.from_pretrained",
+    "softmoe.hf.layers / budget / allocation / stats / format_stats",
 )
-APIS = (ST, L, LF, GB, DP, GR, CR, GM, TK, TKF, SL, SLF)
+APIS = (ST, L, LF, GB, DP, GR, CR, GM, TK, TKF, SL, SLF, HC, HU, HP, HR)
+HF_APIS = (HC, HU, HP, HR)  # need transformers: skipped without it
 
 R, V, NA = Raises, Returns, NotApplicable
 FLOATS = "float32, float64, bfloat16 or float16"
+FLOATS_OR_NONE = "float32, float64, bfloat16, float16 or None"
 NAN_ROW = "that row of `p` is NaN, every other row is unaffected (no device sync)"
-BUG_VALUE_FOR_TYPE = "a wrong type raises ValueError, not TypeError (as everywhere else)"
-BUG_ACTIVATION = "the message names the internal GroupedExperts, not the class the user called"
-BUG_INT_DTYPE = "torch's own message from parameter creation; no check of `dtype` with the class name"
 
 CASES = [
     # ---- softmoe.soft_topk --------------------------------------------------------------------
     Case(ST, "type", "scores is a list", "soft_topk([[0.1, 0.2]], 1.0)",
          R("TypeError", "soft_topk: scores must be a torch.Tensor, got list")),
+    Case(ST, "type", "strict is a str", "soft_topk(scores(), 2.0, strict='no')",
+         R("TypeError", "soft_topk: strict must be a bool, got str")),
     Case(ST, "type", "k is a str", "soft_topk(scores(), '2')",
          R("TypeError", "soft_topk: k must be a float or a Tensor, got str")),
     Case(ST, "type", "k is a bool", "soft_topk(scores(), True)",
@@ -237,10 +270,10 @@ CASES = [
     Case(ST, "empty", "no experts: scores [3, 0]", "soft_topk(torch.empty(3, 0), 0.5)",
          R("ValueError", "soft_topk: scores must have at least one expert along dim 1, got 0")),
     # ---- SoftMoELayer(...) ---------------------------------------------------------------------
-    Case(L, "type", "d_model is a str", "SoftMoELayer('8', 16, 4)",
-         R("ValueError", "SoftMoELayer: d_model must be an int >= 1, got '8'"), bug=BUG_VALUE_FOR_TYPE),
+    Case(L, "type", "d_model is a str", "SoftMoELayer('8', 16, 4)", R("TypeError", "SoftMoELayer: d_model must be an int, got str")),
     Case(L, "type", "num_experts is a float", "SoftMoELayer(8, 16, 4.0)",
-         R("ValueError", "SoftMoELayer: num_experts must be an int >= 1, got 4.0"), bug=BUG_VALUE_FOR_TYPE),
+         R("TypeError", "SoftMoELayer: num_experts must be an int, got float")),
+    Case(L, "type", "d_hidden is a bool", "SoftMoELayer(8, True, 4)", R("TypeError", "SoftMoELayer: d_hidden must be an int, got bool")),
     Case(L, "type", "k is a str", "layer(k='2')", R("TypeError", "SoftMoELayer: k must be a float, got str")),
     Case(L, "type", "k is a Tensor", "layer(k=torch.tensor(2.0))",
          R("TypeError", "SoftMoELayer: k must be a float, got Tensor")),
@@ -249,12 +282,20 @@ CASES = [
     Case(L, "type", "max_active is a float", "layer(max_active=2.0)",
          R("TypeError", "SoftMoELayer: max_active must be an int or None, got float")),
     Case(L, "type", "k_min is a str", "layer(k_min='0.5')", R("TypeError", "SoftMoELayer: k_min must be a float, got str")),
+    Case(L, "type", "k_max is a str", "layer(k_max='3')", R("TypeError", "SoftMoELayer: k_max must be a float, got str")),
+    Case(L, "type", "learn_k is a str", "layer(learn_k='no')", R("TypeError", "SoftMoELayer: learn_k must be a bool, got str")),
     Case(L, "type", "unknown combine", "layer(combine='mean')",
          R("ValueError", "SoftMoELayer: combine must be 'normalized' or 'sum', got 'mean'")),
     Case(L, "type", "unknown activation", "layer(activation='relu')",
-         R("ValueError", "GroupedExperts: activation must be 'swiglu' or 'gelu', got 'relu'"), bug=BUG_ACTIVATION),
+         R("ValueError", "SoftMoELayer: activation must be 'swiglu' or 'gelu', got 'relu'")),
+    Case(L, "type", "activation is None", "layer(activation=None)",
+         R("TypeError", "SoftMoELayer: activation must be 'swiglu' or 'gelu' (a str), got NoneType")),
     Case(L, "dtype", "dtype=torch.int64", "layer(dtype=torch.int64)",
-         R("RuntimeError", "Only Tensors of floating point and complex dtype can require gradients"), bug=BUG_INT_DTYPE),
+         R("TypeError", f"SoftMoELayer: dtype must be {FLOATS_OR_NONE}, got torch.int64")),
+    Case(L, "dtype", "dtype=torch.complex64", "layer(dtype=torch.complex64)",
+         R("TypeError", f"SoftMoELayer: dtype must be {FLOATS_OR_NONE}, got torch.complex64")),
+    Case(L, "dtype", "dtype is a str", "layer(dtype='float32')",
+         R("TypeError", "SoftMoELayer: dtype must be a torch.dtype or None, got str")),
     Case(L, "dtype", "dtype=torch.float64", "layer(dtype=torch.float64)",
          V("a float64 layer", "out.router.weight.dtype == torch.float64")),
     Case(L, "device", "device='meta'", "layer(device='meta')",
@@ -300,10 +341,10 @@ CASES = [
     Case(LF, "dtype", "bfloat16 x, float32 layer", "layer()(torch.zeros(3, 8, dtype=torch.bfloat16))",
          R("TypeError", "SoftMoELayer: x must have the layer's dtype torch.float32, got torch.bfloat16")),
     Case(LF, "device", "x on meta, layer on cpu", "layer()(torch.zeros(3, 8, device='meta'))",
-         R("ValueError", "soft_topk: k must be on the device of scores (meta), got cpu"),
-         bug="misleading: names soft_topk's k instead of x; the layer does not check x's device"),
+         R("ValueError", "SoftMoELayer: x must be on the layer's device cpu, got meta")),
     Case(LF, "device", "layer and x on meta", "layer(device='meta')(torch.zeros(3, 8, device='meta'))",
-         V("a meta output of the shape of x", "out.device.type == 'meta' and tuple(out.shape) == (3, 8)")),
+         V("a meta output of the shape of x (shape propagation only: the plan keeps its fixed shapes)",
+           "out.device.type == 'meta' and tuple(out.shape) == (3, 8)")),
     Case(LF, "shape", "wrong last dimension", "layer()(torch.zeros(3, 7))",
          R("ValueError", "SoftMoELayer: x must have last dimension d_model = 8, got shape (3, 7)")),
     Case(LF, "shape", "0-d x", "layer()(torch.tensor(1.0))",
@@ -322,15 +363,19 @@ CASES = [
          V("an empty output [2, 0, d_model]", "tuple(out.shape) == (2, 0, 8)")),
     # ---- GlobalBudget(...) ------------------------------------------------------------------------
     Case(GB, "type", "layers is one layer, not a list", "GlobalBudget(layer(), 2.0)",
-         R("TypeError", "'SoftMoELayer' object is not iterable"),
-         bug="unclear: Python's iteration error, without `GlobalBudget: layers`"),
-    Case(GB, "type", "layers is None", "GlobalBudget(None, 2.0)", R("TypeError", "'NoneType' object is not iterable"),
-         bug="unclear: Python's iteration error, without `GlobalBudget: layers`"),
+         R("TypeError", "GlobalBudget: layers must be a list of SoftMoELayer, got a single SoftMoELayer (pass [layer])")),
+    Case(GB, "type", "layers is None", "GlobalBudget(None, 2.0)",
+         R("TypeError", "GlobalBudget: layers must be a list of SoftMoELayer, got NoneType")),
+    Case(GB, "type", "layers is a str", "GlobalBudget('ab', 2.0)",
+         R("TypeError", "GlobalBudget: layers must be a list of SoftMoELayer, got str")),
+    Case(GB, "type", "layers is a ModuleList", "GlobalBudget(torch.nn.ModuleList([layer(), layer()]), 2.0)",
+         V("accepted (any iterable of SoftMoELayer)", "out.num_layers == 2")),
     Case(GB, "type", "a layer is not a SoftMoELayer", "GlobalBudget([torch.nn.Linear(2, 2)], 2.0)",
          R("TypeError", "GlobalBudget: layers[0] must be a SoftMoELayer, got Linear")),
     Case(GB, "type", "mean_k is a str", "GlobalBudget([layer()], '2')", R("TypeError", "GlobalBudget: mean_k must be a float, got str")),
     Case(GB, "type", "k_min is None", "GlobalBudget([layer()], 2.0, k_min=None)",
          R("TypeError", "GlobalBudget: k_min must be a float, got NoneType")),
+    Case(GB, "type", "mean_k is a bool", "GlobalBudget([layer()], True)", R("TypeError", "GlobalBudget: mean_k must be a float, got bool")),
     Case(GB, "dtype", "-", "None", NA("no tensor arguments")),
     Case(GB, "device", "-", "None", NA("no tensor arguments (theta is created on the CPU; move the model with .to())")),
     Case(GB, "shape", "-", "None", NA("no tensor arguments")),
@@ -347,6 +392,8 @@ CASES = [
          R("ValueError", "GlobalBudget: mean_k must satisfy k_min (= 1.0) < mean_k < k_max (= 3.0")),
     Case(GB, "NaN/inf", "mean_k = inf", "GlobalBudget([layer()], inf)",
          R("ValueError", "GlobalBudget: mean_k must satisfy k_min (= 1.0) < mean_k < k_max (= 3.0")),
+    Case(GB, "NaN/inf", "k_min = nan", "GlobalBudget([layer()], 2.0, k_min=nan)",
+         R("ValueError", "GlobalBudget: k_min must satisfy 0 < k_min < k_max (= 3.0), got nan")),
     Case(GB, "empty", "no layers", "GlobalBudget([], 2.0)", R("ValueError", "GlobalBudget: layers must hold at least one SoftMoELayer")),
     # ---- softmoe.dispatch_plan -----------------------------------------------------------------
     Case(DP, "type", "p is a list", "dispatch_plan([[0.5, 0.0]], 1)", R("TypeError", "dispatch_plan: p must be a torch.Tensor, got list")),
@@ -399,7 +446,12 @@ CASES = [
          V("allowed: flattened to [4, d]", "tuple(out.shape) == (12, 5)")),
     Case(GR, "shape", "a forged plan with a short pair_token",
          "(lambda pl: gather_rows(torch.zeros(4, 5), pl._replace(pair_token=pl.pair_token[:-1])))(plan())",
-         R("RuntimeError", "softmoe: gather_rows: pair_token must have tokens * max_active = 12 entries")),
+         V("accepted as a trimmed plan (DispatchPlan.trim): one row per entry of pair_token, [11, d]",
+           "tuple(out.shape) == (11, 5)")),
+    Case(GR, "shape", "a forged plan with a long pair_token",
+         "(lambda pl: gather_rows(torch.zeros(4, 5), pl._replace(pair_token=torch.cat([pl.pair_token, pl.pair_token[:1]]))))"
+         "(plan())",
+         R("RuntimeError", "softmoe: gather_rows: pair_token must have at most tokens * max_active = 12 entries")),
     Case(GR, "range", "a forged plan with indices out of range",
          "(lambda pl: gather_rows(torch.zeros(4, 5), pl._replace(pair_token=pl.pair_token + 100)))(plan())",
          R("RuntimeError", "softmoe: gather_rows: pair_token hold an index out of range; pass the tensors of one "
@@ -430,14 +482,18 @@ CASES = [
     Case(CR, "shape", "1-d ys", "combine_rows(torch.zeros(12), weights(), plan())",
          R("ValueError", "combine_rows: ys must be 2-D [slots, d], got shape (12,)")),
     Case(CR, "shape", "ys with the wrong number of slots", "combine_rows(torch.zeros(11, 5), weights(), plan())",
-         R("RuntimeError", "softmoe: combine_rows: ys must have one row per slot (12 = tokens * max_active), got shape [11, 5]")),
+         R("RuntimeError", "softmoe: combine_rows: ys must have one row per slot of pair_token (12), got shape [11, 5]")),
     Case(CR, "shape", "p with the wrong number of tokens", "combine_rows(torch.zeros(12, 5), weights()[:3], plan())",
-         R("RuntimeError", "softmoe: combine_rows: token_pairs must have one row per token (3 rows, from p.size(0)), got "
-                           "shape [4, 3]"),
-         bug="unclear: blames token_pairs although p is the wrong argument"),
+         R("ValueError", "combine_rows: p must hold the plan's 4 tokens ([..., E] flattening to [4, E]), got shape (3, 8)")),
+    Case(CR, "shape", "p [2, 2, E] for T = 4", "combine_rows(torch.ones(12, 5), weights().reshape(2, 2, 8), plan())",
+         V("allowed: y has p's leading shape [2, 2, d]", "tuple(out.shape) == (2, 2, 5)")),
     Case(CR, "shape", "p with fewer experts than max_active", "combine_rows(torch.zeros(12, 5), weights()[:, :2], plan())",
-         R("RuntimeError", "softmoe: combine_rows: token_pairs must have max_active <= 2 (the number of experts of p) "
-                           "columns, got shape [4, 3]")),
+         R("ValueError", "combine_rows: p must have at least the plan's 8 experts along its last dimension, got shape "
+                         "(4, 2)")),
+    Case(CR, "shape", "p with fewer experts than the plan (but >= max_active)",
+         "combine_rows(torch.zeros(12, 5), weights()[:, :6], plan())",
+         R("ValueError", "combine_rows: p must have at least the plan's 8 experts along its last dimension, got shape "
+                         "(4, 6)")),
     Case(CR, "shape", "p with more experts than the plan", "combine_rows(torch.ones(12, 5), torch.cat([weights()] * 2, 1), plan())",
          V("accepted: only the plan's pairs of p are read", "tuple(out.shape) == (4, 5)")),
     Case(CR, "shape", "0-d p", "combine_rows(torch.zeros(12, 5), torch.tensor(1.0), plan())",
@@ -459,19 +515,20 @@ CASES = [
          V("NaN in the tokens with a NaN weight", "bool(out.isnan().all())")),
     Case(CR, "empty", "no tokens", "combine_rows(torch.zeros(0, 5), torch.zeros(0, 8), dispatch_plan(torch.zeros(0, 8), 3))",
          V("an empty [0, d]", "tuple(out.shape) == (0, 5)")),
+    Case(CR, "empty", "no experts: p [4, 0]", "combine_rows(torch.zeros(12, 5), torch.zeros(4, 0), plan())",
+         R("ValueError", "combine_rows: p must have at least the plan's 8 experts along its last dimension, got shape "
+                         "(4, 0)")),
     Case(CR, "empty", "no features: ys [12, 0]", "combine_rows(torch.zeros(12, 0), weights(), plan())",
          V("an empty [4, 0]", "tuple(out.shape) == (4, 0)")),
     # ---- softmoe.grouped_mm ----------------------------------------------------------------------
     Case(GM, "type", "x is a list", "grouped_mm([[0.0]], torch.zeros(2, 3, 4), offs(0, 1, 1))",
-         R("RuntimeError", "softmoe::grouped_mm() Expected a value of type 'Tensor' for argument 'x' but instead found "
-                           "type 'list'"),
-         bug="no Python-level check: the dispatcher's RuntimeError, not TypeError with `grouped_mm: x`"),
+         R("TypeError", "grouped_mm: x must be a torch.Tensor, got list")),
     Case(GM, "type", "w is None", "grouped_mm(torch.zeros(4, 3), None, offs(0, 1, 1))",
-         R("RuntimeError", "softmoe: grouped_mm: w must be 3-D [experts, in, out], got shape [0]"),
-         bug="unclear: None becomes an undefined tensor reported as `shape [0]`"),
+         R("TypeError", "grouped_mm: w must be a torch.Tensor, got NoneType")),
     Case(GM, "type", "offsets is a list", "grouped_mm(torch.zeros(4, 3), torch.zeros(2, 3, 4), [0, 1, 1])",
-         R("RuntimeError", "softmoe::grouped_mm() Expected a value of type 'Tensor' for argument 'offsets'"),
-         bug="no Python-level check: the dispatcher's RuntimeError, not TypeError"),
+         R("TypeError", "grouped_mm: offsets must be a torch.Tensor, got list")),
+    Case(GM, "type", "offsets is None", "grouped_mm(torch.zeros(4, 3), torch.zeros(2, 3, 4), None)",
+         R("TypeError", "grouped_mm: offsets must be a torch.Tensor, got NoneType")),
     Case(GM, "dtype", "x float32, w float64", "grouped_mm(torch.zeros(4, 3), torch.zeros(2, 3, 4, dtype=torch.float64), offs(0, 1, 1))",
          R("TypeError", "softmoe: grouped_mm: x and w must have one dtype, got Float and Double")),
     Case(GM, "dtype", "int32 offsets", "grouped_mm(torch.zeros(4, 3), torch.zeros(2, 3, 4), offs(0, 1, 1).int())",
@@ -505,18 +562,18 @@ CASES = [
     Case(GM, "empty", "in = 0", "grouped_mm(torch.zeros(4, 0), torch.zeros(2, 0, 4), offs(0, 1, 1))",
          V("zeros [4, out]", "bool((out == 0).all())")),
     # ---- baselines.TopKMoE(...) --------------------------------------------------------------------
-    Case(TK, "type", "d_model is a str", "TopKMoE('8', 16, 4)",
-         R("ValueError", "TopKMoE: d_model must be an int >= 1, got '8'"), bug=BUG_VALUE_FOR_TYPE),
-    Case(TK, "type", "top_k is a float", "TopKMoE(8, 16, 4, top_k=2.0)",
-         R("ValueError", "TopKMoE: top_k must be an int >= 1, got 2.0"), bug=BUG_VALUE_FOR_TYPE),
+    Case(TK, "type", "d_model is a str", "TopKMoE('8', 16, 4)", R("TypeError", "TopKMoE: d_model must be an int, got str")),
+    Case(TK, "type", "top_k is a float", "TopKMoE(8, 16, 4, top_k=2.0)", R("TypeError", "TopKMoE: top_k must be an int, got float")),
     Case(TK, "type", "lb_coef is a str", "TopKMoE(8, 16, 4, lb_coef='x')",
-         V("accepted without a check", "isinstance(out, TopKMoE)"),
-         bug="not validated: forward then fails with `TypeError: only integer tensors of a single element can be "
-             "converted to an index`"),
+         R("TypeError", "TopKMoE: lb_coef must be a float, got str")),
+    Case(TK, "type", "z_coef is None", "TopKMoE(8, 16, 4, z_coef=None)",
+         R("TypeError", "TopKMoE: z_coef must be a float, got NoneType")),
+    Case(TK, "type", "normalize is a str", "TopKMoE(8, 16, 4, normalize='yes')",
+         R("TypeError", "TopKMoE: normalize must be a bool or None, got str")),
     Case(TK, "type", "unknown activation", "TopKMoE(8, 16, 4, activation='relu')",
-         R("ValueError", "GroupedExperts: activation must be 'swiglu' or 'gelu', got 'relu'"), bug=BUG_ACTIVATION),
+         R("ValueError", "TopKMoE: activation must be 'swiglu' or 'gelu', got 'relu'")),
     Case(TK, "dtype", "dtype=torch.int64", "TopKMoE(8, 16, 4, dtype=torch.int64)",
-         R("RuntimeError", "Only Tensors of floating point and complex dtype can require gradients"), bug=BUG_INT_DTYPE),
+         R("TypeError", f"TopKMoE: dtype must be {FLOATS_OR_NONE}, got torch.int64")),
     Case(TK, "device", "device='meta'", "TopKMoE(8, 16, 4, device='meta')",
          V("a module on meta (shapes only)", "out.router.weight.device.type == 'meta'")),
     Case(TK, "shape", "-", "None", NA("no tensor arguments (sizes are ints: see range)")),
@@ -524,45 +581,50 @@ CASES = [
          R("ValueError", "TopKMoE: top_k must be <= num_experts (= 4), got 5")),
     Case(TK, "range", "top_k = 0", "TopKMoE(8, 16, 4, top_k=0)", R("ValueError", "TopKMoE: top_k must be an int >= 1, got 0")),
     Case(TK, "range", "num_experts = 0", "TopKMoE(8, 16, 0)", R("ValueError", "TopKMoE: num_experts must be an int >= 1, got 0")),
-    Case(TK, "NaN/inf", "lb_coef = nan", "forward(TopKMoE(8, 16, 4, lb_coef=nan), torch.randn(3, 8))",
-         V("accepted without a check; `aux_loss` is NaN", "bool(out.module.aux_loss.isnan())"),
-         bug="not validated: a NaN coefficient silently makes the auxiliary loss NaN"),
+    Case(TK, "range", "lb_coef < 0", "TopKMoE(8, 16, 4, lb_coef=-0.01)",
+         R("ValueError", "TopKMoE: lb_coef must be a finite number >= 0, got -0.01")),
+    Case(TK, "NaN/inf", "lb_coef = nan", "TopKMoE(8, 16, 4, lb_coef=nan)",
+         R("ValueError", "TopKMoE: lb_coef must be a finite number >= 0, got nan")),
+    Case(TK, "NaN/inf", "z_coef = inf", "TopKMoE(8, 16, 4, z_coef=inf)",
+         R("ValueError", "TopKMoE: z_coef must be a finite number >= 0, got inf")),
     Case(TK, "empty", "-", "None", NA("no container arguments (num_experts = 0: see range)")),
     # ---- baselines.TopKMoE.forward -----------------------------------------------------------------
-    Case(TKF, "type", "x is a list", "TopKMoE(8, 16, 4)([[0.0] * 8])", R("AttributeError", "'list' object has no attribute 'shape'"),
-         bug="unclear: no type check, Python's AttributeError"),
+    Case(TKF, "type", "x is a list", "TopKMoE(8, 16, 4)([[0.0] * 8])", R("TypeError", "TopKMoE: x must be a torch.Tensor, got list")),
     Case(TKF, "dtype", "int64 x", "TopKMoE(8, 16, 4)(torch.zeros(3, 8, dtype=torch.int64))",
-         R("RuntimeError", "expected m1 and m2 to have the same dtype, but got: long int != float"),
-         bug="unclear: torch's matmul message, no `TopKMoE: x` check"),
+         R("TypeError", "TopKMoE: x must be a floating-point tensor, got torch.int64")),
     Case(TKF, "dtype", "float64 x, float32 module", "TopKMoE(8, 16, 4)(torch.zeros(3, 8, dtype=torch.float64))",
-         R("RuntimeError", "expected m1 and m2 to have the same dtype, but got: double != float"),
-         bug="unclear: torch's matmul message, no `TopKMoE: x` check"),
+         R("TypeError", "TopKMoE: x must have the layer's dtype torch.float32, got torch.float64")),
     Case(TKF, "device", "x on meta, module on cpu", "TopKMoE(8, 16, 4)(torch.zeros(3, 8, device='meta'))",
-         R("RuntimeError", "softmoe: ")),
+         R("ValueError", "TopKMoE: x must be on the layer's device cpu, got meta")),
+    Case(TKF, "device", "module and x on meta", "TopKMoE(8, 16, 4, device='meta')(torch.zeros(3, 8, device='meta'))",
+         V("a meta output of the shape of x", "out.device.type == 'meta' and tuple(out.shape) == (3, 8)")),
     Case(TKF, "shape", "wrong last dimension", "TopKMoE(8, 16, 4)(torch.zeros(3, 7))",
          R("ValueError", "TopKMoE: x must have last dimension d_model = 8, got shape (3, 7)")),
-    Case(TKF, "shape", "0-d x", "TopKMoE(8, 16, 4)(torch.tensor(1.0))", R("IndexError", "tuple index out of range"),
-         bug="unclear: Python's IndexError from x.shape[-1]"),
+    Case(TKF, "shape", "0-d x", "TopKMoE(8, 16, 4)(torch.tensor(1.0))",
+         R("ValueError", "TopKMoE: x must have last dimension d_model = 8, got shape ()")),
+    Case(TKF, "shape", "3-d x [2, 3, d_model]", "TopKMoE(8, 16, 4)(torch.zeros(2, 3, 8))",
+         V("allowed: output [2, 3, d_model]", "tuple(out.shape) == (2, 3, 8)")),
     Case(TKF, "range", "-", "None", NA("x has no range (see NaN/inf)")),
     Case(TKF, "NaN/inf", "a NaN token", "TopKMoE(8, 16, 4)(rows([nan] * 8, [0.5] * 8))",
          V("that token's output is NaN; the other tokens are unaffected",
            "bool(out[0].isnan().all()) and bool(out[1].isfinite().all())")),
     Case(TKF, "empty", "no tokens", "forward(TopKMoE(8, 16, 4), torch.zeros(0, 8))",
-         V("an empty output [0, d_model], but `aux_loss` is NaN",
-           "tuple(out.shape) == (0, 8) and bool(out.module.aux_loss.isnan())"),
-         bug="the load-balancing loss averages over zero tokens: NaN aux_loss for an empty batch"),
+         V("an empty output [0, d_model]; `aux_loss` is 0, still connected to the router (its backward gives zero "
+           "gradients, so the graph is the same as for any batch)",
+           "tuple(out.shape) == (0, 8) and float(out.module.aux_loss) == 0 and out.module.aux_loss.requires_grad")),
     # ---- baselines.SlotSoftMoE(...) ----------------------------------------------------------------
-    Case(SL, "type", "d_model is a str", "SlotSoftMoE('8', 16, 4)",
-         R("ValueError", "SlotSoftMoE: d_model must be an int >= 1, got '8'"), bug=BUG_VALUE_FOR_TYPE),
+    Case(SL, "type", "d_model is a str", "SlotSoftMoE('8', 16, 4)", R("TypeError", "SlotSoftMoE: d_model must be an int, got str")),
     Case(SL, "type", "slots_per_expert is a float", "SlotSoftMoE(8, 16, 4, slots_per_expert=1.5)",
-         R("ValueError", "SlotSoftMoE: slots_per_expert must be an int >= 1, got 1.5"), bug=BUG_VALUE_FOR_TYPE),
+         R("TypeError", "SlotSoftMoE: slots_per_expert must be an int, got float")),
     Case(SL, "type", "unknown activation", "SlotSoftMoE(8, 16, 4, activation='relu')",
-         R("ValueError", "GroupedExperts: activation must be 'swiglu' or 'gelu', got 'relu'"), bug=BUG_ACTIVATION),
+         R("ValueError", "SlotSoftMoE: activation must be 'swiglu' or 'gelu', got 'relu'")),
+    Case(SL, "type", "causal is a str", "SlotSoftMoE(8, 16, 4, causal='no')",
+         R("TypeError", "SlotSoftMoE: causal must be a bool, got str")),
     Case(SL, "type", "causal=True", "SlotSoftMoE(8, 16, 4, causal=True)",
          V("a module and a UserWarning: slot Soft MoE is not causal",
            "isinstance(out, SlotSoftMoE) and any('not causal' in w for w in warned)")),
     Case(SL, "dtype", "dtype=torch.int64", "SlotSoftMoE(8, 16, 4, dtype=torch.int64)",
-         R("NotImplementedError", "\"normal_kernel_cpu\" not implemented for 'Long'"), bug=BUG_INT_DTYPE),
+         R("TypeError", f"SlotSoftMoE: dtype must be {FLOATS_OR_NONE}, got torch.int64")),
     Case(SL, "device", "device='meta'", "SlotSoftMoE(8, 16, 4, device='meta')",
          V("a module on meta (shapes only)", "out.slot_embed.device.type == 'meta'")),
     Case(SL, "shape", "-", "None", NA("no tensor arguments (sizes are ints: see range)")),
@@ -572,16 +634,18 @@ CASES = [
     Case(SL, "NaN/inf", "-", "None", NA("no float arguments")),
     Case(SL, "empty", "-", "None", NA("no container arguments (num_experts = 0: see range)")),
     # ---- baselines.SlotSoftMoE.forward -------------------------------------------------------------
-    Case(SLF, "type", "x is a list", "SlotSoftMoE(8, 16, 4)([[[0.0] * 8]])", R("AttributeError", "'list' object has no attribute 'dim'"),
-         bug="unclear: no type check, Python's AttributeError"),
+    Case(SLF, "type", "x is a list", "SlotSoftMoE(8, 16, 4)([[[0.0] * 8]])",
+         R("TypeError", "SlotSoftMoE: x must be a torch.Tensor, got list")),
     Case(SLF, "dtype", "int64 x", "SlotSoftMoE(8, 16, 4)(torch.zeros(2, 3, 8, dtype=torch.int64))",
-         R("RuntimeError", "expected m1 and m2 to have the same dtype, but got: long int != float"),
-         bug="unclear: torch's matmul message, no `SlotSoftMoE: x` check"),
+         R("TypeError", "SlotSoftMoE: x must be a floating-point tensor, got torch.int64")),
     Case(SLF, "dtype", "float64 x, float32 module", "SlotSoftMoE(8, 16, 4)(torch.zeros(2, 3, 8, dtype=torch.float64))",
-         R("RuntimeError", "expected m1 and m2 to have the same dtype, but got: double != float"),
-         bug="unclear: torch's matmul message, no `SlotSoftMoE: x` check"),
+         R("TypeError", "SlotSoftMoE: x must have the layer's dtype torch.float32, got torch.float64")),
     Case(SLF, "device", "x on meta, module on cpu", "SlotSoftMoE(8, 16, 4)(torch.zeros(2, 3, 8, device='meta'))",
-         R("RuntimeError", "softmoe: ")),
+         R("ValueError", "SlotSoftMoE: x must be on the layer's device cpu, got meta")),
+    Case(SLF, "device", "module and x on meta", "SlotSoftMoE(8, 16, 4, device='meta')(torch.zeros(2, 3, 8, device='meta'))",
+         V("a meta output of the shape of x", "out.device.type == 'meta' and tuple(out.shape) == (2, 3, 8)")),
+    Case(SLF, "shape", "0-d x", "SlotSoftMoE(8, 16, 4)(torch.tensor(1.0))",
+         R("ValueError", "SlotSoftMoE: x must be [batch, seq, d_model = 8], got shape ()")),
     Case(SLF, "shape", "2-d x", "SlotSoftMoE(8, 16, 4)(torch.zeros(3, 8))",
          R("ValueError", "SlotSoftMoE: x must be [batch, seq, d_model = 8], got shape (3, 8)")),
     Case(SLF, "shape", "wrong last dimension", "SlotSoftMoE(8, 16, 4)(torch.zeros(2, 3, 7))",
@@ -594,6 +658,115 @@ CASES = [
          V("an empty output [2, 0, d_model]", "tuple(out.shape) == (2, 0, 8)")),
     Case(SLF, "empty", "an empty batch [0, 3, d_model]", "SlotSoftMoE(8, 16, 4)(torch.zeros(0, 3, 8))",
          V("an empty output [0, 3, d_model]", "tuple(out.shape) == (0, 3, 8)")),
+    # ---- softmoe.hf.convert (a failed call leaves the model untouched: tests/test_hf.py) ------------
+    Case(HC, "type", "model is a Linear", "hf().convert(torch.nn.Linear(2, 2))",
+         R("TypeError", "softmoe.hf.convert: model must be a transformers PreTrainedModel, got Linear")),
+    Case(HC, "type", "a dense model", "hf().convert(tiny('llama'))",
+         R("NotImplementedError", "softmoe.hf.convert: LlamaForCausalLM (model_type 'llama') is not a supported MoE "
+                                  "architecture")),
+    Case(HC, "type", "mean_k is a str", "hf().convert(tiny(), '2')", R("TypeError", "softmoe.hf.convert: mean_k must be a float, got str")),
+    Case(HC, "type", "an unknown routing argument", "hf().convert(tiny(), temperature=2.0)",
+         R("TypeError", "softmoe.hf.convert: unexpected routing argument(s) temperature; allowed: alpha, eps, max_active, "
+                        "combine, k_min, learn_k, learn_alpha")),
+    Case(HC, "type", "alpha is a str", "hf().convert(tiny(), alpha='1')",
+         R("TypeError", "softmoe.hf.convert: cannot build the SoftMoE layer for model.layers.0.mlp: SoftMoELayer: alpha "
+                        "must be a float, got str")),
+    Case(HC, "type", "learn_k is a str", "hf().convert(tiny(), learn_k='no')",
+         R("TypeError", "softmoe.hf.convert: learn_k must be a bool, got str")),
+    Case(HC, "type", "unknown combine", "hf().convert(tiny(), combine='mean')",
+         R("ValueError", "softmoe.hf.convert: combine must be 'normalized' or 'sum', got 'mean'")),
+    Case(HC, "dtype", "a bfloat16 model", "hf().convert(tiny().to(torch.bfloat16))",
+         V("bfloat16 blocks; the budget's theta stays float32",
+           "out.model.layers[0].mlp.router.weight.dtype == torch.bfloat16 and out.softmoe_budget.theta.dtype == torch.float32")),
+    Case(HC, "device", "a model on meta", "hf().convert(tiny().to('meta'))",
+         V("converted on meta (shapes only)", "out.model.layers[0].mlp.experts.w_in.device.type == 'meta'")),
+    Case(HC, "shape", "-", "None", NA("no tensor arguments (the blocks' shapes come from the model)")),
+    Case(HC, "range", "mean_k = num_experts", "hf().convert(tiny(), 4.0)",
+         R("ValueError", "softmoe.hf.convert: mean_k must satisfy 0 < mean_k < num_experts (= 4), got 4.0")),
+    Case(HC, "range", "max_active > num_experts", "hf().convert(tiny(), max_active=9)",
+         R("ValueError", "softmoe.hf.convert: cannot build the SoftMoE layer for model.layers.0.mlp: SoftMoELayer: "
+                         "max_active must satisfy ceil(k) = 2 <= max_active <= 4 (the number of experts), got 9")),
+    Case(HC, "range", "k_min >= mean_k", "hf().convert(tiny(), 1.5, k_min=2.0)",
+         R("ValueError", "softmoe.hf.convert: mean_k must be > k_min (= 2.0, the floor of every layer's k), got 1.5")),
+    Case(HC, "range", "k_min = 0", "hf().convert(tiny(), k_min=0.0)",
+         R("ValueError", "softmoe.hf.convert: k_min must be a finite number > 0, got 0.0")),
+    Case(HC, "range", "a model converted twice", "(lambda m: hf().convert(hf().convert(m)))(tiny())",
+         R("ValueError", "softmoe.hf.convert: MixtralForCausalLM already has SoftMoE routing (it was converted or upcycled)")),
+    Case(HC, "NaN/inf", "mean_k = nan", "hf().convert(tiny(), nan)", R("ValueError", "softmoe.hf.convert: mean_k must be finite, got nan")),
+    Case(HC, "NaN/inf", "k_min = nan", "hf().convert(tiny(), k_min=nan)",
+         R("ValueError", "softmoe.hf.convert: k_min must be a finite number > 0, got nan")),
+    Case(HC, "NaN/inf", "alpha = inf", "hf().convert(tiny(), alpha=inf)",
+         R("ValueError", "softmoe.hf.convert: cannot build the SoftMoE layer for model.layers.0.mlp: SoftMoELayer: alpha "
+                         "must be a finite number > 0, got inf")),
+    Case(HC, "empty", "no MoE block (every layer dense)", "hf().convert(tiny('qwen2_moe', mlp_only_layers=[0]))",
+         R("ValueError", "softmoe.hf.convert: found no Qwen2MoeSparseMoeBlock module in Qwen2MoeForCausalLM")),
+    Case(HC, "empty", "no layers", "hf().convert(tiny(num_hidden_layers=0))",
+         R("ValueError", "softmoe.hf.convert: found no MixtralSparseMoeBlock module in MixtralForCausalLM")),
+    # ---- softmoe.hf.upcycle ------------------------------------------------------------------------
+    Case(HU, "type", "model is None", "hf().upcycle(None, 4)",
+         R("TypeError", "softmoe.hf.upcycle: model must be a transformers PreTrainedModel, got NoneType")),
+    Case(HU, "type", "a MoE model", "hf().upcycle(tiny(), 4)",
+         R("NotImplementedError", "softmoe.hf.upcycle: MixtralForCausalLM (model_type 'mixtral') is not a supported dense "
+                                  "architecture")),
+    Case(HU, "type", "num_experts is a float", "hf().upcycle(tiny('llama'), 4.0)",
+         R("TypeError", "softmoe.hf.upcycle: num_experts must be an int, got float")),
+    Case(HU, "type", "noise is a str", "hf().upcycle(tiny('llama'), 4, noise='0.1')",
+         R("TypeError", "softmoe.hf.upcycle: noise must be a float, got str")),
+    Case(HU, "dtype", "a bfloat16 model", "hf().upcycle(tiny('llama').to(torch.bfloat16), 4)",
+         V("bfloat16 blocks; the budget's theta stays float32",
+           "out.model.layers[0].mlp.experts.w_in.dtype == torch.bfloat16 and out.softmoe_budget.theta.dtype == torch.float32")),
+    Case(HU, "device", "a model on meta", "hf().upcycle(tiny('llama').to('meta'), 4)",
+         V("upcycled on meta (shapes only)", "out.model.layers[0].mlp.experts.w_in.device.type == 'meta'")),
+    Case(HU, "shape", "-", "None", NA("no tensor arguments (the blocks' shapes come from the model)")),
+    Case(HU, "range", "num_experts = 1", "hf().upcycle(tiny('llama'), 1)",
+         R("ValueError", "softmoe.hf.upcycle: num_experts must be an int >= 2, got 1")),
+    Case(HU, "range", "noise < 0", "hf().upcycle(tiny('llama'), 4, noise=-0.1)",
+         R("ValueError", "softmoe.hf.upcycle: noise must be a finite float >= 0, got -0.1")),
+    Case(HU, "range", "mean_k = num_experts", "hf().upcycle(tiny('llama'), 4, mean_k=4.0)",
+         R("ValueError", "softmoe.hf.upcycle: mean_k must satisfy 0 < mean_k < num_experts (= 4), got 4.0")),
+    Case(HU, "NaN/inf", "noise = nan", "hf().upcycle(tiny('llama'), 4, noise=nan)",
+         R("ValueError", "softmoe.hf.upcycle: noise must be a finite float >= 0, got nan")),
+    Case(HU, "NaN/inf", "mean_k = inf", "hf().upcycle(tiny('llama'), 4, mean_k=inf)",
+         R("ValueError", "softmoe.hf.upcycle: mean_k must be finite, got inf")),
+    Case(HU, "empty", "no layers", "hf().upcycle(tiny('llama', num_hidden_layers=0), 4)",
+         R("ValueError", "softmoe.hf.upcycle: found no LlamaMLP module in LlamaForCausalLM")),
+    # ---- softmoe.hf.from_pretrained ----------------------------------------------------------------
+    Case(HP, "type", "path is None", "hf().from_pretrained(None)",
+         R("TypeError", "softmoe.hf.from_pretrained: path must be a str or os.PathLike (a directory or a hub repository "
+                        "id), got NoneType")),
+    Case(HP, "type", "path is a model", "hf().from_pretrained(tiny())",
+         R("TypeError", "softmoe.hf.from_pretrained: path must be a str or os.PathLike", "got MixtralForCausalLM")),
+    Case(HP, "dtype", "a converted checkpoint loaded with dtype=torch.bfloat16",
+         "hf().from_pretrained(saved(hf().convert(tiny())), dtype=torch.bfloat16)",
+         V("bfloat16 blocks; the budget's theta stays float32",
+           "out.model.layers[0].mlp.router.weight.dtype == torch.bfloat16 and out.softmoe_budget.theta.dtype == torch.float32")),
+    Case(HP, "device", "-", "None", NA("no tensor arguments (device_map= is passed on to transformers' loader)")),
+    Case(HP, "shape", "-", "None", NA("no tensor arguments")),
+    Case(HP, "range", "a checkpoint of a plain (not converted) model", "hf().from_pretrained(saved(tiny()))",
+         R("ValueError", "softmoe.hf.from_pretrained: ", "has no SoftMoE routing configuration (config.softmoe)")),
+    Case(HP, "NaN/inf", "-", "None", NA("no float arguments")),
+    Case(HP, "empty", "an empty directory", "hf().from_pretrained(saved(None))",
+         R("ValueError", "softmoe.hf.from_pretrained: ", "has no config.json; pass a directory written by save_pretrained")),
+    # ---- softmoe.hf.layers / budget / allocation / stats / format_stats ------------------------------
+    Case(HR, "type", "allocation(None)", "hf().allocation(None)",
+         R("TypeError", "softmoe.hf.allocation: model must be a torch.nn.Module, got NoneType")),
+    Case(HR, "type", "stats of a str", "hf().stats('model')", R("TypeError", "softmoe.hf.stats: model must be a torch.nn.Module, got str")),
+    Case(HR, "type", "layers(None)", "hf().layers(None)", R("TypeError", "softmoe.hf.layers: model must be a torch.nn.Module, got NoneType")),
+    Case(HR, "type", "budget(None)", "hf().budget(None)", R("TypeError", "softmoe.hf.budget: model must be a torch.nn.Module, got NoneType")),
+    Case(HR, "type", "format_stats(None)", "hf().format_stats(None)",
+         R("TypeError", "softmoe.hf.format_stats: model must be a torch.nn.Module, got NoneType")),
+    Case(HR, "dtype", "-", "None", NA("no tensor arguments")),
+    Case(HR, "device", "-", "None", NA("no tensor arguments")),
+    Case(HR, "shape", "-", "None", NA("no tensor arguments")),
+    Case(HR, "range", "stats before the first forward", "hf().stats(hf().convert(tiny()))",
+         V("`k` per layer; `active`, `tokens_per_expert` and `router_entropy` are None",
+           "out[0]['k'] == 2.0 and out[0]['active'] is None and out[0]['tokens_per_expert'] is None")),
+    Case(HR, "range", "allocation without a budget (learn_k=False)", "hf().allocation(hf().convert(tiny(), learn_k=False))",
+         V("the fixed k of every layer (budget() is None)", "out.tolist() == [2.0]")),
+    Case(HR, "NaN/inf", "-", "None", NA("no float arguments")),
+    Case(HR, "empty", "allocation of a model without SoftMoE layers", "hf().allocation(torch.nn.Linear(2, 2))",
+         R("ValueError", "softmoe.hf.allocation: Linear has no SoftMoE layers")),
+    Case(HR, "empty", "stats of a model without SoftMoE layers", "hf().stats(torch.nn.Linear(2, 2))", V("[]", "out == []")),
 ]
 
 RUNNABLE = [c for c in CASES if not isinstance(c.expect, NotApplicable)]
@@ -642,7 +815,8 @@ def run_cases(cases, timeout=300):
                 for c in todo
             ],
         }
-        env = dict(os.environ, PYTHONFAULTHANDLER="1", OMP_NUM_THREADS="1")
+        # offline: a bad path must fail on its own, not after the hub client's network retries
+        env = dict(os.environ, PYTHONFAULTHANDLER="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
         proc = subprocess.run(
             [sys.executable, "-c", RUNNER], input=json.dumps(job), capture_output=True, text=True, cwd=ROOT,
             timeout=timeout, env=env,
@@ -676,6 +850,8 @@ def results():
 
 @pytest.mark.parametrize("case", RUNNABLE, ids=[c.id for c in RUNNABLE])
 def test_case(case, results):
+    if case.api in HF_APIS and importlib.util.find_spec("transformers") is None:
+        pytest.skip("softmoe.hf needs transformers")
     got = results.get(case.id)
     assert got is not None, "no result (the runner lost this case)"
     assert "crashed" not in got, f"the process crashed (exit {got['crashed']}) on {case.call}:\n{got['stderr']}"
@@ -686,6 +862,9 @@ def test_case(case, results):
         )
         assert got["message"].startswith(case.expect.prefix), (
             f"{case.call}: message {got['message']!r} does not start with {case.expect.prefix!r}"
+        )
+        assert case.expect.contains in got["message"], (
+            f"{case.call}: message {got['message']!r} does not contain {case.expect.contains!r}"
         )
     else:
         assert got["raised"] is None, f"{case.call}: raised {got['raised']}: {got.get('message', '')}"
@@ -750,6 +929,8 @@ def render_markdown() -> str:
                 continue
             if isinstance(c.expect, Raises):
                 res = f"`{c.expect.exc}`: `{_cell(c.expect.prefix)}`"
+                if c.expect.contains:
+                    res += f" ... `{_cell(c.expect.contains)}`"
             else:
                 res = _cell(c.expect.what)
             if c.bug:

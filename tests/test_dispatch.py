@@ -182,6 +182,18 @@ def op_samples():
                 )
             )
             out.append((OPS.combine_rows_backward, (gy, ys, p, pair_token, pair_expert, token_pairs)))
+            # the trimmed plan (routed prefix of the slots, DispatchPlan.trim)
+            n = int(offsets[-1])
+            ys_n = ys[:n].clone()
+            out.append((OPS.gather_rows, (x.clone().requires_grad_(rg), pair_token[:n], token_pairs)))
+            out.append((OPS.gather_rows_backward, (ys_n, token_pairs)))
+            out.append(
+                (
+                    OPS.combine_rows,
+                    (ys_n.requires_grad_(rg), p.clone().requires_grad_(rg), pair_token[:n], pair_expert[:n], token_pairs),
+                )
+            )
+            out.append((OPS.combine_rows_backward, (gy, ys[:n].clone(), p, pair_token[:n], pair_expert[:n], token_pairs)))
     return out
 
 
@@ -205,6 +217,48 @@ def test_gradcheck_float64():
     n = int(plan.offsets[-1])
     routed[plan.pair_token[:n], plan.pair_expert[:n]] = True
     assert (gp[~routed] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_trimmed_plan_is_bit_identical(dtype):
+    T, E, M, d = 40, 6, 3, 5
+    p = random_p(T, E, M, dtype, seed=12)
+    plan = ops.dispatch_plan(p, M)
+    trimmed = plan.trim()
+    n = int(plan.offsets[-1])
+    assert 0 < n < T * M
+    assert trimmed.pair_token.shape == (n,) and trimmed.pair_expert.shape == (n,)
+    assert torch.equal(trimmed.offsets, plan.offsets) and torch.equal(trimmed.token_pairs, plan.token_pairs)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(T, d, generator=g).to(dtype)
+    w = torch.randn(d, generator=g).to(dtype)
+    gy = torch.randn(T, d, generator=g).to(dtype)
+
+    def run(pl):
+        xg, pg = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
+        xs = ops.gather_rows(xg, pl)
+        y = ops.combine_rows(torch.tanh(xs) * w, pg, pl)
+        return (xs, y, *torch.autograd.grad(y, (xg, pg), gy))
+
+    full, short = run(plan), run(trimmed)
+    assert short[0].shape == (n, d)
+    assert torch.equal(short[0], full[0][:n])
+    for a, b in zip(full[1:], short[1:]):
+        assert torch.equal(a, b)
+    if dtype == torch.float64:
+        ys = torch.randn(n, d, dtype=dtype, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda a, b: ops.combine_rows(a, b, trimmed), (ys, p.clone().requires_grad_(True)))
+        assert torch.autograd.gradcheck(lambda v: ops.gather_rows(v, trimmed), (x.clone().requires_grad_(True),))
+
+
+def test_trim_of_an_empty_plan():
+    plan = ops.dispatch_plan(torch.zeros(0, 4), 2).trim()
+    assert plan.pair_token.shape == (0,)
+    assert ops.gather_rows(torch.zeros(0, 3), plan).shape == (0, 3)
+    none_routed = ops.dispatch_plan(torch.zeros(5, 4), 2).trim()
+    assert none_routed.pair_token.shape == (0,)
+    y = ops.combine_rows(ops.gather_rows(torch.randn(5, 3), none_routed), torch.zeros(5, 4), none_routed)
+    assert torch.equal(y, torch.zeros(5, 3))
 
 
 # ---- torch.compile --------------------------------------------------------------------------------
@@ -309,10 +363,19 @@ def test_bad_arguments():
         OPS.gather_rows(x, plan.pair_token.int(), plan.token_pairs)
     with pytest.raises(RuntimeError, match="token_pairs must have one row per token"):
         OPS.gather_rows(torch.randn(5, 3), plan.pair_token, plan.token_pairs)
-    with pytest.raises(RuntimeError, match="pair_token must have tokens \\* max_active = 12 entries"):
-        OPS.gather_rows(x, plan.pair_token[:-1], plan.token_pairs)
-    with pytest.raises(RuntimeError, match="ys must have one row per slot"):
+    with pytest.raises(RuntimeError, match="pair_token must have at most tokens \\* max_active = 12 entries"):
+        OPS.gather_rows(x, torch.cat([plan.pair_token, plan.pair_token[:1]]), plan.token_pairs)
+    with pytest.raises(RuntimeError, match="ys must have one row per slot of pair_token \\(12\\)"):
         OPS.combine_rows(torch.randn(11, 3), p, plan.pair_token, plan.pair_expert, plan.token_pairs)
+    with pytest.raises(RuntimeError, match="pair_expert must have as many slots as pair_token"):
+        OPS.combine_rows(torch.randn(12, 3), p, plan.pair_token, plan.pair_expert[:-1], plan.token_pairs)
+    # a prefix shorter than the routed pairs leaves token_pairs pointing past the slots
+    routed = int(plan.offsets[-1])
+    with pytest.raises(RuntimeError, match="index out of range"):
+        OPS.combine_rows(torch.randn(routed - 1, 3), p, plan.pair_token[: routed - 1],
+                         plan.pair_expert[: routed - 1], plan.token_pairs)
+    with pytest.raises(RuntimeError, match="index out of range"):
+        OPS.gather_rows_backward(torch.randn(routed - 1, 3), plan.token_pairs)
     with pytest.raises(RuntimeError, match="grad_y must have shape"):
         OPS.combine_rows_backward(torch.randn(6, 2), torch.randn(12, 3), p, *plan[1:])
     with pytest.raises(RuntimeError, match="token_pairs must have max_active <= 4"):

@@ -26,6 +26,9 @@ static int valid_sizes(int64_t T, int64_t E, int64_t M) {
   return T <= INT64_MAX / E;
 }
 
+/* valid_sizes(T, E, M) holds, so T * M cannot overflow. */
+static int valid_slots(int64_t S, int64_t T, int64_t M) { return S >= 0 && S <= T * M; }
+
 static int valid_plan(const smoe_plan_args *a) {
   if (!a || !route_valid_dtype(a->dtype) || !valid_sizes(a->tokens, a->experts, a->max_active)) return 0;
   if (!a->offsets) return 0;
@@ -141,10 +144,12 @@ static int combine_math_f64(smoe_dtype ys_dtype, const void *p, smoe_dtype p_dty
 smoe_status smoe_combine_rows(const smoe_combine_args *a, int64_t begin, int64_t end) {
   if (!a || !route_valid_dtype(a->ys_dtype) || (a->p && !route_valid_dtype(a->p_dtype)) || a->d < 0 ||
       !valid_sizes(a->tokens, a->p ? a->experts : a->max_active, a->max_active) ||
-      !valid_range(begin, end, a->tokens))
+      !valid_slots(a->slots, a->tokens, a->max_active) || !valid_range(begin, end, a->tokens))
     return SMOE_ERR_ARG;
   if (begin == end) return SMOE_OK;
-  if (!a->token_pairs || (a->d > 0 && (!a->ys || !a->y)) || (a->p && !a->pair_expert)) return SMOE_ERR_ARG;
+  /* with no slots (nothing routed, trimmed plan) ys and pair_expert may be empty (NULL) */
+  if (!a->token_pairs || (a->d > 0 && (!a->y || (a->slots > 0 && !a->ys))) || (a->p && a->slots > 0 && !a->pair_expert))
+    return SMOE_ERR_ARG;
   const int f64 = combine_math_f64(a->ys_dtype, a->p, a->p_dtype);
   const size_t word = f64 ? sizeof(double) : sizeof(float);
   void *acc = malloc((size_t)(a->d > 0 ? a->d : 1) * word);
@@ -158,11 +163,12 @@ smoe_status smoe_combine_rows(const smoe_combine_args *a, int64_t begin, int64_t
 
 smoe_status smoe_combine_bwd(const smoe_combine_bwd_args *a, int64_t begin, int64_t end) {
   if (!a || !route_valid_dtype(a->ys_dtype) || !route_valid_dtype(a->p_dtype) || a->d < 0 ||
-      !valid_sizes(a->tokens, a->experts, a->max_active) || !valid_range(begin, end, a->tokens))
+      !valid_sizes(a->tokens, a->experts, a->max_active) || !valid_slots(a->slots, a->tokens, a->max_active) ||
+      !valid_range(begin, end, a->tokens))
     return SMOE_ERR_ARG;
   if (begin == end) return SMOE_OK;
-  if (!a->p || !a->pair_token || !a->pair_expert || !a->token_pairs || !a->grad_p ||
-      (a->d > 0 && (!a->grad_y || !a->ys || !a->grad_ys)))
+  if (!a->p || !a->token_pairs || !a->grad_p || (a->slots > 0 && (!a->pair_token || !a->pair_expert)) ||
+      (a->d > 0 && (!a->grad_y || (a->slots > 0 && (!a->ys || !a->grad_ys)))))
     return SMOE_ERR_ARG;
   const int f64 = combine_math_f64(a->ys_dtype, a->p, a->p_dtype);
   const int64_t M = a->max_active, d = a->d;
@@ -171,7 +177,8 @@ smoe_status smoe_combine_bwd(const smoe_combine_bwd_args *a, int64_t begin, int6
     bad |= f64 ? smoe_route_combine_bwd_row_f64(a, t) : smoe_route_combine_bwd_row_f32(a, t);
   /* zero rows for the padding slots of this token range (routed slots were written above) */
   const size_t row = (size_t)d * smoe_route_elem_size(a->ys_dtype);
-  for (int64_t s = begin * M; s < end * M; ++s) {
+  const int64_t slot_end = end * M < a->slots ? end * M : a->slots;
+  for (int64_t s = begin * M; s < slot_end; ++s) {
     const int64_t t = a->pair_token[s];
     if (t >= 0 && t < a->tokens) continue;
     if (t != -1) bad = 1;

@@ -131,7 +131,7 @@ SMOE_HD void smoe_route_zero(void *dst, int64_t di, smoe_dtype dtype) {
  * Returns 1 for a routed slot, 0 for padding (s = -1), -1 for an index out of range. */
 SMOE_HD int SMOE_RFN(smoe_route_weight)(const smoe_combine_args *a, int64_t t, int64_t s, SMOE_RT *w) {
   if (s == -1) return 0;
-  if (s < 0 || s >= a->tokens * a->max_active) return -1;
+  if (s < 0 || s >= a->slots) return -1;
   if (!a->p) {
     *w = (SMOE_RT)1;
     return 1;
@@ -266,6 +266,7 @@ SMOE_HD int SMOE_RFN(smoe_route_combine_bwd_row)(const smoe_combine_bwd_args *b,
   a.pair_expert = b->pair_expert;
   a.token_pairs = b->token_pairs;
   a.y = 0;
+  a.slots = b->slots;
   int bad = 0;
   const int64_t d = b->d, E = b->experts;
   for (int64_t e = 0; e < E; ++e) smoe_route_zero(b->grad_p, t * E + e, b->p_dtype);

@@ -102,8 +102,12 @@ uint16_t smoe_float_to_f16_bits(float x);
  *
  * All index arrays are int64. gather / combine trust that the index arrays come from one plan
  * (each active slot referenced by exactly one token); an index outside its range ([-1, T) for
- * pair_token, [-1, P) for token_pairs, [0, E) for pair_expert of a referenced slot) is skipped as
- * if it were padding, and the CPU entry points then return SMOE_ERR_ARG. */
+ * pair_token, [-1, S) for token_pairs, [0, E) for pair_expert of a referenced slot) is skipped as
+ * if it were padding, and the CPU entry points then return SMOE_ERR_ARG.
+ *
+ * gather / combine work on S slots, N <= S <= P: S = P keeps every shape fixed by (T, E, M) (what
+ * a compiled graph needs); S = N, the routed prefix of pair_token / pair_expert, drops the padding
+ * rows, so the expert buffers hold only routed pairs (eager callers that can read N). */
 
 /* The plan. The CPU runs it in three passes over token chunks (the caller may run the chunks of a
  * pass in parallel): count, scan (serial, O(chunks * E)), place. Chunk c holds the tokens
@@ -135,11 +139,11 @@ smoe_status smoe_dispatch_plan(const smoe_plan_args *args, int64_t chunk);
 /* gather: xs[s] = x[pair_token[s]] for the slots [slot_begin, slot_end), a zero row where
  * pair_token[s] = -1. A bit copy: x and xs have the same storage dtype. */
 typedef struct {
-  int64_t tokens, slots, d; /* T, P, features */
+  int64_t tokens, slots, d; /* T, S (N <= S <= P), features */
   smoe_dtype dtype;         /* storage dtype of x and xs */
   const void *x;            /* [T, d] */
-  const int64_t *pair_token; /* [P] */
-  void *xs;                 /* out [P, d] */
+  const int64_t *pair_token; /* [S] */
+  void *xs;                 /* out [S, d] */
 } smoe_gather_args;
 
 smoe_status smoe_gather_rows(const smoe_gather_args *args, int64_t slot_begin, int64_t slot_end);
@@ -151,17 +155,19 @@ smoe_status smoe_gather_rows(const smoe_gather_args *args, int64_t slot_begin, i
 typedef struct {
   int64_t tokens, experts, max_active, d; /* T, E (unused without p), M, features */
   smoe_dtype ys_dtype;                    /* storage dtype of ys and y */
-  const void *ys;                         /* [P, d] */
+  const void *ys;                         /* [S, d] */
   smoe_dtype p_dtype;
   const void *p;                          /* [T, E] or NULL */
-  const int64_t *pair_expert;             /* [P] (unused without p) */
+  const int64_t *pair_expert;             /* [S] (unused without p) */
   const int64_t *token_pairs;             /* [T, M] */
   void *y;                                /* out [T, d] */
+  int64_t slots;                          /* S, N <= S <= T * M */
 } smoe_combine_args;
 
 smoe_status smoe_combine_rows(const smoe_combine_args *args, int64_t begin, int64_t end);
 
-/* VJP of combine for the tokens [begin, end) and their slot range [begin * M, end * M):
+/* VJP of combine for the tokens [begin, end) and their slot range [begin * M, end * M) (clipped
+ * to S):
  *   grad_ys[s] = p[t, e] * grad_y[t] for an active slot s of pair (t, e), a zero row for padding;
  *   grad_p[t, e] = <grad_y[t], ys[s]> (see smoe_route_dot) for the routed pairs, 0 elsewhere.
  * grad_y and grad_ys have the storage dtype of ys, grad_p that of p; math type as for combine. */
@@ -169,14 +175,15 @@ typedef struct {
   int64_t tokens, experts, max_active, d;
   smoe_dtype ys_dtype;
   const void *grad_y;         /* [T, d] */
-  const void *ys;             /* [P, d] */
+  const void *ys;             /* [S, d] */
   smoe_dtype p_dtype;
   const void *p;              /* [T, E] */
-  const int64_t *pair_token;  /* [P] */
-  const int64_t *pair_expert; /* [P] */
+  const int64_t *pair_token;  /* [S] */
+  const int64_t *pair_expert; /* [S] */
   const int64_t *token_pairs; /* [T, M] */
-  void *grad_ys;              /* out [P, d] */
+  void *grad_ys;              /* out [S, d] */
   void *grad_p;               /* out [T, E] */
+  int64_t slots;              /* S, N <= S <= T * M */
 } smoe_combine_bwd_args;
 
 smoe_status smoe_combine_bwd(const smoe_combine_bwd_args *args, int64_t begin, int64_t end);

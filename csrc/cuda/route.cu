@@ -225,8 +225,8 @@ __global__ void combine_kernel(smoe_combine_args a) {
 // grad_ys[s] = p[t, e] * grad_y[t] for a routed slot, a zero row for padding (or a bad index).
 template <typename RT>
 __global__ void grad_ys_kernel(smoe_combine_bwd_args a) {
-  const int64_t d = a.d, P = a.tokens * a.max_active;
-  for (int64_t s = first_row(); s < P; s += row_stride()) {
+  const int64_t d = a.d;
+  for (int64_t s = first_row(); s < a.slots; s += row_stride()) {
     const int64_t t = a.pair_token[s];
     const int64_t e = (t >= 0 && t < a.tokens) ? a.pair_expert[s] : -1;
     if (e >= 0 && e < a.experts) {
@@ -249,7 +249,7 @@ __global__ void grad_p_kernel(smoe_combine_bwd_args a) {
   for (int64_t pair = first_row(); pair < P; pair += row_stride()) {
     const int64_t t = pair / M;
     const int64_t s = a.token_pairs[pair];
-    const int64_t e = (s >= 0 && s < P) ? a.pair_expert[s] : -1;
+    const int64_t e = (s >= 0 && s < a.slots) ? a.pair_expert[s] : -1;
     if (e < 0 || e >= a.experts) continue;  // uniform over the warp
     RT v = RouteMath<RT>::dot_lane(a.grad_y, a.ys, a.ys_dtype, t * a.d, s * a.d, a.d, lane);
     for (int w = SMOE_ROUTE_LANES / 2; w > 0; w /= 2) v += __shfl_down_sync(0xffffffffu, v, w);
@@ -323,10 +323,11 @@ extern "C" smoe_status smoe_cuda_gather_rows(const smoe_gather_args *args, void 
 
 extern "C" smoe_status smoe_cuda_combine_rows(const smoe_combine_args *args, void *stream) {
   if (!args || !valid_dtype(args->ys_dtype) || (args->p && !valid_dtype(args->p_dtype)) || args->tokens < 0 ||
-      args->max_active < 1 || args->d < 0)
+      args->max_active < 1 || args->d < 0 || args->slots < 0 || args->slots > args->tokens * args->max_active)
     return SMOE_ERR_ARG;
   if (args->tokens == 0 || args->d == 0) return SMOE_OK;
-  if (!args->token_pairs || !args->ys || !args->y || (args->p && !args->pair_expert)) return SMOE_ERR_ARG;
+  if (!args->token_pairs || !args->y || (args->slots > 0 && (!args->ys || (args->p && !args->pair_expert))))
+    return SMOE_ERR_ARG;
   const dim3 block(32, kRowsPerBlock);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const bool f64 = args->ys_dtype == SMOE_F64 || (args->p && args->p_dtype == SMOE_F64);
@@ -339,11 +340,12 @@ extern "C" smoe_status smoe_cuda_combine_rows(const smoe_combine_args *args, voi
 
 extern "C" smoe_status smoe_cuda_combine_bwd(const smoe_combine_bwd_args *args, void *stream) {
   if (!args || !valid_dtype(args->ys_dtype) || !valid_dtype(args->p_dtype) || args->tokens < 0 ||
-      args->experts < 1 || args->max_active < 1 || args->d < 0)
+      args->experts < 1 || args->max_active < 1 || args->d < 0 || args->slots < 0 ||
+      args->slots > args->tokens * args->max_active)
     return SMOE_ERR_ARG;
   if (args->tokens == 0) return SMOE_OK;
-  if (!args->p || !args->pair_token || !args->pair_expert || !args->token_pairs || !args->grad_p ||
-      (args->d > 0 && (!args->grad_y || !args->ys || !args->grad_ys)))
+  if (!args->p || !args->token_pairs || !args->grad_p || (args->slots > 0 && (!args->pair_token || !args->pair_expert)) ||
+      (args->d > 0 && (!args->grad_y || (args->slots > 0 && (!args->ys || !args->grad_ys)))))
     return SMOE_ERR_ARG;
   const dim3 block(32, kRowsPerBlock);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
@@ -353,9 +355,9 @@ extern "C" smoe_status smoe_cuda_combine_bwd(const smoe_combine_bwd_args *args, 
   const bool f64 = args->ys_dtype == SMOE_F64 || args->p_dtype == SMOE_F64;
   if (args->d > 0) {
     if (f64)
-      grad_ys_kernel<double><<<blocks_rows(P), block, 0, st>>>(*args);
+      grad_ys_kernel<double><<<blocks_rows(args->slots), block, 0, st>>>(*args);
     else
-      grad_ys_kernel<float><<<blocks_rows(P), block, 0, st>>>(*args);
+      grad_ys_kernel<float><<<blocks_rows(args->slots), block, 0, st>>>(*args);
   }
   if (f64)
     grad_p_kernel<double><<<blocks_rows(P), block, 0, st>>>(*args);

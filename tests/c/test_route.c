@@ -384,6 +384,7 @@ static void test_gather_combine(smoe_dtype dt, smoe_dtype pdt) {
   ca.pair_expert = pl.pair_expert;
   ca.token_pairs = pl.token_pairs;
   ca.y = y;
+  ca.slots = P;
   CHECK(smoe_combine_rows(&ca, 0, T) == SMOE_OK, "combine status");
   double err = 0;
   for (int64_t t = 0; t < T; ++t)
@@ -451,6 +452,7 @@ static void test_gather_combine(smoe_dtype dt, smoe_dtype pdt) {
   ba.token_pairs = pl.token_pairs;
   ba.grad_ys = gys;
   ba.grad_p = gp;
+  ba.slots = P;
   CHECK(smoe_combine_bwd(&ba, 0, T) == SMOE_OK, "combine bwd status");
   double err_ys = 0, err_p = 0;
   int exact_ys = 1;
@@ -519,6 +521,38 @@ static void test_gather_combine(smoe_dtype dt, smoe_dtype pdt) {
   for (int64_t t = 0; t < T; t += 4) CHECK(smoe_combine_bwd(&ba, t, t + 4 < T ? t + 4 : T) == SMOE_OK, "bwd chunk");
   CHECK(memcmp(gys, gys2, (size_t)(P * d) * es) == 0 && memcmp(gp, gp2, (size_t)(T * E) * elem_size(pdt)) == 0,
         "combine bwd chunked == whole");
+
+  /* The routed prefix only (S = N slots, what an eager caller passes after trimming): the same
+   * bytes for the N routed rows, y and grad_p; S > P and a token_pairs index >= S are rejected. */
+  const int64_t N = pl.offsets[E];
+  memset(xs2, 0x7f, (size_t)(P * d) * es);
+  ga.xs = xs2;
+  ga.slots = N;
+  CHECK(smoe_gather_rows(&ga, 0, N) == SMOE_OK, "gather, routed prefix");
+  CHECK(memcmp(xs, xs2, (size_t)(N * d) * es) == 0, "gather of the routed prefix == its rows of the whole");
+  ca.p = p;
+  ca.ys = ys;
+  ca.y = y2;
+  ca.slots = N;
+  CHECK(smoe_combine_rows(&ca, 0, T) == SMOE_OK, "combine, routed prefix");
+  ca.y = y;
+  ca.slots = P;
+  CHECK(smoe_combine_rows(&ca, 0, T) == SMOE_OK, "combine, all slots");
+  CHECK(memcmp(y, y2, (size_t)(T * d) * es) == 0, "combine over the routed prefix == over all slots");
+  ca.slots = P + 1;
+  CHECK(smoe_combine_rows(&ca, 0, T) == SMOE_ERR_ARG, "combine with slots > tokens * max_active");
+  if (N > 0) {
+    ca.slots = N - 1;
+    CHECK(smoe_combine_rows(&ca, 0, T) == SMOE_ERR_ARG, "combine with a token_pairs slot >= slots");
+  }
+  memset(gys2, 0x7f, (size_t)(P * d) * es);
+  memset(gp2, 0x7f, (size_t)(T * E) * elem_size(pdt));
+  ba.slots = N;
+  CHECK(smoe_combine_bwd(&ba, 0, T) == SMOE_OK, "combine bwd, routed prefix");
+  CHECK(memcmp(gys, gys2, (size_t)(N * d) * es) == 0 && memcmp(gp, gp2, (size_t)(T * E) * elem_size(pdt)) == 0,
+        "combine bwd over the routed prefix == over all slots");
+  ba.slots = P + 1;
+  CHECK(smoe_combine_bwd(&ba, 0, T) == SMOE_ERR_ARG, "combine bwd with slots > tokens * max_active");
 
   free(gys);
   free(gys2);
@@ -646,6 +680,7 @@ static void test_bad_arguments(void) {
   c.pair_expert = pl.pair_expert;
   c.token_pairs = pl.token_pairs;
   c.y = y;
+  c.slots = 3;
   CHECK(smoe_combine_rows(&c, 0, 3) == SMOE_OK, "good combine");
   int64_t bad_pairs[3] = {0, 5, -1};
   c.token_pairs = bad_pairs;
@@ -677,6 +712,7 @@ static void test_bad_arguments(void) {
   float gys[6], gp[6];
   b.grad_ys = gys;
   b.grad_p = gp;
+  b.slots = 3;
   CHECK(smoe_combine_bwd(&b, 0, 3) == SMOE_ERR_ARG, "combine bwd needs p");
   b.p = pf;
   CHECK(smoe_combine_bwd(&b, 0, 3) == SMOE_OK, "good combine bwd");
@@ -706,6 +742,7 @@ static void test_zero_features(void) {
   b.pair_expert = pl.pair_expert;
   b.token_pairs = pl.token_pairs;
   b.grad_p = gp;
+  b.slots = 4;
   CHECK(smoe_combine_bwd(&b, 0, 2) == SMOE_OK, "d = 0 bwd status");
   CHECK(gp[0] == 0 && gp[1] == 0 && gp[2] == 0 && gp[3] == 0, "d = 0 grad_p is zero");
   smoe_gather_args g;

@@ -323,16 +323,16 @@ static void corrupt_run(fz_reader *r, const dcase *c, const plan_t *good, const 
   if (c->d > 0)
     FZ_CHECK(sg == (bad_gather ? SMOE_ERR_ARG : SMOE_OK), "gather with corrupt pair_token: status %d, expected %d",
              (int)sg, bad_gather);
-  smoe_combine_args ca = {c->T, c->E, c->M, c->d, c->xdt, ys, c->pdt, p, pl.pair_expert, pl.token_pairs, y};
+  smoe_combine_args ca = {c->T, c->E, c->M, c->d, c->xdt, ys, c->pdt, p, pl.pair_expert, pl.token_pairs, y, c->P};
   const smoe_status sc = smoe_combine_rows(&ca, 0, c->T);
   FZ_CHECK(sc == (bad_combine ? SMOE_ERR_ARG : SMOE_OK), "combine with corrupt indices: status %d, expected %d",
            (int)sc, bad_combine);
-  smoe_combine_args cn = {c->T, c->E, c->M, c->d, c->xdt, ys, c->pdt, NULL, NULL, pl.token_pairs, y};
+  smoe_combine_args cn = {c->T, c->E, c->M, c->d, c->xdt, ys, c->pdt, NULL, NULL, pl.token_pairs, y, c->P};
   const smoe_status sn = smoe_combine_rows(&cn, 0, c->T);
   FZ_CHECK(sn == (bad_combine_nop ? SMOE_ERR_ARG : SMOE_OK),
            "combine without p, corrupt token_pairs: status %d, expected %d", (int)sn, bad_combine_nop);
   smoe_combine_bwd_args ba = {c->T,  c->E, c->M,          c->d,           c->xdt,         gy, ys,
-                              c->pdt, p,    pl.pair_token, pl.pair_expert, pl.token_pairs, gys, gp};
+                              c->pdt, p,    pl.pair_token, pl.pair_expert, pl.token_pairs, gys, gp, c->P};
   const smoe_status sb = smoe_combine_bwd(&ba, 0, c->T);
   const int bad_bwd = bad_combine || bad_pair_token;
   FZ_CHECK(sb == (bad_bwd ? SMOE_ERR_ARG : SMOE_OK), "combine backward with corrupt indices: status %d, expected %d",
@@ -487,7 +487,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   void *yref = fz_alloc((size_t)(c.T * c.d) * xe);
   for (int with_p = 0; with_p < 2; ++with_p) {
     smoe_combine_args ca = {c.T,   c.E,          c.M,           c.d, c.xdt, ys, c.pdt, with_p ? p : NULL,
-                            pl.pair_expert, pl.token_pairs, y};
+                            pl.pair_expert, pl.token_pairs, y,    c.P};
     FZ_CHECK(smoe_combine_rows(&ca, 0, c.T) == SMOE_OK, "combine status (with p: %d)", with_p);
     ref_combine(&c, ys, with_p ? p : NULL, &pl, yref);
     for (int64_t i = 0; i < c.T * c.d; ++i)
@@ -498,6 +498,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
              "split combine status");
     FZ_CHECK(memcmp(y, y2, (size_t)(c.T * c.d) * xe) == 0, "combine differs when split at token %lld",
              (long long)tok_split);
+    /* over the routed prefix only (slots = N, the eager layer's trimmed buffers): the same bytes */
+    ca.slots = N;
+    FZ_CHECK(smoe_combine_rows(&ca, 0, c.T) == SMOE_OK, "combine status over the routed prefix");
+    FZ_CHECK(memcmp(y, y2, (size_t)(c.T * c.d) * xe) == 0, "combine over the routed prefix differs (with p: %d)",
+             with_p);
   }
   {
     const size_t pe = fz_elem(c.pdt);
@@ -506,7 +511,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     memset(gys, 0x5a, (size_t)(c.P * c.d) * xe); /* poison: every element must be written */
     memset(gp, 0x5a, (size_t)(c.T * c.E) * pe);
     smoe_combine_bwd_args ba = {c.T,  c.E, c.M,          c.d,            c.xdt,          gy, ys,
-                                c.pdt, p,   pl.pair_token, pl.pair_expert, pl.token_pairs, gys, gp};
+                                c.pdt, p,   pl.pair_token, pl.pair_expert, pl.token_pairs, gys, gp, c.P};
     FZ_CHECK(smoe_combine_bwd(&ba, 0, c.T) == SMOE_OK, "combine backward status");
     const int f64 = c.xdt == SMOE_F64 || c.pdt == SMOE_F64;
     char *routed = (char *)fz_calloc((size_t)(c.T * c.E));
@@ -548,6 +553,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
              "split combine backward status");
     FZ_CHECK(memcmp(gys, gys2, (size_t)(c.P * c.d) * xe) == 0 && memcmp(gp, gp2, (size_t)(c.T * c.E) * pe) == 0,
              "combine backward differs when split at token %lld", (long long)tok_split);
+    memset(gys2, 0x5a, (size_t)(c.P * c.d) * xe);
+    ba.slots = N;
+    FZ_CHECK(smoe_combine_bwd(&ba, 0, c.T) == SMOE_OK, "combine backward status over the routed prefix");
+    FZ_CHECK(memcmp(gys, gys2, (size_t)(N * c.d) * xe) == 0 && memcmp(gp, gp2, (size_t)(c.T * c.E) * pe) == 0,
+             "combine backward over the routed prefix differs");
     free(routed);
     free(gys);
     free(gp);

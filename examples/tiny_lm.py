@@ -89,7 +89,7 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LMConfig) -> None:
+    def __init__(self, cfg: LMConfig, expert_group=None) -> None:
         super().__init__()
         self.heads = cfg.heads
         self.norm1 = nn.LayerNorm(cfg.d_model)
@@ -99,7 +99,7 @@ class Block(nn.Module):
         if cfg.ffn == "softmoe":
             self.ffn = softmoe.SoftMoELayer(
                 cfg.d_model, cfg.d_hidden, cfg.experts, k=cfg.mean_k, alpha=cfg.alpha, eps=cfg.eps,
-                max_active=cfg.max_active, combine=cfg.combine,
+                max_active=cfg.max_active, combine=cfg.combine, expert_group=expert_group,
             )
         elif cfg.ffn == "topk":
             self.ffn = TopKMoE(cfg.d_model, cfg.d_hidden, cfg.experts, top_k=cfg.top_k)
@@ -117,15 +117,16 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-    """Byte-level causal LM: ``forward(idx[B, T]) -> logits[B, T, 256]``."""
+    """Byte-level causal LM: ``forward(idx[B, T]) -> logits[B, T, 256]``. ``expert_group`` makes the
+    SoftMoE layers expert-parallel over that process group (softmoe/parallel.py)."""
 
-    def __init__(self, cfg: LMConfig) -> None:
+    def __init__(self, cfg: LMConfig, expert_group=None) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(256, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.pos = nn.Parameter(torch.randn(cfg.context, cfg.d_model) * 0.02)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(cfg, expert_group) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.budget = (
             softmoe.GlobalBudget([blk.ffn for blk in self.blocks], mean_k=cfg.mean_k, k_min=cfg.k_min)
@@ -159,11 +160,13 @@ class TinyLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: bytes, length: int, temperature: float = 0.8, generator: torch.Generator | None = None) -> bytes:
-        idx = torch.tensor(list(prompt), dtype=torch.long)[None]
+        device = self.embed.weight.device
+        idx = torch.tensor(list(prompt), dtype=torch.long, device=device)[None]
         for _ in range(length):
             logits = self(idx[:, -self.cfg.context :])[:, -1] / temperature
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
+            # sampled on the CPU so that a CPU generator also drives a model on a GPU
+            nxt = torch.multinomial(torch.softmax(logits.float().cpu(), -1), 1, generator=generator)
+            idx = torch.cat([idx, nxt.to(device)], dim=1)
         return bytes(idx[0].tolist())
 
 

@@ -5,6 +5,7 @@
 >>> p.sum(-1)  # each row sums to k
 """
 from . import baselines, ops  # noqa: F401  (ops loads the compiled library: torch.ops.softmoe.*)
+from . import parallel  # noqa: F401  (expert / data parallelism over torch.distributed)
 from .budget import GlobalBudget
 from .experts import GroupedExperts
 from .functional import soft_topk
@@ -21,6 +22,7 @@ __all__ = [
     "dispatch_plan",
     "gather_rows",
     "grouped_mm",
+    "parallel",
     "soft_topk",
 ]
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from . import _checks, ops
+from . import _checks, ops, parallel
 from .experts import Activation, GroupedExperts
 from .functional import soft_topk
 
@@ -43,6 +43,11 @@ class SoftMoELayer(nn.Module):
         k_min, k_max: the range k is kept in by construction; defaults 1 (at least one expert's
             worth of weight; ``min(1, k / 2)`` for a smaller k) and ``max_active - 1`` (room below
             the cap; halfway between k and max_active if that is larger).
+        expert_group: expert parallelism (``softmoe/parallel.py``, docs/distributed.md): a
+            ``torch.distributed`` ProcessGroup, a 1-D DeviceMesh or ``(DeviceMesh, dim_name)`` of W
+            ranks; this rank keeps experts ``[rank * E / W, (rank + 1) * E / W)`` (E divisible by W)
+            and the forward exchanges the routed rows with the other ranks (every rank of the group
+            must build and run the same layers in the same order). None: all experts are local.
 
     Shapes: ``forward(x[..., d_model]) -> [..., d_model]``.
     """
@@ -65,6 +70,7 @@ class SoftMoELayer(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        expert_group: "parallel.ExpertGroup | None" = None,
     ) -> None:
         super().__init__()
         fn = "SoftMoELayer"
@@ -108,7 +114,12 @@ class SoftMoELayer(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.router = nn.Linear(d_model, num_experts, bias=False, **factory)
         nn.init.normal_(self.router.weight, std=ROUTER_INIT_STD * alpha / math.sqrt(d_model))
-        self.experts = GroupedExperts(num_experts, d_model, d_hidden, activation, **factory)
+        self.expert_shard: parallel.ExpertShard | None = None
+        if expert_group is None:
+            self.experts = GroupedExperts(num_experts, d_model, d_hidden, activation, **factory)
+        else:
+            parallel.shard_experts(self, expert_group, d_hidden=d_hidden, activation=activation, k=k, alpha=alpha,
+                                   learn_k=learn_k, learn_alpha=learn_alpha, **factory)
         log_alpha = torch.tensor(math.log(alpha), dtype=torch.float32, device=device)
         if learn_alpha:
             self.log_alpha = nn.Parameter(log_alpha)
@@ -157,7 +168,10 @@ class SoftMoELayer(nn.Module):
             # have no count to read; they keep the fixed shapes, as compiled code does.
             plan = plan.trim()
         xs = ops.gather_rows(tokens, plan)
-        ys = self.experts(xs, plan.offsets)
+        if self.expert_shard is None:
+            ys = self.experts(xs, plan.offsets)
+        else:
+            ys = parallel.run_experts(self, xs, plan.offsets)
         y = ops.combine_rows(ys, weights, plan)
         self._record_stats(logits, p)
         return y.reshape(shape)
@@ -179,8 +193,12 @@ class SoftMoELayer(nn.Module):
     def get_extra_state(self) -> dict:
         """The routing configuration, saved in ``state_dict`` and checked on load: loading k_logit
         into a layer with another k range would silently change k."""
-        return {"k_min": self.k_min, "k_max": self.k_max, "max_active": self.max_active, "eps": self.eps,
-                "num_experts": self.num_experts, "combine": self.combine}
+        state = {"k_min": self.k_min, "k_max": self.k_max, "max_active": self.max_active, "eps": self.eps,
+                 "num_experts": self.num_experts, "combine": self.combine}
+        if self.expert_shard is not None:
+            # (first expert, count): a shard must not load into another rank's layer or a full one
+            state["expert_shard"] = (self.expert_shard.first, self.expert_shard.count)
+        return state
 
     def set_extra_state(self, state: dict) -> None:
         mine = self.get_extra_state()

@@ -71,7 +71,8 @@ torch.library.register_autograd(
 # pairs (p != 0; at most the first M per token, in expert order) into expert-contiguous order so
 # that the experts run on contiguous row segments; every shape is fixed by (T, E, M), so nothing
 # depends on the data and nothing syncs with the host. Padding slots (s >= N, the number of routed
-# pairs) carry index -1 and zero rows.
+# pairs) carry index -1 and zero rows. Eager callers may drop them (DispatchPlan.trim, one read of
+# N): gather and combine accept any S slots with N <= S <= P.
 
 from typing import NamedTuple  # noqa: E402
 

@@ -26,7 +26,10 @@ topk2), wall time, parameters active per token / total, and
 NaN / collapse checks. Aggregated over seeds: mean, std, min and max of bits per byte. Output:
 a markdown table on stdout, --out/quality.json, --out/quality.png (bits-per-byte curves) and
 --out/quality_allocation.png (learned SoftMoE allocation per layer over training). The exit
-status is 1 if a SoftMoE run hit a NaN or a layer left its allowed range.
+status is 1 if a SoftMoE run hit a NaN, a layer's k_l left its allowed range, or a layer
+collapsed: its routing diversity (the effective number of experts of its load over the mean
+active experts per token; 1 when every token goes to the same experts) stayed below
+COLLAPSE_DIVERSITY for 10 % of the steps in a row, or ended below it.
 
   python3 benchmarks/quality.py                  # default: 6 methods x 2 seeds x {steps} steps,
                                                  #   about {minutes} minutes on 2 idle CPU cores
@@ -188,6 +191,25 @@ def param_counts(model: TinyLM, active: List[float]) -> Dict[str, float]:
     return {"total": int(total), "active": float(total - skipped)}
 
 
+def routing_load(layer: softmoe.SoftMoELayer) -> tuple:
+    """(effective number of experts, routing diversity) of the layer's last forward.
+
+    The effective number is N_eff = exp(entropy) of the load q_e = (tokens routed to e) / (routed
+    pairs): E when every expert gets the same number of tokens. It is never below the mean number
+    a of active experts per token (no expert gets more than all the tokens), and equals a exactly
+    when every token goes to the same experts. The diversity N_eff / a is therefore 1 for routing
+    that no longer depends on the token (the MoE has collapsed into one fixed mixture) and E / a
+    for perfectly balanced routing."""
+    counts = layer.last_stats["tokens_per_expert"].double()
+    total = float(counts.sum())
+    active = float(layer.last_stats["active_per_token"])
+    if total <= 0 or active <= 0:
+        return 0.0, 0.0
+    q = counts[counts > 0] / total
+    n_eff = float(torch.exp(-(q * q.log()).sum()))
+    return n_eff, n_eff / active
+
+
 def train_run(method: str, seed: int, cfg: Dict[str, Any], train: torch.Tensor,
               held: List, position: str = "", keep: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Train one model; returns the run's record. ``keep[method] = (model, optimizer)`` if given."""
@@ -205,11 +227,16 @@ def train_run(method: str, seed: int, cfg: Dict[str, Any], train: torch.Tensor,
     if is_soft:
         k_lo, k_hi = model.budget.k_min, model.budget.k_max
 
-    hist: Dict[str, List] = {"step": [], "loss": [], "k": [], "active": []}
+    hist: Dict[str, List] = {"step": [], "loss": [], "k": [], "active": [], "diversity": []}
     curve: Dict[str, List] = {"step": [], "bpb": []}
     recent_active: List[List[float]] = []  # realised active per layer, the last `window` steps
     alloc_min = alloc_max = None
     active_min: Optional[List[float]] = None
+    load_min: Optional[List[float]] = None  # per layer, the least effective number of experts seen
+    diversity_min: Optional[List[float]] = None  # per layer, the least routing diversity seen
+    below: List[int] = [0] * len(layers)  # per layer, consecutive steps so far below COLLAPSE_DIVERSITY
+    below_longest: List[int] = [0] * len(layers)
+    recent_diversity: List[List[float]] = []  # the last `window` steps
     nan_step: Optional[int] = None
     nan_what = ""
     train_s = eval_s = 0.0
@@ -241,6 +268,17 @@ def train_run(method: str, seed: int, cfg: Dict[str, Any], train: torch.Tensor,
             recent_active.append(active)
             del recent_active[:-window]
             active_min = active if active_min is None else [min(a, b) for a, b in zip(active_min, active)]
+        if layers:
+            load = [routing_load(layer) for layer in layers]
+            n_eff = [a for a, _ in load]
+            diversity = [b for _, b in load]
+            load_min = n_eff if load_min is None else [min(a, b) for a, b in zip(load_min, n_eff)]
+            diversity_min = (diversity if diversity_min is None
+                             else [min(a, b) for a, b in zip(diversity_min, diversity)])
+            below = [n + 1 if not d >= COLLAPSE_DIVERSITY else 0 for n, d in zip(below, diversity)]
+            below_longest = [max(a, b) for a, b in zip(below_longest, below)]
+            recent_diversity.append(diversity)
+            del recent_diversity[:-window]
         alloc: List[float] = []
         if is_soft:
             with torch.no_grad():
@@ -252,6 +290,7 @@ def train_run(method: str, seed: int, cfg: Dict[str, Any], train: torch.Tensor,
             hist["loss"].append(ce.item())
             hist["k"].append(alloc)
             hist["active"].append(active)
+            hist["diversity"].append(diversity if layers else [])
         if done in evals_at:
             t1 = time.perf_counter()
             curve["step"].append(done)
@@ -306,6 +345,11 @@ def train_run(method: str, seed: int, cfg: Dict[str, Any], train: torch.Tensor,
         run["allocation_min_seen"] = alloc_min
         run["allocation_max_seen"] = alloc_max
         run["active_min_seen"] = active_min
+        run["load_experts_min_seen"] = load_min
+        run["diversity_min_seen"] = diversity_min
+        run["diversity_below_longest"] = below_longest if layers and done else None
+        run["diversity_final"] = ([statistics.fmean(col) for col in zip(*recent_diversity)]
+                                  if recent_diversity else None)
         run["tokens_per_expert_share_max"] = [
             float(layer.last_stats["tokens_per_expert"].max() / layer.last_stats["tokens_per_expert"].sum())
             for layer in layers if "tokens_per_expert" in layer.last_stats
@@ -360,8 +404,29 @@ def step_timing(models: Dict[str, Any], cfg: Dict[str, Any], train: torch.Tensor
 # ---- checks, aggregation, table -------------------------------------------------------------
 
 
+# A SoftMoE layer has collapsed when its routing no longer depends on the token: every token goes
+# to (nearly) the same experts, so the layer is one fixed mixture of experts, a dense FFN in
+# disguise. Measured by the routing diversity N_eff / a (routing_load): exactly 1 for such routing,
+# E / a for balanced routing; one shared expert that every token uses plus a second one spread over
+# the other 7 of 8 gives 2.65. The check fails a layer whose diversity stays below
+# COLLAPSE_DIVERSITY for COLLAPSE_FRACTION of the run's steps in a row, or whose mean over the last
+# --active-window steps is below it. A short dip is not a collapse: in the default 800-step runs
+# (seed 0, softmoe_k1.5 and softmoe_k2.0) every layer dips to 1.01-1.07 during warm-up (steps
+# ~20-50, while the active experts per token saturate at max_active), for at most 6 consecutive
+# steps, and recovers; at the end the diversity is 1.84-2.38.
+COLLAPSE_DIVERSITY = 1.1
+COLLAPSE_FRACTION = 0.1
+
+
+def collapse_steps(steps: int) -> int:
+    """Consecutive steps below COLLAPSE_DIVERSITY that count as a collapse: 10 % of the run."""
+    return max(1, math.ceil(COLLAPSE_FRACTION * steps))
+
+
 def check_run(run: Dict[str, Any]) -> List[str]:
-    """Failures of the SoftMoE safeguards in this run (empty: all good)."""
+    """Failures of the SoftMoE safeguards in this run (empty: all good): a non-finite loss or
+    gradient norm, a k_l outside its range, realised active experts below 1, or a collapsed layer
+    (routing diversity below COLLAPSE_DIVERSITY at any step)."""
     if not run["method"].startswith("softmoe"):
         return []
     fails = []
@@ -377,6 +442,19 @@ def check_run(run: Dict[str, Any]) -> List[str]:
         for layer, a in enumerate(run["active_min_seen"]):
             if not a >= 1.0:
                 fails.append(f"{tag}: layer {layer} realised active experts fell to {a:.3f} < 1")
+    longest, final = run.get("diversity_below_longest"), run.get("diversity_final")
+    if (longest is None or final is None) and not run["nan"]:
+        fails.append(f"{tag}: no routing diversity recorded (the collapse check cannot run)")
+    limit = collapse_steps(run["steps_done"])
+    for layer, n in enumerate(longest or []):
+        if n >= limit:
+            fails.append(f"{tag}: layer {layer} collapsed: routing diversity N_eff / active stayed below "
+                         f"{COLLAPSE_DIVERSITY} for {n} consecutive steps (limit {limit}: every token routed "
+                         f"to the same experts)")
+    for layer, d in enumerate(final or []):
+        if not d >= COLLAPSE_DIVERSITY:
+            fails.append(f"{tag}: layer {layer} collapsed at the end: mean routing diversity {d:.3f} "
+                         f"< {COLLAPSE_DIVERSITY} over the last steps")
     return fails
 
 
@@ -615,8 +693,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if failures:
         print("\nSAFEGUARD CHECKS FAILED:\n  " + "\n  ".join(failures))
     elif soft_runs:
-        print(f"\nsafeguard checks passed for all {len(soft_runs)} SoftMoE runs: no NaN/inf; every layer's k_l "
-              f"stayed strictly inside (k_min, k_max) at every step; realised active experts >= 1 at every step")
+        longest = max((n for r in soft_runs for n in (r.get("diversity_below_longest") or [])), default=0)
+        final = min((d for r in soft_runs for d in (r.get("diversity_final") or [])), default=float("nan"))
+        print(f"\nsafeguard checks passed for all {len(soft_runs)} SoftMoE runs over all their steps: no NaN/inf; "
+              f"every layer's k_l stayed strictly inside (k_min, k_max); realised active experts >= 1; no layer "
+              f"collapsed (routing diversity N_eff / active below {COLLAPSE_DIVERSITY} for at most {longest} "
+              f"consecutive steps, limit {collapse_steps(cfg['steps'])}; at the end >= {final:.2f})")
     print(f"total wall time: {elapsed:.0f} s ({elapsed / 60:.1f} min)")
 
     os.makedirs(args.out, exist_ok=True)
@@ -640,7 +722,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "aggregate": agg,
         "step_timing": timing,
         "table_markdown": table,
-        "checks": {"passed": not failures, "failures": failures, "softmoe_runs": len(soft_runs)},
+        "checks": {"passed": not failures, "failures": failures, "softmoe_runs": len(soft_runs),
+                   "collapse_diversity": COLLAPSE_DIVERSITY, "collapse_steps": collapse_steps(cfg["steps"]),
+                   "diversity_min": min((d for r in soft_runs for d in (r.get("diversity_min_seen") or [])),
+                                        default=None)},
         "plots": {k: os.path.basename(v) for k, v in plots.items()},
         "runs": runs,
     }

@@ -1,10 +1,12 @@
 """benchmarks/quality.py end to end at a toy size: it trains, checks its safeguards and writes the
 JSON (and plots) it promises."""
 import json
+import math
 import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import quality  # noqa: E402
@@ -41,6 +43,13 @@ def test_quick_run_writes_json(tmp_path, capsys):
     lo, hi = soft["k_range"]
     assert all(lo < k < hi for k in soft["allocation"])
     assert all(1.0 <= a <= result["config"]["max_active"] for a in soft["active_per_layer"])
+    # The collapse check ran over every step of every layer.
+    for key in ("diversity_min_seen", "load_experts_min_seen", "diversity_below_longest", "diversity_final"):
+        assert len(soft[key]) == layers, key
+    assert all(d >= quality.COLLAPSE_DIVERSITY for d in soft["diversity_final"])
+    assert max(soft["diversity_below_longest"]) < quality.collapse_steps(3)
+    assert result["checks"]["diversity_min"] == min(soft["diversity_min_seen"])
+    assert len(soft["history"]["diversity"][0]) == layers
     assert soft["params"]["active"] < soft["params"]["total"]
 
     timing = result["step_timing"]["methods"]
@@ -50,3 +59,57 @@ def test_quick_run_writes_json(tmp_path, capsys):
     assert agg["bpb"]["n"] == 1 and agg["bpb"]["mean"] == soft["final_bpb"]
     pytest.importorskip("matplotlib")
     assert (tmp_path / "quality.png").exists() and (tmp_path / "quality_allocation.png").exists()
+
+
+def test_routing_load_measures_collapse():
+    """N_eff / active is 1 when every token goes to the same experts, E / active when balanced."""
+    layer = quality.softmoe.SoftMoELayer(8, 8, 8, k=1.5, max_active=4)
+    layer.last_stats = {"tokens_per_expert": torch.tensor([64, 64, 0, 0, 0, 0, 0, 0]),
+                        "active_per_token": torch.tensor(2.0)}
+    n_eff, diversity = quality.routing_load(layer)
+    assert n_eff == pytest.approx(2.0) and diversity == pytest.approx(1.0)
+    layer.last_stats = {"tokens_per_expert": torch.full((8,), 16), "active_per_token": torch.tensor(2.0)}
+    n_eff, diversity = quality.routing_load(layer)
+    assert n_eff == pytest.approx(8.0) and diversity == pytest.approx(4.0)
+    assert quality.collapse_steps(800) == 80 and quality.collapse_steps(3) == 1
+
+
+def _soft_run(**kw):
+    run = {"method": "softmoe_k1.5", "seed": 0, "nan": False, "nan_what": "", "nan_step": None, "steps_done": 800,
+           "k_range": [1.0, 3.0], "allocation_min_seen": [1.4, 1.5], "allocation_max_seen": [1.6, 1.6],
+           "active_min_seen": [2.0, 2.1], "diversity_below_longest": [0, 79], "diversity_final": [2.0, 1.8]}
+    run.update(kw)
+    return run
+
+
+def test_check_run_flags_nan_and_collapse():
+    assert quality.check_run(_soft_run()) == []
+    assert any("non-finite" in f for f in quality.check_run(_soft_run(nan=True, nan_what="loss = nan", nan_step=7)))
+    # A transient dip shorter than 10 % of the run (79 of 800 steps above) is not a collapse.
+    collapsed = quality.check_run(_soft_run(diversity_below_longest=[0, 80]))
+    assert len(collapsed) == 1 and "layer 1 collapsed" in collapsed[0]
+    at_end = quality.check_run(_soft_run(diversity_final=[1.05, 1.8]))
+    assert len(at_end) == 1 and "layer 0 collapsed at the end" in at_end[0]
+    assert quality.check_run(_soft_run(diversity_final=[2.0, math.nan]))  # NaN is not >= the limit
+    assert quality.check_run(_soft_run(diversity_below_longest=None))  # a run that did not measure it fails
+    assert quality.check_run({"method": "topk2", "nan": True}) == []  # the baselines are not checked
+
+
+def test_collapse_makes_the_benchmark_fail(tmp_path, capsys, monkeypatch):
+    """End to end: a layer whose load looks collapsed at some step gives exit status 1."""
+    real = quality.routing_load
+    calls = {"n": 0}
+
+    def collapsing(layer):
+        calls["n"] += 1
+        n_eff, diversity = real(layer)
+        return (n_eff, 1.0) if calls["n"] == 3 else (n_eff, diversity)
+
+    monkeypatch.setattr(quality, "routing_load", collapsing)
+    argv = ["--quick", "--steps", "2", "--seeds", "0", "--methods", "softmoe_k1.5", "--threads", "1",
+            "--no-plot", "--no-step-timing", "--out", str(tmp_path)]
+    assert quality.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "SAFEGUARD CHECKS FAILED" in out and "collapsed" in out
+    result = json.loads((tmp_path / "quality.json").read_text())
+    assert result["checks"]["passed"] is False and result["checks"]["diversity_min"] == 1.0

@@ -354,7 +354,12 @@ SMOE_HD void SMOE_FN(smoe_topk_fwd_row)(const smoe_topk_fwd_args *a, int64_t row
   for (int64_t j = 0; j < active; ++j) {
     const R x = (SMOE_AT(s, j) - s_piv) * inv_alpha + tau;
     R p;
-    if (!truncated) {
+    if (active == 1) {
+      /* The one active expert carries all of k. Exact, where (F - eps) / (1 - eps) would cancel
+       * for k << eps (F = eps + k (1 - eps)): the usual case of a tiny k, where a second expert is
+       * active only within ~k / eps * alpha of a tie. */
+      p = k;
+    } else if (!truncated) {
       p = SMOE_CDF(x);
     } else if (x <= -c) {
       p = 0;

@@ -244,7 +244,6 @@ def machine_info(device: Optional[torch.device] = None) -> Dict[str, Any]:
     info: Dict[str, Any] = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "argv": list(sys.argv),
-        "cwd": os.getcwd(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -290,10 +289,18 @@ def write_json(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
+# Results are committed: paths inside the checkout are stored relative to it, so the files say
+# nothing about the machine that wrote them.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
 def _clean(o: Any) -> Any:
-    """Non-finite floats become strings ("nan", "inf") so the file stays strict JSON."""
+    """Non-finite floats become strings ("nan", "inf") so the file stays strict JSON; absolute
+    paths inside the checkout become relative."""
     if isinstance(o, float):
         return o if math.isfinite(o) else str(o)
+    if isinstance(o, str) and o.startswith(_REPO_ROOT):
+        return o[len(_REPO_ROOT):]
     if isinstance(o, dict):
         return {str(k): _clean(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):

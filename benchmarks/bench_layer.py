@@ -38,6 +38,14 @@ step, which misses temporaries freed inside an operator.
   python3 benchmarks/bench_layer.py                 # full run, ~4-7 minutes on 2 cores
   python3 benchmarks/bench_layer.py --quick         # smoke run, small sizes (~1 min; more on a loaded machine)
   python3 benchmarks/bench_layer.py --threads 1      # one thread (steadier on a loaded 2-core machine)
+  python3 benchmarks/bench_layer.py --malloc no-mmap # glibc keeps large blocks on its heap (see below)
+
+Allocator: glibc's malloc serves blocks above its mmap threshold (at most 32 MB) with fresh mmaps
+and returns them on free, so every step page-faults its large activations again (a [16384, 1024]
+float32 tensor is 64 MB). That cost lands on the methods with large tensors (the grouped layers,
+dense) and not on the per-expert loop, whose tensors are one expert's share. --malloc no-mmap
+re-runs the benchmark with MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 1 GiB (the effect
+of jemalloc / tcmalloc, or of PyTorch's CPU tuning advice), the same for every method.
   python3 benchmarks/bench_layer.py --experts 64 --repeats 9 --tokens 4096
 """
 
@@ -70,6 +78,7 @@ METHODS = ["topk", "softmoe", "hf_loop", "dense"]
 BASELINE = "topk"
 MODES = ["fwd+bwd", "inference"]
 D_HIDDEN = {8: 1024, 64: 256}
+NO_MMAP_BYTES = str(1 << 30)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,9 +406,15 @@ def main(argv=None) -> int:
                     help="also report torch.profiler's allocation peak of one step (slower)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tokens 1024, d_model 128, small experts, 3 repeats")
+    ap.add_argument("--malloc", choices=["glibc", "no-mmap"], default="glibc",
+                    help="glibc: the default allocator settings; no-mmap: large blocks stay on glibc's heap")
     ap.add_argument("--out", default=DEFAULT_JSON)
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.malloc == "no-mmap" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != NO_MMAP_BYTES:
+        # glibc reads these at process start, so the benchmark restarts itself with them set.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=NO_MMAP_BYTES, MALLOC_TRIM_THRESHOLD_=NO_MMAP_BYTES)
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
     if args._child:
         print(json.dumps(child_memory(json.loads(args._child))))
         return 0
@@ -443,7 +458,7 @@ def main(argv=None) -> int:
             "softmoe uses k = --k with its router weight scaled so that the realised mean number of "
             "active experts per token equals --target-active (same expert FLOPs as top-2).",
         ],
-        "settings": {"tokens": tokens, "d_model": d_model, "experts": experts, "repeats": repeats,
+        "settings": {"tokens": tokens, "d_model": d_model, "experts": experts, "repeats": repeats, "malloc": args.malloc,
                      "quick": args.quick, "threads": threads, "methods": METHODS, "baseline": BASELINE},
         "results": results,
         "table_markdown": table,

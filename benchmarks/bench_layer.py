@@ -414,7 +414,7 @@ def main(argv=None) -> int:
     if args.malloc == "no-mmap" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != NO_MMAP_BYTES:
         # glibc reads these at process start, so the benchmark restarts itself with them set.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=NO_MMAP_BYTES, MALLOC_TRIM_THRESHOLD_=NO_MMAP_BYTES)
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     if args._child:
         print(json.dumps(child_memory(json.loads(args._child))))
         return 0

@@ -65,11 +65,19 @@ clean:
 # ==== Fuzzing the C core (tests/fuzz/README.md) ===============================================
 # `make fuzz` runs each libFuzzer target for FUZZ_SECONDS (needs clang with libFuzzer: on Debian
 # `apt-get install clang libclang-rt-14-dev`); `make fuzz-smoke` replays the corpus and then fuzzes
-# each target for FUZZ_SMOKE_SECONDS (CI); `make fuzz-regress` replays the committed corpus through
-# the same targets built with $(CC) and ASan/UBSan but without libFuzzer (part of `make ctest`).
+# each target for FUZZ_SMOKE_RUNS_<target> inputs from the fixed FUZZ_SMOKE_SEED, capped at FUZZ_SMOKE_SECONDS
+# (CI); `make fuzz-regress` replays the committed corpus through the same targets built with $(CC)
+# and ASan/UBSan but without libFuzzer (part of `make ctest`).
+# The smoke is seeded so that CI replays the exact inputs a developer's `make fuzz-smoke` checked (a
+# slower machine stops at the time cap, inside the same sequence): exploring new inputs is `make
+# fuzz`'s job (FUZZ_SEED unset: libFuzzer picks a seed and prints it), and a CI run must not fail on
+# an input nobody has seen.
 FUZZ_CC ?= clang
 FUZZ_SECONDS ?= 300
-FUZZ_SMOKE_SECONDS ?= 30
+FUZZ_SMOKE_SECONDS ?= 60
+FUZZ_SMOKE_SEED ?= 1
+FUZZ_SMOKE_RUNS_fuzz_topk ?= 25000
+FUZZ_SMOKE_RUNS_fuzz_dispatch ?= 2000
 FUZZ_DIR = tests/fuzz
 FUZZ_BUILD = $(FUZZ_DIR)/build
 FUZZ_TARGETS = fuzz_topk fuzz_dispatch
@@ -102,10 +110,11 @@ fuzz-regress: $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/replay_%)
 # run therefore starts from an empty working directory (only the committed corpus to replay).
 FUZZ_WORK ?= $(FUZZ_BUILD)/work
 fuzz-run: $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/libfuzzer_%)
-	@for t in $(FUZZ_TARGETS); do echo "== $$t for $(FUZZ_RUN_SECONDS) s"; \
-	  mkdir -p $(FUZZ_WORK)/$$t $(FUZZ_BUILD)/crashes; \
-	  $(FUZZ_BUILD)/libfuzzer_$$t $(FUZZ_RUN_FLAGS) -max_total_time=$(FUZZ_RUN_SECONDS) \
-	    -artifact_prefix=$(FUZZ_BUILD)/crashes/$$t- $(FUZZ_WORK)/$$t $(FUZZ_DIR)/corpus/$$t || exit 1; done
+	@$(foreach t,$(FUZZ_TARGETS),echo "== $(t) for at most $(FUZZ_RUN_SECONDS) s"; \
+	  mkdir -p $(FUZZ_WORK)/$(t) $(FUZZ_BUILD)/crashes; \
+	  $(FUZZ_BUILD)/libfuzzer_$(t) $(FUZZ_RUN_FLAGS) -max_total_time=$(FUZZ_RUN_SECONDS) \
+	    $(if $(FUZZ_SEED),-seed=$(FUZZ_SEED)) $(if $(FUZZ_RUNS_LIMITED),-runs=$(FUZZ_SMOKE_RUNS_$(t))) \
+	    -artifact_prefix=$(FUZZ_BUILD)/crashes/$(t)- $(FUZZ_WORK)/$(t) $(FUZZ_DIR)/corpus/$(t) || exit 1;)
 
 fuzz:
 	@$(MAKE) --no-print-directory fuzz-run FUZZ_RUN_SECONDS=$(FUZZ_SECONDS)
@@ -113,7 +122,8 @@ fuzz:
 fuzz-smoke: fuzz-regress
 	@test $(FUZZ_SMOKE_SECONDS) -le 60 || { echo "fuzz-smoke: FUZZ_SMOKE_SECONDS must be <= 60"; exit 1; }
 	@rm -rf $(FUZZ_BUILD)/smoke
-	@$(MAKE) --no-print-directory fuzz-run FUZZ_RUN_SECONDS=$(FUZZ_SMOKE_SECONDS) FUZZ_WORK=$(FUZZ_BUILD)/smoke
+	@$(MAKE) --no-print-directory fuzz-run FUZZ_RUN_SECONDS=$(FUZZ_SMOKE_SECONDS) FUZZ_WORK=$(FUZZ_BUILD)/smoke \
+	  FUZZ_SEED=$(FUZZ_SMOKE_SEED) FUZZ_RUNS_LIMITED=1
 
 # ==== Memory errors of the extension under valgrind (tests/memcheck/run.py) ===================
 # A short SoftMoE training loop and every compiled op, forward and backward, under valgrind

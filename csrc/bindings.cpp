@@ -3,12 +3,22 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <c10/core/Allocator.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "core/softmoe.h"
 
@@ -26,6 +36,46 @@ extern "C" PyObject *PyInit__C(void) {
 }
 
 namespace {
+
+// ---- Large activations on huge pages ------------------------------------------------------------
+//
+// A layer step allocates a few activation tensors of tens to hundreds of MB (the gathered rows, the
+// experts' pre-activation, their gradients). glibc hands blocks above its 32 MB mmap ceiling a
+// fresh mapping every time and unmaps them on free, so each step page-faults all of it again, 4 KB
+// at a time (measured here: ~0.5 ms per MB, a tenth of a layer step). Those outputs come from this
+// allocator instead: 2 MB-aligned and advised MADV_HUGEPAGE, so the kernel backs them with 2 MB
+// pages where transparent huge pages are enabled ("always" or "madvise"; the advice is ignored
+// otherwise), 512 times fewer faults. The memory goes back to the OS on free as before; this is
+// what PyTorch's THP_MEM_ALLOC_ENABLE=1 does for every tensor, confined to ours.
+class HugePageAllocator final : public c10::Allocator {
+ public:
+  static constexpr size_t kPage = size_t{2} << 20;
+
+  c10::DataPtr allocate(size_t n) override {
+    void *ptr = nullptr;
+    const size_t bytes = (std::max<size_t>(n, 1) + kPage - 1) / kPage * kPage;
+    if (posix_memalign(&ptr, kPage, bytes) != 0)
+      TORCH_CHECK_WITH(OutOfMemoryError, false, "softmoe: could not allocate ", bytes, " bytes for an activation");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(ptr, bytes, MADV_HUGEPAGE);  // advice only: failure leaves ordinary pages
+#endif
+    return {ptr, ptr, &std::free, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &std::free; }
+  void copy_data(void *dest, const void *src, std::size_t count) const override { std::memcpy(dest, src, count); }
+};
+
+// Below this, glibc's heap serves the tensor without fresh pages (and 2 MB rounding would waste).
+constexpr int64_t kHugePageMinBytes = int64_t{8} << 20;
+
+// at::empty for a large CPU activation (contiguous), on huge pages; anything else as at::empty.
+at::Tensor empty_activation(at::IntArrayRef sizes, const at::TensorOptions &options) {
+  const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+  if (options.device().type() != c10::DeviceType::CPU || bytes < kHugePageMinBytes) return at::empty(sizes, options);
+  static HugePageAllocator allocator;
+  return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), c10::MemoryFormat::Contiguous);
+}
 
 smoe_dtype to_smoe_dtype(const at::Tensor &t, const char *name) {
   switch (t.scalar_type()) {
@@ -365,7 +415,7 @@ at::Tensor gather_rows_impl(const at::Tensor &x_in, const at::Tensor &pair_token
   check_token_pairs(op, token_pairs, x_in.size(0), "x.size(0)");
   check_slots(op, pair_token_in, "pair_token", token_pairs);
   const int64_t T = x_in.size(0), d = x_in.size(1), P = pair_token_in.size(0);
-  at::Tensor xs = at::empty({P, d}, x_in.options());
+  at::Tensor xs = empty_activation({P, d}, x_in.options());
   if (P == 0 || d == 0) return xs;
   at::Tensor x = x_in.contiguous();
   at::Tensor pair_token = pair_token_in.contiguous();
@@ -396,7 +446,7 @@ at::Tensor gather_rows_impl(const at::Tensor &x_in, const at::Tensor &pair_token
 at::Tensor combine_common(const char *op, const at::Tensor &ys_in, const at::Tensor *p_in,
                           const at::Tensor *pair_expert_in, const at::Tensor &token_pairs_in) {
   const int64_t T = token_pairs_in.size(0), M = token_pairs_in.size(1), d = ys_in.size(1);
-  at::Tensor y = at::empty({T, d}, ys_in.options());
+  at::Tensor y = empty_activation({T, d}, ys_in.options());
   if (T == 0 || d == 0) return y;
   at::Tensor ys = ys_in.contiguous();
   at::Tensor token_pairs = token_pairs_in.contiguous();
@@ -484,7 +534,7 @@ std::tuple<at::Tensor, at::Tensor> combine_rows_backward_impl(const at::Tensor &
   TORCH_CHECK_TYPE(at::isFloatingType(grad_y_in.scalar_type()), "softmoe: ", op,
                    ": grad_y must be a floating-point tensor, got ", grad_y_in.scalar_type());
   const int64_t T = p_in.size(0), E = p_in.size(1), M = token_pairs_in.size(1), d = ys_in.size(1);
-  at::Tensor grad_ys = at::empty(ys_in.sizes(), ys_in.options());
+  at::Tensor grad_ys = empty_activation(ys_in.sizes(), ys_in.options());
   at::Tensor grad_p = at::empty(p_in.sizes(), p_in.options());
   if (T == 0) return {grad_ys, grad_p};
   at::Tensor ys = ys_in.contiguous();
@@ -560,7 +610,7 @@ at::Tensor grouped_mm_impl(const at::Tensor &x, const at::Tensor &w, const at::T
   check_grouped_operands(x, w, offsets, "grouped_mm");
   const int64_t experts = w.size(0), rows = x.size(0);
   const auto bounds = segment_bounds(offsets, experts, rows, "grouped_mm");
-  at::Tensor y = at::empty({rows, w.size(2)}, x.options());
+  at::Tensor y = empty_activation({rows, w.size(2)}, x.options());
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t len = bounds[e + 1] - bounds[e];
     if (len > 0) {
@@ -592,6 +642,181 @@ at::Tensor grouped_mm_weight_grad_impl(const at::Tensor &x, const at::Tensor &gr
   return grad_w;
 }
 
+
+// ---- Fused expert FFN: both matmuls and the activation, chunk by chunk --------------------------
+//
+// The same math as grouped_mm -> activation -> grouped_mm, but the activation and, in the
+// backward, the activation's gradient only ever exist for one chunk of rows at a time, in buffers
+// reused across chunks and experts. Only the pre-activation `hidden` [P, W] is kept for the
+// backward (the activation is recomputed from it per chunk, an elementwise pass). Unfused, a step
+// allocates about six [P, d_hidden]-sized temporaries plus a concatenation; on the CPU each of
+// those is a fresh mmap that page-faults again every step (glibc returns blocks above 32 MB to the
+// OS on free), which made the layer slower than a per-expert Python loop whose tensors are small.
+// Chunk boundaries depend only on the shapes, so results do not depend on the thread count.
+
+enum class Activation { swiglu, gelu };
+
+Activation parse_activation(c10::string_view name, const char *op) {
+  if (name == "swiglu") return Activation::swiglu;
+  if (name == "gelu") return Activation::gelu;
+  TORCH_CHECK(false, "softmoe: ", op, ": activation must be 'swiglu' or 'gelu', got '", std::string(name), "'");
+}
+
+// Rows per chunk: about 2^21 elements of the widest buffer ([chunk, W]), 8 MB in float32 (well
+// under glibc's mmap threshold once it has adapted, and large enough for efficient GEMMs).
+int64_t ffn_chunk_rows(int64_t width) { return std::max<int64_t>(16, (int64_t{1} << 21) / std::max<int64_t>(width, 1)); }
+
+struct FfnShape {
+  int64_t experts, rows, d_in, width, d_hidden, d_out;
+};
+
+FfnShape check_ffn_operands(const at::Tensor &x, const at::Tensor &w_in, const at::Tensor &w_out,
+                            const at::Tensor &offsets, Activation act, const char *op) {
+  TORCH_CHECK(x.dim() == 2, "softmoe: ", op, ": x must be 2-D [rows, d_model], got shape ", x.sizes());
+  TORCH_CHECK(w_in.dim() == 3 && w_out.dim() == 3, "softmoe: ", op,
+              ": w_in and w_out must be 3-D [experts, in, out], got shapes ", w_in.sizes(), " and ", w_out.sizes());
+  FfnShape s{w_in.size(0), x.size(0), x.size(1), w_in.size(2), w_out.size(1), w_out.size(2)};
+  TORCH_CHECK(w_in.size(1) == s.d_in, "softmoe: ", op, ": x has ", s.d_in, " columns but w_in expects ", w_in.size(1));
+  TORCH_CHECK(w_out.size(0) == s.experts, "softmoe: ", op, ": w_in has ", s.experts, " experts but w_out has ",
+              w_out.size(0));
+  const int64_t expected = act == Activation::swiglu ? 2 * s.d_hidden : s.d_hidden;
+  TORCH_CHECK(s.width == expected, "softmoe: ", op, ": w_in must have ", act == Activation::swiglu ? "2 * " : "",
+              "d_hidden = ", expected, " output columns for w_out's d_hidden = ", s.d_hidden, ", got ", s.width);
+  TORCH_CHECK_TYPE(x.scalar_type() == w_in.scalar_type() && x.scalar_type() == w_out.scalar_type(), "softmoe: ", op,
+                   ": x, w_in and w_out must have one dtype, got ", x.scalar_type(), ", ", w_in.scalar_type(), " and ",
+                   w_out.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "softmoe: ", op,
+                   ": x, w_in and w_out must be floating point (the activation), got ", x.scalar_type());
+  TORCH_CHECK(x.device() == w_in.device() && x.device() == w_out.device() && x.device() == offsets.device(),
+              "softmoe: ", op, ": x, w_in, w_out and offsets must be on one device");
+  return s;
+}
+
+// out[c, d_hidden] = activation(h[c, W]).
+void activate_out(at::Tensor &out, const at::Tensor &h, Activation act, int64_t d_hidden) {
+  if (act == Activation::swiglu) {
+    at::silu_out(out, h.narrow(1, 0, d_hidden));
+    out.mul_(h.narrow(1, d_hidden, d_hidden));
+  } else {
+    at::gelu_out(out, h);
+  }
+}
+
+// Returns y [P, d_out] (zeros on padding rows) and, with keep_hidden, hidden = x @ w_in per segment
+// [P, W] for the backward (else an empty [0, W]).
+std::tuple<at::Tensor, at::Tensor> expert_ffn_impl(const at::Tensor &x, const at::Tensor &w_in,
+                                                   const at::Tensor &w_out, const at::Tensor &offsets,
+                                                   c10::string_view activation, bool keep_hidden) {
+  const char *op = "expert_ffn";
+  const Activation act = parse_activation(activation, op);
+  const FfnShape s = check_ffn_operands(x, w_in, w_out, offsets, act, op);
+  const auto bounds = segment_bounds(offsets, s.experts, s.rows, op);
+  at::Tensor y = empty_activation({s.rows, s.d_out}, x.options());
+  at::Tensor hidden = empty_activation({keep_hidden ? s.rows : 0, s.width}, x.options());
+  int64_t longest = 0;
+  for (int64_t e = 0; e < s.experts; ++e) longest = std::max(longest, bounds[e + 1] - bounds[e]);
+  const int64_t chunk = std::min(ffn_chunk_rows(s.width), longest);
+  at::Tensor h_buf = keep_hidden ? at::Tensor() : at::empty({chunk, s.width}, x.options());
+  at::Tensor a_buf = at::empty({chunk, s.d_hidden}, x.options());
+  for (int64_t e = 0; e < s.experts; ++e) {
+    const at::Tensor wi = w_in.select(0, e), wo = w_out.select(0, e);
+    for (int64_t r = bounds[e]; r < bounds[e + 1]; r += chunk) {
+      const int64_t len = std::min(chunk, bounds[e + 1] - r);
+      at::Tensor h = keep_hidden ? hidden.narrow(0, r, len) : h_buf.narrow(0, 0, len);
+      at::Tensor a = a_buf.narrow(0, 0, len);
+      at::Tensor y_rows = y.narrow(0, r, len);
+      at::mm_out(h, x.narrow(0, r, len), wi);
+      activate_out(a, h, act, s.d_hidden);
+      at::mm_out(y_rows, a, wo);
+    }
+  }
+  y.narrow(0, bounds[s.experts], s.rows - bounds[s.experts]).zero_();
+  if (keep_hidden) hidden.narrow(0, bounds[s.experts], s.rows - bounds[s.experts]).zero_();
+  return {y, hidden};
+}
+
+// Gradients of expert_ffn's y w.r.t. x, w_in and w_out (those not in output_mask come back empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_impl(
+    const at::Tensor &grad_y_in, const at::Tensor &x, const at::Tensor &hidden, const at::Tensor &w_in,
+    const at::Tensor &w_out, const at::Tensor &offsets, c10::string_view activation, std::array<bool, 3> output_mask) {
+  const char *op = "expert_ffn_backward";
+  const Activation act = parse_activation(activation, op);
+  const FfnShape s = check_ffn_operands(x, w_in, w_out, offsets, act, op);
+  TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == s.rows && grad_y_in.size(1) == s.d_out, "softmoe: ", op,
+              ": grad_y must be [", s.rows, ", ", s.d_out, "], got shape ", grad_y_in.sizes());
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == s.rows && hidden.size(1) == s.width, "softmoe: ", op,
+              ": hidden must be [", s.rows, ", ", s.width, "] (expert_ffn with keep_hidden=True), got shape ",
+              hidden.sizes());
+  TORCH_CHECK_TYPE(grad_y_in.scalar_type() == x.scalar_type() && hidden.scalar_type() == x.scalar_type(), "softmoe: ",
+                   op, ": grad_y and hidden must have x's dtype ", x.scalar_type());
+  const auto bounds = segment_bounds(offsets, s.experts, s.rows, op);
+  const bool want_x = output_mask[0], want_w_in = output_mask[1], want_w_out = output_mask[2];
+  const at::Tensor grad_y = grad_y_in.contiguous();
+  at::Tensor grad_x = empty_activation({want_x ? s.rows : 0, s.d_in}, x.options());
+  at::Tensor grad_w_in = empty_activation(want_w_in ? w_in.sizes() : at::IntArrayRef{0}, x.options());
+  at::Tensor grad_w_out = empty_activation(want_w_out ? w_out.sizes() : at::IntArrayRef{0}, x.options());
+  int64_t longest = 0;
+  for (int64_t e = 0; e < s.experts; ++e) longest = std::max(longest, bounds[e + 1] - bounds[e]);
+  const int64_t chunk = std::min(ffn_chunk_rows(s.width), longest);
+  const bool swiglu = act == Activation::swiglu;
+  // swiglu: s_buf = silu(gate), a_buf = s * up, t_buf = grad_a * up; gelu: a_buf = gelu(h)
+  at::Tensor a_buf = at::empty({chunk, s.d_hidden}, x.options());
+  at::Tensor s_buf = swiglu ? at::empty({chunk, s.d_hidden}, x.options()) : at::Tensor();
+  at::Tensor t_buf = swiglu ? at::empty({chunk, s.d_hidden}, x.options()) : at::Tensor();
+  at::Tensor ga_buf = at::empty({chunk, s.d_hidden}, x.options());
+  at::Tensor gh_buf = at::empty({chunk, s.width}, x.options());
+  for (int64_t e = 0; e < s.experts; ++e) {
+    const at::Tensor wi = w_in.select(0, e), wo = w_out.select(0, e);
+    at::Tensor gwi = want_w_in ? grad_w_in.select(0, e) : at::Tensor();
+    at::Tensor gwo = want_w_out ? grad_w_out.select(0, e) : at::Tensor();
+    if (bounds[e + 1] == bounds[e]) {
+      if (want_w_in) gwi.zero_();
+      if (want_w_out) gwo.zero_();
+      continue;
+    }
+    for (int64_t r = bounds[e]; r < bounds[e + 1]; r += chunk) {
+      const int64_t len = std::min(chunk, bounds[e + 1] - r);
+      const bool first = r == bounds[e];
+      const at::Tensor h = hidden.narrow(0, r, len), gy = grad_y.narrow(0, r, len);
+      at::Tensor a = a_buf.narrow(0, 0, len);
+      if (swiglu) {
+        at::Tensor silu_gate = s_buf.narrow(0, 0, len);
+        at::silu_out(silu_gate, h.narrow(1, 0, s.d_hidden));
+        if (want_w_out) at::mul_out(a, silu_gate, h.narrow(1, s.d_hidden, s.d_hidden));
+      } else if (want_w_out) {
+        at::gelu_out(a, h);
+      }
+      // the weight gradients accumulate chunk by chunk in a fixed order (first chunk overwrites)
+      if (want_w_out) {
+        if (first) at::mm_out(gwo, a.t(), gy);
+        else gwo.addmm_(a.t(), gy);
+      }
+      if (!want_x && !want_w_in) continue;
+      at::Tensor ga = ga_buf.narrow(0, 0, len), gh = gh_buf.narrow(0, 0, len);
+      at::mm_out(ga, gy, wo.t());
+      if (swiglu) {
+        at::Tensor gh_gate = gh.narrow(1, 0, s.d_hidden), gh_up = gh.narrow(1, s.d_hidden, s.d_hidden);
+        at::Tensor t = t_buf.narrow(0, 0, len);
+        at::mul_out(gh_up, ga, s_buf.narrow(0, 0, len));
+        at::mul_out(t, ga, h.narrow(1, s.d_hidden, s.d_hidden));
+        at::silu_backward_out(gh_gate, t, h.narrow(1, 0, s.d_hidden));
+      } else {
+        at::gelu_backward_out(gh, ga, h);
+      }
+      if (want_w_in) {
+        if (first) at::mm_out(gwi, x.narrow(0, r, len).t(), gh);
+        else gwi.addmm_(x.narrow(0, r, len).t(), gh);
+      }
+      if (want_x) {
+        at::Tensor gx = grad_x.narrow(0, r, len);
+        at::mm_out(gx, gh, wi.t());
+      }
+    }
+  }
+  if (want_x) grad_x.narrow(0, bounds[s.experts], s.rows - bounds[s.experts]).zero_();
+  return {grad_x, grad_w_in, grad_w_out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(softmoe, m) {
@@ -613,6 +838,13 @@ TORCH_LIBRARY(softmoe, m) {
   // Expert compute over expert-contiguous segments.
   m.def("grouped_mm(Tensor x, Tensor w, Tensor offsets) -> Tensor");
   m.def("grouped_mm_weight_grad(Tensor x, Tensor grad_y, Tensor offsets, int experts) -> Tensor");
+  // The whole expert FFN (matmul, activation, matmul) with chunked temporaries.
+  m.def(
+      "expert_ffn(Tensor x, Tensor w_in, Tensor w_out, Tensor offsets, str activation, bool keep_hidden) -> "
+      "(Tensor y, Tensor hidden)");
+  m.def(
+      "expert_ffn_backward(Tensor grad_y, Tensor x, Tensor hidden, Tensor w_in, Tensor w_out, Tensor offsets, "
+      "str activation, bool[3] output_mask) -> (Tensor grad_x, Tensor grad_w_in, Tensor grad_w_out)");
 }
 
 TORCH_LIBRARY_IMPL(softmoe, CPU, m) {
@@ -625,6 +857,8 @@ TORCH_LIBRARY_IMPL(softmoe, CPU, m) {
   m.impl("combine_rows_backward", &combine_rows_backward_impl);
   m.impl("grouped_mm", &grouped_mm_impl);
   m.impl("grouped_mm_weight_grad", &grouped_mm_weight_grad_impl);
+  m.impl("expert_ffn", &expert_ffn_impl);
+  m.impl("expert_ffn_backward", &expert_ffn_backward_impl);
 }
 
 #ifdef SOFTMOE_WITH_CUDA
@@ -638,5 +872,7 @@ TORCH_LIBRARY_IMPL(softmoe, CUDA, m) {
   m.impl("combine_rows_backward", &combine_rows_backward_impl);
   m.impl("grouped_mm", &grouped_mm_impl);
   m.impl("grouped_mm_weight_grad", &grouped_mm_weight_grad_impl);
+  m.impl("expert_ffn", &expert_ffn_impl);
+  m.impl("expert_ffn_backward", &expert_ffn_backward_impl);
 }
 #endif

@@ -10,7 +10,7 @@ from .budget import GlobalBudget
 from .experts import GroupedExperts
 from .functional import soft_topk
 from .layer import SoftMoELayer
-from .ops import DispatchPlan, combine_rows, dispatch_plan, gather_rows, grouped_mm
+from .ops import DispatchPlan, combine_rows, dispatch_plan, expert_ffn, gather_rows, grouped_mm
 
 __all__ = [
     "DispatchPlan",
@@ -20,6 +20,7 @@ __all__ = [
     "baselines",
     "combine_rows",
     "dispatch_plan",
+    "expert_ffn",
     "gather_rows",
     "grouped_mm",
     "parallel",

@@ -1,5 +1,6 @@
 """Feed-forward experts with weights stored as 3-D tensors ``[E, ...]``, run as a grouped matmul
-over expert-contiguous row segments (the layout the dispatch plan produces)."""
+over expert-contiguous row segments (the layout the dispatch plan produces) by the fused
+``expert_ffn`` op."""
 import math
 from typing import Literal
 
@@ -68,8 +69,7 @@ class GroupedExperts(nn.Module):
         Returns:
             ``[P, d_model]``.
         """
-        h = ops.grouped_mm(xs, self.w_in, offsets)
-        return ops.grouped_mm(self._activate(h), self.w_out, offsets)
+        return ops.expert_ffn(xs, self.w_in, self.w_out, offsets, self.activation)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every row: ``[T, d_model] -> [E, T, d_model]`` (for references and tests)."""

@@ -344,3 +344,85 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"grouped_mm: {name} must be a torch.Tensor, got {type(value).__name__}")
     return torch.ops.softmoe.grouped_mm(x, w, offsets)
+
+
+# ==== Fused expert FFN: matmul, activation, matmul over expert-contiguous segments ===============
+
+
+@torch.library.register_fake("softmoe::expert_ffn")
+def _expert_ffn_fake(x, w_in, w_out, offsets, activation, keep_hidden):
+    _check_same_device("expert_ffn", x, w_in, w_out, offsets)
+    torch._check(x.dim() == 2 and w_in.dim() == 3 and w_out.dim() == 3,
+                 lambda: "softmoe: expert_ffn: x must be 2-D and w_in, w_out 3-D")
+    y = x.new_empty((x.shape[0], w_out.shape[2]))
+    hidden = x.new_empty((x.shape[0] if keep_hidden else 0, w_in.shape[2]))
+    return y, hidden
+
+
+@torch.library.register_fake("softmoe::expert_ffn_backward")
+def _expert_ffn_backward_fake(grad_y, x, hidden, w_in, w_out, offsets, activation, output_mask):
+    grad_x = x.new_empty((x.shape[0] if output_mask[0] else 0, x.shape[1]))
+    grad_w_in = w_in.new_empty(w_in.shape) if output_mask[1] else x.new_empty((0,))
+    grad_w_out = w_out.new_empty(w_out.shape) if output_mask[2] else x.new_empty((0,))
+    return grad_x, grad_w_in, grad_w_out
+
+
+def _expert_ffn_setup_context(ctx, inputs, output):
+    x, w_in, w_out, offsets, activation, keep_hidden = inputs
+    hidden = output[1]
+    ctx.mark_non_differentiable(hidden)
+    # hidden gets no gradient: without this autograd would hand the backward a zero-filled [P, W]
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, hidden, w_in, w_out, offsets)
+    ctx.activation = activation
+    ctx.keep_hidden = keep_hidden
+
+
+def _expert_ffn_backward(ctx, grad_y, _grad_hidden):
+    if not ctx.keep_hidden:
+        raise RuntimeError(
+            "softmoe: expert_ffn was called with keep_hidden=False, so it saved nothing to differentiate; "
+            "call it with keep_hidden=True (softmoe.expert_ffn does when gradients are needed)"
+        )
+    if grad_y is None:  # y did not reach the loss (grads are not materialised, see setup)
+        return None, None, None, None, None, None
+    x, hidden, w_in, w_out, offsets = ctx.saved_tensors
+    mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
+    grad_x, grad_w_in, grad_w_out = torch.ops.softmoe.expert_ffn_backward(
+        grad_y, x, hidden, w_in, w_out, offsets, ctx.activation, mask
+    )
+    return (grad_x if mask[0] else None, grad_w_in if mask[1] else None, grad_w_out if mask[2] else None,
+            None, None, None)
+
+
+torch.library.register_autograd("softmoe::expert_ffn", _expert_ffn_backward, setup_context=_expert_ffn_setup_context)
+
+
+def expert_ffn(
+    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, offsets: torch.Tensor, activation: str = "swiglu"
+) -> torch.Tensor:
+    """The expert FFN over expert-contiguous row segments, fused:
+    ``grouped_mm(act(grouped_mm(x, w_in, offsets)), w_out, offsets)`` with the activation (and its
+    gradient) computed chunk by chunk in reused buffers, so that no ``[P, d_hidden]`` temporary is
+    allocated beyond the pre-activation kept for the backward.
+
+    Args:
+        x: ``[P, d_model]`` rows; rows ``offsets[e]:offsets[e + 1]`` belong to expert ``e``, rows
+            from ``offsets[E]`` on are padding.
+        w_in: ``[E, d_model, 2 * d_hidden]`` (``"swiglu"``: gate columns, then up) or
+            ``[E, d_model, d_hidden]`` (``"gelu"``).
+        w_out: ``[E, d_hidden, d_out]``.
+        offsets: ``[E + 1]`` int64 segment bounds (``DispatchPlan.offsets``).
+        activation: ``"swiglu"`` (``silu(gate) * up``) or ``"gelu"`` (exact, erf form).
+
+    Returns:
+        ``[P, d_out]``, zeros on padding rows. Differentiable in x, w_in and w_out.
+    """
+    for name, value in (("x", x), ("w_in", w_in), ("w_out", w_out), ("offsets", offsets)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"expert_ffn: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if activation not in ("swiglu", "gelu"):
+        raise ValueError(f"expert_ffn: activation must be 'swiglu' or 'gelu', got {activation!r}")
+    # The pre-activation is only worth keeping (P x width) when a backward can follow.
+    keep_hidden = torch.is_grad_enabled() and (x.requires_grad or w_in.requires_grad or w_out.requires_grad)
+    return torch.ops.softmoe.expert_ffn(x, w_in, w_out, offsets, activation, keep_hidden)[0]

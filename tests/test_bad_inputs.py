@@ -65,7 +65,7 @@ SETUP = textwrap.dedent(
     import math, warnings
     import torch
     import softmoe
-    from softmoe import soft_topk, SoftMoELayer, GlobalBudget, dispatch_plan, gather_rows, combine_rows, grouped_mm
+    from softmoe import soft_topk, SoftMoELayer, GlobalBudget, dispatch_plan, gather_rows, combine_rows, grouped_mm, expert_ffn
     from softmoe.baselines import TopKMoE, SlotSoftMoE
     nan, inf = math.nan, math.inf
 
@@ -120,7 +120,7 @@ SETUP = textwrap.dedent(
     """
 )
 
-ST, L, LF, GB, DP, GR, CR, GM, TK, TKF, SL, SLF, HC, HU, HP, HR = (
+ST, L, LF, GB, DP, GR, CR, GM, EF, TK, TKF, SL, SLF, HC, HU, HP, HR = (
     "softmoe.soft_topk",
     "SoftMoELayer(...)",
     "SoftMoELayer.forward",
@@ -129,6 +129,7 @@ ST, L, LF, GB, DP, GR, CR, GM, TK, TKF, SL, SLF, HC, HU, HP, HR = (
     "softmoe.gather_rows",
     "softmoe.combine_rows",
     "softmoe.grouped_mm",
+    "softmoe.expert_ffn",
     "baselines.TopKMoE(...)",
     "baselines.TopKMoE.forward",
     "baselines.SlotSoftMoE(...)",
@@ -138,7 +139,7 @@ ST, L, LF, GB, DP, GR, CR, GM, TK, TKF, SL, SLF, HC, HU, HP, HR = (
     "softmoe.hf.from_pretrained",
     "softmoe.hf.layers / budget / allocation / stats / format_stats",
 )
-APIS = (ST, L, LF, GB, DP, GR, CR, GM, TK, TKF, SL, SLF, HC, HU, HP, HR)
+APIS = (ST, L, LF, GB, DP, GR, CR, GM, EF, TK, TKF, SL, SLF, HC, HU, HP, HR)
 HF_APIS = (HC, HU, HP, HR)  # need transformers: skipped without it
 
 R, V, NA = Raises, Returns, NotApplicable
@@ -561,6 +562,43 @@ CASES = [
          V("every row is padding: zeros [4, out]", "bool((out == 0).all()) and tuple(out.shape) == (4, 4)")),
     Case(GM, "empty", "in = 0", "grouped_mm(torch.zeros(4, 0), torch.zeros(2, 0, 4), offs(0, 1, 1))",
          V("zeros [4, out]", "bool((out == 0).all())")),
+    # ---- softmoe.expert_ffn (x [4, 3], w_in [2, 3, 2 * 5], w_out [2, 5, 6]: SwiGLU, 2 experts) ----------
+    Case(EF, "type", "x is a list", "expert_ffn([[0.0]], torch.zeros(2, 3, 10), torch.zeros(2, 5, 6), offs(0, 1, 1))",
+         R("TypeError", "expert_ffn: x must be a torch.Tensor, got list")),
+    Case(EF, "type", "w_out is None", "expert_ffn(torch.zeros(4, 3), torch.zeros(2, 3, 10), None, offs(0, 1, 1))",
+         R("TypeError", "expert_ffn: w_out must be a torch.Tensor, got NoneType")),
+    Case(EF, "type", "offsets is a list", "expert_ffn(torch.zeros(4, 3), torch.zeros(2, 3, 10), torch.zeros(2, 5, 6), [0, 1, 1])",
+         R("TypeError", "expert_ffn: offsets must be a torch.Tensor, got list")),
+    Case(EF, "type", "unknown activation", "expert_ffn(torch.zeros(4, 3), torch.zeros(2, 3, 10), torch.zeros(2, 5, 6), offs(0, 1, 1), 'relu')",
+         R("ValueError", "expert_ffn: activation must be 'swiglu' or 'gelu', got 'relu'")),
+    Case(EF, "dtype", "x float32, w_out float64", "expert_ffn(torch.zeros(4, 3), torch.zeros(2, 3, 10), torch.zeros(2, 5, 6, dtype=torch.float64), offs(0, 1, 1))",
+         R("TypeError", "softmoe: expert_ffn: x, w_in and w_out must have one dtype, got Float, Float and Double")),
+    Case(EF, "dtype", "int64 x and weights", "expert_ffn(torch.ones(4, 3, dtype=torch.int64), torch.ones(2, 3, 10, dtype=torch.int64), torch.ones(2, 5, 6, dtype=torch.int64), offs(0, 1, 1))",
+         R("TypeError", "softmoe: expert_ffn: x, w_in and w_out must be floating point (the activation), got Long")),
+    Case(EF, "dtype", "int32 offsets", "expert_ffn(torch.zeros(4, 3), torch.zeros(2, 3, 10), torch.zeros(2, 5, 6), offs(0, 1, 1).int())",
+         R("RuntimeError", "softmoe: expert_ffn: offsets must be int64 of shape [3] (experts + 1), got Int of shape [3]")),
+    Case(EF, "device", "w_in on meta, the rest on cpu", "expert_ffn(torch.ones(4, 3), torch.ones(2, 3, 10, device='meta'), torch.ones(2, 5, 6), offs(0, 1, 1))",
+         R("RuntimeError", "softmoe: expert_ffn: all tensor arguments must be on one device")),
+    Case(EF, "shape", "2-d w_in", "expert_ffn(torch.zeros(4, 3), torch.zeros(3, 10), torch.zeros(2, 5, 6), offs(0, 1, 1))",
+         R("RuntimeError", "softmoe: expert_ffn: w_in and w_out must be 3-D [experts, in, out], got shapes [3, 10] and [2, 5, 6]")),
+    Case(EF, "shape", "x and w_in disagree on d_model", "expert_ffn(torch.zeros(4, 2), torch.zeros(2, 3, 10), torch.zeros(2, 5, 6), offs(0, 1, 1))",
+         R("RuntimeError", "softmoe: expert_ffn: x has 2 columns but w_in expects 3")),
+    Case(EF, "shape", "w_in not 2 * d_hidden wide (SwiGLU)", "expert_ffn(torch.zeros(4, 3), torch.zeros(2, 3, 5), torch.zeros(2, 5, 6), offs(0, 1, 1))",
+         R("RuntimeError", "softmoe: expert_ffn: w_in must have 2 * d_hidden = 10 output columns for w_out's d_hidden = 5, got 5")),
+    Case(EF, "shape", "w_in and w_out disagree on experts", "expert_ffn(torch.zeros(4, 3), torch.zeros(2, 3, 10), torch.zeros(3, 5, 6), offs(0, 1, 1))",
+         R("RuntimeError", "softmoe: expert_ffn: w_in has 2 experts but w_out has 3")),
+    Case(EF, "range", "offsets[-1] > rows", "expert_ffn(torch.zeros(4, 3), torch.zeros(2, 3, 10), torch.zeros(2, 5, 6), offs(0, 1, 5))",
+         R("RuntimeError", "softmoe: expert_ffn: offsets[-1] = 5 exceeds the number of rows (4)")),
+    Case(EF, "range", "decreasing offsets", "expert_ffn(torch.zeros(4, 3), torch.zeros(2, 3, 10), torch.zeros(2, 5, 6), offs(0, 3, 1))",
+         R("RuntimeError", "softmoe: expert_ffn: offsets must be nondecreasing")),
+    Case(EF, "NaN/inf", "a NaN row of x", "expert_ffn(torch.ones(4, 3).index_fill(0, torch.tensor([0]), nan), torch.ones(2, 3, 10), torch.ones(2, 5, 6), offs(0, 1, 4))",
+         V("NaN in that row's output only", "bool(out[0].isnan().all()) and bool(out[1:].isfinite().all())")),
+    Case(EF, "empty", "no rows", "expert_ffn(torch.zeros(0, 3), torch.zeros(2, 3, 10), torch.zeros(2, 5, 6), offs(0, 0, 0))",
+         V("an empty [0, d_out]", "tuple(out.shape) == (0, 6)")),
+    Case(EF, "empty", "no experts", "expert_ffn(torch.ones(4, 3), torch.zeros(0, 3, 10), torch.zeros(0, 5, 6), offs(0))",
+         V("every row is padding: zeros [4, d_out]", "bool((out == 0).all()) and tuple(out.shape) == (4, 6)")),
+    Case(EF, "empty", "d_hidden = 0", "expert_ffn(torch.ones(4, 3), torch.zeros(2, 3, 0), torch.zeros(2, 0, 6), offs(0, 1, 4))",
+         V("zeros [4, d_out]", "bool((out == 0).all()) and tuple(out.shape) == (4, 6)")),
     # ---- baselines.TopKMoE(...) --------------------------------------------------------------------
     Case(TK, "type", "d_model is a str", "TopKMoE('8', 16, 4)", R("TypeError", "TopKMoE: d_model must be an int, got str")),
     Case(TK, "type", "top_k is a float", "TopKMoE(8, 16, 4, top_k=2.0)", R("TypeError", "TopKMoE: top_k must be an int, got float")),

@@ -138,6 +138,27 @@ def dispatch_ops() -> None:
                  "combine_rows bad token_pairs")
     expect_error(lambda: softmoe.grouped_mm(ys, torch.randn(EXPERTS, D_MODEL, 4), torch.tensor([0, 200] + [200] * 7)),
                  "grouped_mm offsets beyond the rows")
+    expect_error(lambda: softmoe.expert_ffn(ys, torch.randn(EXPERTS, D_MODEL, 8), torch.randn(EXPERTS, 4, 3),
+                                            torch.tensor([0, 200] + [200] * 7)), "expert_ffn offsets beyond the rows")
+
+
+def expert_ffn_ops() -> None:
+    """The fused expert FFN in both activations, with and without the kept pre-activation, and an
+    output of 8 MB or more (the huge-page allocator), through forward and backward."""
+    for activation, width in (("swiglu", 2 * D_HIDDEN), ("gelu", D_HIDDEN)):
+        offsets = torch.tensor([0, 5, 5, 40, 41, 90, 90, 90, 120])  # empty segments, 8 padding rows
+        x = torch.randn(128, D_MODEL, requires_grad=True)
+        w_in = torch.randn(EXPERTS, D_MODEL, width, requires_grad=True)
+        w_out = torch.randn(EXPERTS, D_HIDDEN, D_MODEL, requires_grad=True)
+        y = softmoe.expert_ffn(x, w_in, w_out, offsets, activation)
+        y.square().sum().backward()
+        check(bool((y[120:] == 0).all()) and torch.isfinite(x.grad).all().item(), f"expert_ffn {activation}")
+        with torch.no_grad():
+            check(torch.equal(softmoe.expert_ffn(x, w_in, w_out, offsets, activation), y), f"expert_ffn no_grad {activation}")
+    big = softmoe.expert_ffn(torch.randn(4096, 8), torch.randn(2, 8, 16), torch.randn(2, 8, 512), torch.tensor([0, 2048, 4096]))
+    big.resize_(8192, 512)
+    big[4096:] = 1.0
+    check(big.shape == (8192, 512) and bool((big[4096:] == 1).all()), "huge-page output resized")
 
 
 def main() -> int:
@@ -147,6 +168,7 @@ def main() -> int:
     training_loop()
     soft_topk_ops()
     dispatch_ops()
+    expert_ffn_ops()
     print(f"memcheck loop: ok (softmoe._C from {softmoe.ops._C.__file__})", flush=True)
     return 0
 

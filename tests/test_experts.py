@@ -1,0 +1,192 @@
+"""Expert compute ops: grouped_mm and the fused expert_ffn (matmul, activation, matmul over
+expert-contiguous segments, chunked). Values against an unfused reference (torch matmuls per
+segment), opcheck, float64 gradcheck, segments longer than one chunk, padding and empty segments,
+determinism across runs and thread counts, and the keep_hidden=False contract."""
+import pytest
+import torch
+from torch.nn import functional as F
+
+from softmoe import ops
+
+OPS = torch.ops.softmoe
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h)
+
+
+def reference_ffn(x, w_in, w_out, offsets, activation):
+    """One plain torch matmul chain per segment; padding rows are zero."""
+    y = x.new_zeros(x.shape[0], w_out.shape[2])
+    bounds = offsets.tolist()
+    for e in range(w_in.shape[0]):
+        a, b = bounds[e], bounds[e + 1]
+        if b > a:
+            y[a:b] = activate(x[a:b] @ w_in[e], activation) @ w_out[e]
+    return y
+
+
+def make(E, P, d, h, d_out, activation, dtype=torch.float64, counts=None, seed=0, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    width = 2 * h if activation == "swiglu" else h
+    x = torch.randn(P, d, generator=g, dtype=torch.float64).to(dtype)
+    w_in = (torch.randn(E, d, width, generator=g, dtype=torch.float64) / d**0.5).to(dtype)
+    w_out = (torch.randn(E, h, d_out, generator=g, dtype=torch.float64) / max(h, 1) ** 0.5).to(dtype)
+    if counts is None:
+        counts = torch.multinomial(torch.ones(E), P, replacement=True, generator=g).bincount(minlength=E)
+        counts[0] = 0  # an empty segment
+        counts[-1] = max(int(counts[-1]) - 2, 0)  # and two padding rows
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.as_tensor(counts).cumsum(0)])
+    tensors = [t.requires_grad_(requires_grad) for t in (x, w_in, w_out)]
+    return (*tensors, offsets)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_values_and_gradients_match_the_unfused_reference(activation, dtype):
+    x, w_in, w_out, offsets = make(4, 37, 6, 5, 7, activation, dtype)
+    y = ops.expert_ffn(x, w_in, w_out, offsets, activation)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w_in, w_out), gy)
+    x64, w_in64, w_out64 = (t.detach().double().requires_grad_(True) for t in (x, w_in, w_out))
+    y_ref = reference_ffn(x64, w_in64, w_out64, offsets, activation)
+    grads_ref = torch.autograd.grad(y_ref, (x64, w_in64, w_out64), gy.double())
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(y.double(), y_ref, rtol=tol, atol=tol)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 4)
+    n = int(offsets[-1])
+    assert (y[n:] == 0).all() and (grads[0][n:] == 0).all()  # padding rows
+    assert (grads[1][0] == 0).all() and (grads[2][0] == 0).all()  # the empty segment
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_segments_longer_than_one_chunk(activation):
+    """A chunk holds about 2^21 elements of the widest buffer: with W = 2^17 columns a chunk is 16
+    rows, so these segments span 2-4 chunks and the weight gradients accumulate over chunks."""
+    h = 2**16 if activation == "swiglu" else 2**17
+    x, w_in, w_out, offsets = make(2, 61, 2, h, 3, activation, counts=[29, 30])
+    y = ops.expert_ffn(x, w_in, w_out, offsets, activation)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w_in, w_out), gy)
+    y_ref = reference_ffn(x, w_in, w_out, offsets, activation)
+    grads_ref = torch.autograd.grad(y_ref, (x, w_in, w_out), gy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_gradcheck_float64(activation):
+    x, w_in, w_out, offsets = make(3, 11, 4, 3, 5, activation, counts=[4, 0, 5])
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.expert_ffn(a, b, c, offsets, activation), (x, w_in, w_out))
+    assert torch.autograd.gradcheck(lambda a, b: ops.grouped_mm(a, b, offsets), (x, w_in))
+
+
+def test_only_the_requested_gradients_are_computed():
+    x, w_in, w_out, offsets = make(3, 11, 4, 3, 5, "swiglu", counts=[4, 0, 5])
+    full = torch.autograd.grad(ops.expert_ffn(x, w_in, w_out, offsets).sum(), (x, w_in, w_out))
+    (g_w_out,) = torch.autograd.grad(ops.expert_ffn(x.detach(), w_in.detach(), w_out, offsets).sum(), (w_out,))
+    assert torch.equal(g_w_out, full[2])
+    (g_x,) = torch.autograd.grad(ops.expert_ffn(x, w_in.detach(), w_out.detach(), offsets).sum(), (x,))
+    assert torch.equal(g_x, full[0])
+
+
+def op_samples():
+    out = []
+    for activation in ("swiglu", "gelu"):
+        for dtype in (torch.float32, torch.float64):
+            for rg in (False, True):
+                x, w_in, w_out, offsets = make(3, 10, 4, 3, 5, activation, dtype, counts=[4, 0, 5], requires_grad=rg)
+                keep = rg
+                out.append((OPS.expert_ffn.default, (x, w_in, w_out, offsets, activation, keep)))
+                y, hidden = OPS.expert_ffn(x.detach(), w_in.detach(), w_out.detach(), offsets, activation, True)
+                for mask in ([True, True, True], [False, True, False]):
+                    out.append((OPS.expert_ffn_backward.default,
+                                (torch.randn_like(y), x.detach(), hidden, w_in.detach(), w_out.detach(), offsets,
+                                 activation, mask)))
+                out.append((OPS.grouped_mm.default, (x, w_in, offsets)))
+                out.append((OPS.grouped_mm_weight_grad.default, (x.detach(), torch.randn(10, w_in.shape[2], dtype=dtype),
+                                                                 offsets, 3)))
+    return out
+
+
+@pytest.mark.parametrize("op,args", op_samples(), ids=lambda v: getattr(v, "__name__", None) or "")
+def test_opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+def test_inference_keeps_no_hidden_and_matches_training():
+    x, w_in, w_out, offsets = make(3, 12, 4, 3, 5, "swiglu", counts=[4, 3, 5])
+    with torch.no_grad():
+        y_inf = ops.expert_ffn(x, w_in, w_out, offsets)
+        _, hidden = OPS.expert_ffn(x, w_in, w_out, offsets, "swiglu", False)
+    assert hidden.shape == (0, w_in.shape[2])
+    assert torch.equal(y_inf, ops.expert_ffn(x, w_in, w_out, offsets))
+
+
+def test_backward_without_the_hidden_is_a_clear_error():
+    x, w_in, w_out, offsets = make(2, 6, 3, 2, 3, "swiglu", counts=[3, 3])
+    y, _ = OPS.expert_ffn(x, w_in, w_out, offsets, "swiglu", False)
+    with pytest.raises(RuntimeError, match="keep_hidden=False"):
+        y.sum().backward()
+
+
+def test_deterministic_runs_and_threads():
+    """Chunk boundaries and the weight-gradient accumulation order depend only on the shapes."""
+    x, w_in, w_out, offsets = make(4, 300, 32, 48, 32, "swiglu", torch.float32, seed=3)
+
+    def run():
+        y = ops.expert_ffn(x, w_in, w_out, offsets)
+        return (y, *torch.autograd.grad(y, (x, w_in, w_out), torch.ones_like(y)))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two, again = run(), run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(one, two, again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_large_outputs_are_ordinary_tensors():
+    """Outputs of 8 MB and more come from the huge-page allocator: they must behave like any CPU
+    tensor (values, resize, in-place ops, pickling via torch.save)."""
+    import io
+
+    x, w_in, w_out, offsets = make(2, 4096, 16, 128, 512, "swiglu", torch.float32, counts=[2048, 2048],
+                                   requires_grad=False)
+    y = ops.expert_ffn(x, w_in, w_out, offsets)
+    assert y.numel() * y.element_size() >= 8 << 20
+    torch.testing.assert_close(y, reference_ffn(x, w_in, w_out, offsets, "swiglu"), rtol=1e-4, atol=1e-4)
+    y.add_(1.0)
+    y.resize_(8192, 512)  # grows: the storage reallocates through the same allocator
+    y[4096:] = 2.0
+    buf = io.BytesIO()
+    torch.save(y, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf), y)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu(activation, dtype):
+    """The op is the same chunk loop of ATen calls on either device."""
+    x, w_in, w_out, offsets = make(4, 300, 32, 48, 32, activation, dtype, seed=5)
+    y = ops.expert_ffn(x, w_in, w_out, offsets, activation)
+    grads = torch.autograd.grad(y, (x, w_in, w_out), torch.ones_like(y))
+    xc, w_in_c, w_out_c = (t.detach().cuda().requires_grad_(True) for t in (x, w_in, w_out))
+    yc = ops.expert_ffn(xc, w_in_c, w_out_c, offsets.cuda(), activation)
+    grads_c = torch.autograd.grad(yc, (xc, w_in_c, w_out_c), torch.ones_like(yc))
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(yc.cpu(), y, rtol=tol, atol=tol)
+    for got, want in zip(grads_c, grads):
+        torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol * 10)

@@ -172,6 +172,9 @@ class SoftMoELayer(nn.Module):
             ys = self.experts(xs, plan.offsets)
         else:
             ys = parallel.run_experts(self, xs, plan.offsets)
+        # Without autograd nothing else holds the expert input: dropping it here keeps it out of
+        # combine_rows' peak (inference peak memory would otherwise be ~1.3x TopKMoE's).
+        del xs
         y = ops.combine_rows(ys, weights, plan)
         self._record_stats(logits, p)
         return y.reshape(shape)

@@ -42,8 +42,9 @@ step, which misses temporaries freed inside an operator.
 
 Allocator: glibc's malloc serves blocks above its mmap threshold (at most 32 MB) with fresh mmaps
 and returns them on free, so every step page-faults its large activations again (a [16384, 1024]
-float32 tensor is 64 MB). That cost lands on the methods with large tensors (the grouped layers,
-dense) and not on the per-expert loop, whose tensors are one expert's share. --malloc no-mmap
+float32 tensor is 64 MB). softmoe's ops put their large CPU activations on 2 MB huge pages
+(csrc/bindings.cpp, empty_activation), which takes most of that cost off topk and softmoe; dense
+still pays it, the per-expert loop hardly (its tensors are one expert's share). --malloc no-mmap
 re-runs the benchmark with MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 1 GiB (the effect
 of jemalloc / tcmalloc, or of PyTorch's CPU tuning advice), the same for every method.
   python3 benchmarks/bench_layer.py --experts 64 --repeats 9 --tokens 4096

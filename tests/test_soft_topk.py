@@ -528,6 +528,21 @@ def test_integer_k_huge_gaps(dtype, alpha):
     torch.testing.assert_close(pt, expected, rtol=0, atol=1e-12 if dtype == F64 else 1e-7)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.01])
+def test_gap_overflowing_float_with_alpha_as_large(eps):
+    """f32 scores +-3e38 differ by more than FLT_MAX, but (s_0 - s_1) / alpha = 1.76 for alpha =
+    FLT_MAX: the row is soft, not [1, 0] (fuzzing found the overflow)."""
+    big = torch.finfo(torch.float32).max
+    scores = torch.tensor([[3e38, -3e38]], dtype=torch.float32)
+    r = leaf(scores)
+    p = soft_topk(r, 1.0, big, eps=eps)
+    expected = reference_soft_topk(scores.double(), 1.0, big, eps=eps)
+    assert 0.7 < float(expected[0, 0]) < 0.9
+    torch.testing.assert_close(p.double(), expected, rtol=0, atol=1e-6)
+    p.backward(torch.tensor([[1.0, -1.0]]))
+    assert bool(torch.isfinite(r.grad).all())
+
+
 @pytest.mark.parametrize("alpha", [1e-2, 1.0])
 @pytest.mark.parametrize("eps", [0.0, 0.01])
 def test_large_magnitude_logits(alpha, eps):

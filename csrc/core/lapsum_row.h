@@ -207,6 +207,15 @@ SMOE_HD int64_t SMOE_FN(smoe_select)(const void *scores, smoe_dtype dtype, int64
   return m;
 }
 
+/* (a - b) / alpha as (a - b) * inv_alpha. Scores of opposite sign near the top of the range
+ * overflow a - b while the quotient is finite for an alpha as large (f32 [3e38, -3e38] with
+ * alpha = FLT_MAX is a gap of 1.76): then each score is divided first (the rounding of two
+ * divisions, only in that case; bit-identical otherwise). */
+SMOE_HD R SMOE_FN(smoe_scaled_gap)(R a, R b, R inv_alpha, R alpha) {
+  const R d = a - b;
+  return SMOE_FABS(d) <= SMOE_RMAX ? d * inv_alpha : a / alpha - b / alpha;
+}
+
 /* Plain LapSum threshold for a descending s[0..a) and a target 0 < K < a:
  * b = s[piv] - alpha * tau with sum_j F((s_j - b) / alpha) = K. */
 SMOE_HD void SMOE_FN(smoe_lapsum_solve)(const R *s, int64_t a, R K, R alpha, R *U, R *V, int64_t ss,
@@ -215,7 +224,7 @@ SMOE_HD void SMOE_FN(smoe_lapsum_solve)(const R *s, int64_t a, R K, R alpha, R *
   /* V first holds the factors e^{-gap_i}, then is turned into the suffix sums in place. */
   SMOE_AT(U, 0) = 0;
   for (int64_t i = 0; i + 1 < a; ++i) {
-    R e = SMOE_EXP((SMOE_AT(s, i + 1) - SMOE_AT(s, i)) * inv_alpha);
+    R e = SMOE_EXP(SMOE_FN(smoe_scaled_gap)(SMOE_AT(s, i + 1), SMOE_AT(s, i), inv_alpha, alpha));
     SMOE_AT(V, i) = e;
     SMOE_AT(U, i + 1) = e * (1 + SMOE_AT(U, i));
   }
@@ -246,7 +255,8 @@ SMOE_HD void SMOE_FN(smoe_lapsum_solve)(const R *s, int64_t a, R K, R alpha, R *
   }
 #undef SMOE_COUNT_AT
   const int64_t l = lo;
-  const R gap = (SMOE_AT(s, l) - SMOE_AT(s, l + 1)) / alpha;
+  const R gap_d = SMOE_AT(s, l) - SMOE_AT(s, l + 1);
+  const R gap = SMOE_FABS(gap_d) <= SMOE_RMAX ? gap_d / alpha : SMOE_AT(s, l) / alpha - SMOE_AT(s, l + 1) / alpha;
   const R E = SMOE_EXP(-gap);
   const R Q = 1 + SMOE_AT(U, l), P = 1 + SMOE_AT(V, l + 1);
   const R D = K - (R)(l + 1);
@@ -267,9 +277,10 @@ SMOE_HD void SMOE_FN(smoe_lapsum_solve)(const R *s, int64_t a, R K, R alpha, R *
 
 /* Truncated count (times 1 - eps, plus j * eps) at b = s_j + c * alpha, where candidate j sits
  * exactly on the cut: sum over i < j of F((s_i - s_j) / alpha - c). */
-SMOE_HD R SMOE_FN(smoe_count_at_cut)(const R *s, int64_t j, R inv_alpha, R c, int64_t ss) {
+SMOE_HD R SMOE_FN(smoe_count_at_cut)(const R *s, int64_t j, R inv_alpha, R alpha, R c, int64_t ss) {
   R sum = 0;
-  for (int64_t i = 0; i < j; ++i) sum += SMOE_CDF((SMOE_AT(s, i) - SMOE_AT(s, j)) * inv_alpha - c);
+  for (int64_t i = 0; i < j; ++i)
+    sum += SMOE_CDF(SMOE_FN(smoe_scaled_gap)(SMOE_AT(s, i), SMOE_AT(s, j), inv_alpha, alpha) - c);
   return sum;
 }
 
@@ -279,7 +290,7 @@ SMOE_HD R SMOE_FN(smoe_count_at_cut)(const R *s, int64_t j, R inv_alpha, R c, in
 SMOE_HD int64_t SMOE_FN(smoe_active_count)(const R *s, int64_t m, R k, R alpha, R eps, R c, int64_t ss) {
   const R target = k * (1 - eps);
   const R inv_alpha = 1 / alpha;
-#define SMOE_BELOW_K(j) (SMOE_FN(smoe_count_at_cut)(s, j, inv_alpha, c, ss) < target + (R)(j) * eps)
+#define SMOE_BELOW_K(j) (SMOE_FN(smoe_count_at_cut)(s, j, inv_alpha, alpha, c, ss) < target + (R)(j) * eps)
   int64_t lo = 0, hi = 1; /* invariant: count(lo) < k; count(m) is taken as +inf */
   while (hi < m && SMOE_BELOW_K(hi)) {
     lo = hi;
@@ -352,7 +363,7 @@ SMOE_HD void SMOE_FN(smoe_topk_fwd_row)(const smoe_topk_fwd_args *a, int64_t row
 
   const R s_piv = SMOE_AT(s, piv), inv_alpha = 1 / alpha;
   for (int64_t j = 0; j < active; ++j) {
-    const R x = (SMOE_AT(s, j) - s_piv) * inv_alpha + tau;
+    const R x = SMOE_FN(smoe_scaled_gap)(SMOE_AT(s, j), s_piv, inv_alpha, alpha) + tau;
     R p;
     if (active == 1) {
       /* The one active expert carries all of k. Exact, where (F - eps) / (1 - eps) would cancel

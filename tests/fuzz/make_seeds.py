@@ -205,6 +205,10 @@ def topk_seeds():
     # G: a huge alpha puts the threshold b beyond the float range: r - b overflowed in the backward
     body = topk_header(F32, 8, 1, None, eps=b"\x00") + row_prng(14)
     seeds["seed-regress-G-huge-alpha-backward-overflow"] = body + k_frac(0.0001) + alpha_raw32(1e38) + grad_prng(13) + u8(0)
+    # H: scores of opposite sign near FLT_MAX with alpha = FLT_MAX: s_i - s_j overflowed float in the
+    #    forward although the gap / alpha is 1.76, and p came out [1, 0] instead of [0.80, 0.20]
+    body = topk_header(F32, 2, 1, None, eps=eps_table(5)) + row_codes([raw32(3e38), raw32(-3e38)])
+    seeds["seed-regress-H-huge-alpha-forward-gap-overflow"] = body + k_int(1) + alpha_raw32(3.4028234663852886e38) + grad_prng(14) + u8(0)
     body = topk_header(F64, 200, 1, None, eps=b"\x00") + row_prng(12)
     seeds["seed-regress-E2-subnormal-k-f64"] = body + k_special(6, 0) + alpha_one() + grad_prng(11) + u8(0)
     return seeds

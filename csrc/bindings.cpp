@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/core/Allocator.h>
 #include <torch/library.h>
 
@@ -19,6 +20,7 @@
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
+#include <omp.h>
 
 #include "core/softmoe.h"
 
@@ -574,11 +576,146 @@ std::tuple<at::Tensor, at::Tensor> combine_rows_backward_impl(const at::Tensor &
   return {grad_ys, grad_p};
 }
 
-// ---- Expert compute: one matmul per non-empty expert segment ----------------------------------
+// ---- Matmuls whose bits do not depend on the thread count ---------------------------------------
+//
+// A BLAS library splits a product over its threads as it sees fit, and how it splits can change the
+// order in which a dot product is summed. MKL (torch's BLAS on x86) splits the reduction dimension
+// of products with a small output and a long reduction (a router's [E, d] weight gradient summed
+// over every token, an expert's weight gradient over a short segment) once it has two threads:
+// measured on an Intel Xeon, torch.set_num_threads(1) and (2) then differ in the last bits. So on
+// the CPU every BLAS call of softmoe's ops is single-threaded, on pieces of work cut by the shapes
+// alone, and the pieces are spread over torch's threads: the same shapes make the same calls, so the
+// same bits, for any number of threads. The expert ops cut by expert segments (below); a lone
+// product (the router's) by reproducible_mm_out.
+
+// MKL's per-thread thread count, where torch's BLAS is MKL (weak: null in builds without it).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+// Makes the BLAS calls of this thread single-threaded while it lives: MKL through its per-thread
+// setting, OpenMP-threaded code (ATen's own loops, oneDNN for 16-bit types) through the OpenMP
+// thread count of this thread. Both are restored on exit.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() : omp_threads_(omp_get_max_threads()) {
+    omp_set_num_threads(1);
+    if (MKL_Set_Num_Threads_Local) mkl_threads_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_threads_);
+    omp_set_num_threads(omp_threads_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas &) = delete;
+  SingleThreadedBlas &operator=(const SingleThreadedBlas &) = delete;
+
+ private:
+  int omp_threads_;
+  int mkl_threads_ = 0;
+};
+
+// How a lone product is cut. Every piece repacks its operands for BLAS, so pieces are large: output
+// tiles of 512 x 512, halved (rows first, to 128 x 256 at least) only while the product has fewer
+// than 4 of them, and the reduction split into blocks of at least 512 only when that still leaves
+// fewer than 4 pieces (the router's [E, d] gradient).
+constexpr int64_t kTileRows = 512, kTileCols = 512, kMinTileRows = 128, kMinTileCols = 256, kMinPieces = 4,
+                  kMinBlockK = 512;
+
+struct MatmulPieces {
+  int64_t tile_rows, tile_cols, row_tiles, col_tiles, k_blocks, block_k;
+};
+
+MatmulPieces cut_matmul(int64_t M, int64_t K, int64_t N) {
+  MatmulPieces c{kTileRows, kTileCols, 0, 0, 1, K};
+  auto count = [](int64_t n, int64_t tile) { return (n + tile - 1) / tile; };
+  while (count(M, c.tile_rows) * count(N, c.tile_cols) < kMinPieces) {
+    if (c.tile_rows > kMinTileRows && M > c.tile_rows / 2) c.tile_rows /= 2;
+    else if (c.tile_cols > kMinTileCols && N > c.tile_cols / 2) c.tile_cols /= 2;
+    else break;
+  }
+  c.row_tiles = count(M, c.tile_rows);
+  c.col_tiles = count(N, c.tile_cols);
+  const int64_t tiles = c.row_tiles * c.col_tiles;
+  if (tiles < kMinPieces) c.k_blocks = std::max<int64_t>(1, std::min(count(kMinPieces, tiles), K / kMinBlockK));
+  c.block_k = count(K, c.k_blocks);
+  c.k_blocks = count(K, c.block_k);
+  return c;
+}
+
+// out = a @ b (a [M, K], b [K, N], out [M, N], any BLAS-compatible strides). Off the CPU it is one
+// (cu)BLAS call: those are deterministic for fixed shapes.
+void reproducible_mm_out(at::Tensor &out, const at::Tensor &a, const at::Tensor &b) {
+  if (!out.is_cpu()) {
+    at::mm_out(out, a, b);
+    return;
+  }
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    out.zero_();
+    return;
+  }
+  const MatmulPieces cut = cut_matmul(M, K, N);
+  const int64_t k_blocks = cut.k_blocks, tiles = cut.row_tiles * cut.col_tiles;
+  // With several reduction blocks, block j's product goes to partial[j] (float32 for 16-bit types,
+  // so that the split adds no rounding of its own); the sum follows below.
+  const bool widen = out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kHalf;
+  at::Tensor partial = k_blocks > 1 ? at::empty({k_blocks, M, N}, out.options().dtype(widen ? at::kFloat : out.scalar_type()))
+                                    : at::Tensor();
+  // The pool's threads do not inherit this thread's dispatcher state (autograd already handled, or
+  // inference mode): the pieces run under it, as one call here would.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, tiles * k_blocks, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard caller_state_guard(caller_state);
+    SingleThreadedBlas single;
+    for (int64_t piece = begin; piece < end; ++piece) {
+      const int64_t tile = piece / k_blocks, block = piece % k_blocks;
+      const int64_t r0 = tile / cut.col_tiles * cut.tile_rows, c0 = tile % cut.col_tiles * cut.tile_cols;
+      const int64_t rows = std::min(cut.tile_rows, M - r0), cols = std::min(cut.tile_cols, N - c0);
+      const int64_t k0 = block * cut.block_k, klen = std::min(cut.block_k, K - k0);
+      at::Tensor a_piece = a.narrow(0, r0, rows).narrow(1, k0, klen);
+      at::Tensor b_piece = b.narrow(0, k0, klen).narrow(1, c0, cols);
+      if (k_blocks > 1 && widen) {
+        a_piece = a_piece.to(at::kFloat);
+        b_piece = b_piece.to(at::kFloat);
+      }
+      at::Tensor target = (k_blocks > 1 ? partial.select(0, block) : out).narrow(0, r0, rows).narrow(1, c0, cols);
+      at::mm_out(target, a_piece, b_piece);
+    }
+  });
+  if (k_blocks == 1) return;
+  // elementwise adds in block order: the same sum for any thread count
+  at::Tensor sum = partial.select(0, 0);
+  for (int64_t block = 1; block < k_blocks; ++block) sum.add_(partial.select(0, block));
+  out.copy_(sum);
+}
+
+// a @ b in a new tensor through reproducible_mm_out (the binding of the softmoe::matmul op).
+at::Tensor matmul_impl(const at::Tensor &a, const at::Tensor &b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "softmoe: matmul: a and b must be 2-D, got shapes ", a.sizes(), " and ",
+              b.sizes());
+  TORCH_CHECK(a.size(1) == b.size(0), "softmoe: matmul: a has ", a.size(1), " columns but b has ", b.size(0), " rows");
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), "softmoe: matmul: a and b must have one dtype, got ",
+                   a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(a.scalar_type()), "softmoe: matmul: a and b must be floating point, got ",
+                   a.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), "softmoe: matmul: a and b must be on one device");
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  reproducible_mm_out(out, a, b);
+  return out;
+}
+
+// ---- Expert compute over expert-contiguous segments ---------------------------------------------
 //
 // Rows offsets[e]:offsets[e+1] of x belong to expert e; rows from offsets[E] on are padding.
-// The loop over experts reads the segment bounds on the host (free on the CPU; one sync per call on
-// CUDA) and hands each segment to BLAS / cuBLAS. Being an op, it keeps torch.compile graphs whole.
+// The ops read the segment bounds on the host (free on the CPU; one sync per call on CUDA) and hand
+// the segments to BLAS / cuBLAS. Being ops, they keep torch.compile graphs whole.
+//
+// On the CPU the work is cut into row blocks (by the shapes and the segment bounds alone) that
+// torch's threads take from a queue, each thread with its own buffers and single-threaded BLAS:
+// independent products side by side instead of every product split over all threads. That makes
+// every block's arithmetic fixed, so results do not depend on the thread count, and it is faster
+// than BLAS's own threading: measured on 2 cores, 8 or 64 single-threaded products of the layer's
+// shapes side by side took 0.90 to 0.98x the time of the same products one after another on MKL's
+// two threads. Off the CPU the blocks run in order on the current stream.
 
 std::vector<int64_t> segment_bounds(const at::Tensor &offsets, int64_t experts, int64_t rows, const char *op) {
   TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.size(0) == experts + 1,
@@ -605,21 +742,102 @@ void check_grouped_operands(const at::Tensor &x, const at::Tensor &w, const at::
               ": x, w and offsets must be on one device");
 }
 
+// Rows per chunk: about 2^21 elements of the widest buffer ([chunk, W]), 8 MB in float32 per thread,
+// which bounds the peak memory the buffers add.
+constexpr int kChunkLog2 = 21;
+int64_t ffn_chunk_rows(int64_t width) {
+  return std::max<int64_t>(16, (int64_t{1} << kChunkLog2) / std::max<int64_t>(width, 1));
+}
+
+// Rows [begin, begin + len) of expert `expert`'s segment; in the backward, `slot` says where the
+// block's weight gradients go: 0 straight into grad_w[expert], s > 0 into partial s - 1, added to
+// grad_w[expert] after all blocks in slot order.
+struct RowBlock {
+  int64_t expert, begin, len, slot;
+};
+
+// Runs body(block, scratch) for every block, scratch = make_scratch() once per thread. On the CPU
+// the blocks go to torch's threads through a queue (the longest first, for balance), each thread's
+// BLAS calls single-threaded; elsewhere in order on this thread.
+template <typename MakeScratch, typename Body>
+void run_blocks(std::vector<RowBlock> blocks, bool on_cpu, MakeScratch make_scratch, Body body) {
+  if (blocks.empty()) return;
+  if (!on_cpu) {
+    auto scratch = make_scratch();
+    for (const RowBlock &block : blocks) body(block, scratch);
+    return;
+  }
+  std::stable_sort(blocks.begin(), blocks.end(), [](const RowBlock &a, const RowBlock &b) { return a.len > b.len; });
+  std::atomic<size_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(blocks.size()));
+  const at::ThreadLocalState caller_state;  // see reproducible_mm_out
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    at::ThreadLocalStateGuard caller_state_guard(caller_state);
+    SingleThreadedBlas single;
+    auto scratch = make_scratch();
+    for (size_t i; (i = next.fetch_add(1)) < blocks.size();) body(blocks[i], scratch);
+  });
+}
+
+// Every segment in chunks of `chunk` rows (the last one of a segment shorter).
+std::vector<RowBlock> chunk_blocks(const std::vector<int64_t> &bounds, int64_t chunk) {
+  std::vector<RowBlock> blocks;
+  for (int64_t e = 0; e + 1 < static_cast<int64_t>(bounds.size()); ++e)
+    for (int64_t r = bounds[e]; r < bounds[e + 1]; r += chunk) blocks.push_back({e, r, std::min(chunk, bounds[e + 1] - r), 0});
+  return blocks;
+}
+
+void mm_into(at::Tensor &out, const at::Tensor &a, const at::Tensor &b, bool accumulate) {
+  if (accumulate) out.addmm_(a, b);
+  else at::mm_out(out, a, b);
+}
+
+// The blocks of a weight gradient: each expert's segment in at most kMaxBlocksPerExpert blocks of about
+// equal length, the length (a whole number of chunks) chosen so that there are about kTargetBlocks
+// blocks in all. Each block accumulates its chunks' weight gradients in order; blocks after an
+// expert's first write into partial sums (slots) that are added in block order at the end.
+constexpr int64_t kTargetBlocks = 16, kMaxBlocksPerExpert = 4;
+
+std::vector<RowBlock> weight_grad_blocks(const std::vector<int64_t> &bounds, int64_t experts, int64_t chunk,
+                                      int64_t *slots) {
+  const int64_t routed = bounds[experts];
+  const int64_t chunks_per_block = std::max<int64_t>(1, (routed + kTargetBlocks * chunk - 1) / (kTargetBlocks * chunk));
+  const int64_t block_rows = chunks_per_block * chunk;
+  std::vector<RowBlock> blocks;
+  *slots = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t len = bounds[e + 1] - bounds[e];
+    if (len == 0) continue;
+    const int64_t count = std::min(kMaxBlocksPerExpert, (len + block_rows - 1) / block_rows);
+    const int64_t each = (len + count - 1) / count;
+    for (int64_t i = 0, r = bounds[e]; r < bounds[e + 1]; ++i, r += each)
+      blocks.push_back({e, r, std::min(each, bounds[e + 1] - r), i == 0 ? 0 : ++*slots});
+  }
+  return blocks;
+}
+
 // y[P, N] with y[seg_e] = x[seg_e] @ w[e]; padding rows are zero.
 at::Tensor grouped_mm_impl(const at::Tensor &x, const at::Tensor &w, const at::Tensor &offsets) {
   check_grouped_operands(x, w, offsets, "grouped_mm");
   const int64_t experts = w.size(0), rows = x.size(0);
   const auto bounds = segment_bounds(offsets, experts, rows, "grouped_mm");
   at::Tensor y = empty_activation({rows, w.size(2)}, x.options());
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t len = bounds[e + 1] - bounds[e];
-    if (len > 0) {
-      at::Tensor out = y.narrow(0, bounds[e], len);
-      at::mm_out(out, x.narrow(0, bounds[e], len), w.select(0, e));
-    }
-  }
+  run_blocks(chunk_blocks(bounds, ffn_chunk_rows(w.size(2))), x.is_cpu(), [] { return 0; }, [&](const RowBlock &block, int) {
+    at::Tensor out = y.narrow(0, block.begin, block.len);
+    at::mm_out(out, x.narrow(0, block.begin, block.len), w.select(0, block.expert));
+  });
   y.narrow(0, bounds[experts], rows - bounds[experts]).zero_();
   return y;
+}
+
+// Adds each block's partial sum (slot > 0) to its expert's gradient, in block order, and zeroes the
+// gradients of experts without rows.
+void finish_weight_grad(at::Tensor &grad_w, const at::Tensor &partial, const std::vector<RowBlock> &blocks,
+                        const std::vector<int64_t> &bounds) {
+  for (const RowBlock &block : blocks)
+    if (block.slot > 0) grad_w.select(0, block.expert).add_(partial.select(0, block.slot - 1));
+  for (int64_t e = 0; e + 1 < static_cast<int64_t>(bounds.size()); ++e)
+    if (bounds[e + 1] == bounds[e]) grad_w.select(0, e).zero_();
 }
 
 // grad_w[E, K, N] with grad_w[e] = x[seg_e]^T @ grad_y[seg_e]; zero for empty segments.
@@ -631,17 +849,16 @@ at::Tensor grouped_mm_weight_grad_impl(const at::Tensor &x, const at::Tensor &gr
   TORCH_CHECK(experts >= 1, "softmoe: grouped_mm_weight_grad: experts must be >= 1, got ", experts);
   const auto bounds = segment_bounds(offsets, experts, x.size(0), "grouped_mm_weight_grad");
   at::Tensor grad_w = at::empty({experts, x.size(1), grad_y.size(1)}, x.options());
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t len = bounds[e + 1] - bounds[e];
-    at::Tensor out = grad_w.select(0, e);
-    if (len > 0)
-      at::mm_out(out, x.narrow(0, bounds[e], len).t(), grad_y.narrow(0, bounds[e], len));
-    else
-      out.zero_();
-  }
+  int64_t slots = 0;
+  const auto blocks = weight_grad_blocks(bounds, experts, ffn_chunk_rows(grad_y.size(1)), &slots);
+  at::Tensor partial = at::empty({slots, x.size(1), grad_y.size(1)}, x.options());
+  run_blocks(blocks, x.is_cpu(), [] { return 0; }, [&](const RowBlock &block, int) {
+    at::Tensor out = block.slot == 0 ? grad_w.select(0, block.expert) : partial.select(0, block.slot - 1);
+    at::mm_out(out, x.narrow(0, block.begin, block.len).t(), grad_y.narrow(0, block.begin, block.len));
+  });
+  finish_weight_grad(grad_w, partial, blocks, bounds);
   return grad_w;
 }
-
 
 // ---- Fused expert FFN: both matmuls and the activation, chunk by chunk --------------------------
 //
@@ -652,7 +869,8 @@ at::Tensor grouped_mm_weight_grad_impl(const at::Tensor &x, const at::Tensor &gr
 // allocates about six [P, d_hidden]-sized temporaries plus a concatenation; on the CPU each of
 // those is a fresh mmap that page-faults again every step (glibc returns blocks above 32 MB to the
 // OS on free), which made the layer slower than a per-expert Python loop whose tensors are small.
-// Chunk boundaries depend only on the shapes, so results do not depend on the thread count.
+// The CPU runs the blocks side by side as described above (Expert compute); the forward's blocks are
+// its chunks, the backward's those of weight_grad_blocks.
 
 enum class Activation { swiglu, gelu };
 
@@ -661,16 +879,6 @@ Activation parse_activation(c10::string_view name, const char *op) {
   if (name == "gelu") return Activation::gelu;
   TORCH_CHECK(false, "softmoe: ", op, ": activation must be 'swiglu' or 'gelu', got '", std::string(name), "'");
 }
-
-// Rows per chunk of the forward: about 2^21 elements of the widest buffer ([chunk, W]), 8 MB in
-// float32, which bounds inference's peak memory. The backward uses chunks four times as long:
-// there each chunk adds an accumulating GEMM to every expert's weight gradient, and at 2^21
-// (1024 rows of a 1024-wide SwiGLU expert) the layer's forward+backward ran 3 to 10 % slower in
-// three interleaved A/B runs on 2 CPU cores. Chunk buffers come from empty_activation.
-int64_t ffn_chunk_rows(int64_t width, int elements_log2) {
-  return std::max<int64_t>(16, (int64_t{1} << elements_log2) / std::max<int64_t>(width, 1));
-}
-constexpr int kForwardChunkLog2 = 21, kBackwardChunkLog2 = 23;
 
 struct FfnShape {
   int64_t experts, rows, d_in, width, d_hidden, d_out;
@@ -709,7 +917,7 @@ void activate_out(at::Tensor &out, const at::Tensor &h, Activation act, int64_t 
 }
 
 // Returns y [P, d_out] (zeros on padding rows) and, with keep_hidden, hidden = x @ w_in per segment
-// [P, W] for the backward (else an empty [0, W]).
+// [P, W] for the backward (else an empty [0, W]). The forward's blocks are its chunks.
 std::tuple<at::Tensor, at::Tensor> expert_ffn_impl(const at::Tensor &x, const at::Tensor &w_in,
                                                    const at::Tensor &w_out, const at::Tensor &offsets,
                                                    c10::string_view activation, bool keep_hidden) {
@@ -719,23 +927,27 @@ std::tuple<at::Tensor, at::Tensor> expert_ffn_impl(const at::Tensor &x, const at
   const auto bounds = segment_bounds(offsets, s.experts, s.rows, op);
   at::Tensor y = empty_activation({s.rows, s.d_out}, x.options());
   at::Tensor hidden = empty_activation({keep_hidden ? s.rows : 0, s.width}, x.options());
-  int64_t longest = 0;
-  for (int64_t e = 0; e < s.experts; ++e) longest = std::max(longest, bounds[e + 1] - bounds[e]);
-  const int64_t chunk = std::min(ffn_chunk_rows(s.width, kForwardChunkLog2), longest);
-  at::Tensor h_buf = keep_hidden ? at::Tensor() : empty_activation({chunk, s.width}, x.options());
-  at::Tensor a_buf = empty_activation({chunk, s.d_hidden}, x.options());
-  for (int64_t e = 0; e < s.experts; ++e) {
-    const at::Tensor wi = w_in.select(0, e), wo = w_out.select(0, e);
-    for (int64_t r = bounds[e]; r < bounds[e + 1]; r += chunk) {
-      const int64_t len = std::min(chunk, bounds[e + 1] - r);
-      at::Tensor h = keep_hidden ? hidden.narrow(0, r, len) : h_buf.narrow(0, 0, len);
-      at::Tensor a = a_buf.narrow(0, 0, len);
-      at::Tensor y_rows = y.narrow(0, r, len);
-      at::mm_out(h, x.narrow(0, r, len), wi);
-      activate_out(a, h, act, s.d_hidden);
-      at::mm_out(y_rows, a, wo);
-    }
-  }
+  const std::vector<RowBlock> blocks = chunk_blocks(bounds, ffn_chunk_rows(s.width));
+  const int64_t buffer_rows = blocks.empty() ? 0 : std::max_element(blocks.begin(), blocks.end(), [](auto &a, auto &b) {
+    return a.len < b.len;
+  })->len;
+  struct Scratch {
+    at::Tensor h, a;
+  };
+  run_blocks(
+      blocks, x.is_cpu(),
+      [&] {
+        return Scratch{keep_hidden ? at::Tensor() : empty_activation({buffer_rows, s.width}, x.options()),
+                       empty_activation({buffer_rows, s.d_hidden}, x.options())};
+      },
+      [&](const RowBlock &block, Scratch &scratch) {
+        at::Tensor h = keep_hidden ? hidden.narrow(0, block.begin, block.len) : scratch.h.narrow(0, 0, block.len);
+        at::Tensor a = scratch.a.narrow(0, 0, block.len);
+        at::Tensor y_rows = y.narrow(0, block.begin, block.len);
+        at::mm_out(h, x.narrow(0, block.begin, block.len), w_in.select(0, block.expert));
+        activate_out(a, h, act, s.d_hidden);
+        at::mm_out(y_rows, a, w_out.select(0, block.expert));
+      });
   y.narrow(0, bounds[s.experts], s.rows - bounds[s.experts]).zero_();
   if (keep_hidden) hidden.narrow(0, bounds[s.experts], s.rows - bounds[s.experts]).zero_();
   return {y, hidden};
@@ -761,64 +973,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_impl(
   at::Tensor grad_x = empty_activation({want_x ? s.rows : 0, s.d_in}, x.options());
   at::Tensor grad_w_in = empty_activation(want_w_in ? w_in.sizes() : at::IntArrayRef{0}, x.options());
   at::Tensor grad_w_out = empty_activation(want_w_out ? w_out.sizes() : at::IntArrayRef{0}, x.options());
-  int64_t longest = 0;
-  for (int64_t e = 0; e < s.experts; ++e) longest = std::max(longest, bounds[e + 1] - bounds[e]);
-  const int64_t chunk = std::min(ffn_chunk_rows(s.width, kBackwardChunkLog2), longest);
+  const int64_t chunk = ffn_chunk_rows(s.width);
+  int64_t slots = 0;
+  const std::vector<RowBlock> blocks = weight_grad_blocks(bounds, s.experts, chunk, &slots);
+  at::Tensor partial_w_in = want_w_in ? at::empty({slots, s.d_in, s.width}, x.options()) : at::Tensor();
+  at::Tensor partial_w_out = want_w_out ? at::empty({slots, s.d_hidden, s.d_out}, x.options()) : at::Tensor();
+  const int64_t buffer_rows = std::min(chunk, s.rows);
   const bool swiglu = act == Activation::swiglu;
-  // swiglu: s_buf = silu(gate), a_buf = s * up, t_buf = grad_a * up; gelu: a_buf = gelu(h)
-  at::Tensor a_buf = empty_activation({chunk, s.d_hidden}, x.options());
-  at::Tensor s_buf = swiglu ? empty_activation({chunk, s.d_hidden}, x.options()) : at::Tensor();
-  at::Tensor t_buf = swiglu ? empty_activation({chunk, s.d_hidden}, x.options()) : at::Tensor();
-  at::Tensor ga_buf = empty_activation({chunk, s.d_hidden}, x.options());
-  at::Tensor gh_buf = empty_activation({chunk, s.width}, x.options());
-  for (int64_t e = 0; e < s.experts; ++e) {
-    const at::Tensor wi = w_in.select(0, e), wo = w_out.select(0, e);
-    at::Tensor gwi = want_w_in ? grad_w_in.select(0, e) : at::Tensor();
-    at::Tensor gwo = want_w_out ? grad_w_out.select(0, e) : at::Tensor();
-    if (bounds[e + 1] == bounds[e]) {
-      if (want_w_in) gwi.zero_();
-      if (want_w_out) gwo.zero_();
-      continue;
-    }
-    for (int64_t r = bounds[e]; r < bounds[e + 1]; r += chunk) {
-      const int64_t len = std::min(chunk, bounds[e + 1] - r);
-      const bool first = r == bounds[e];
-      const at::Tensor h = hidden.narrow(0, r, len), gy = grad_y.narrow(0, r, len);
-      at::Tensor a = a_buf.narrow(0, 0, len);
-      if (swiglu) {
-        at::Tensor silu_gate = s_buf.narrow(0, 0, len);
-        at::silu_out(silu_gate, h.narrow(1, 0, s.d_hidden));
-        if (want_w_out) at::mul_out(a, silu_gate, h.narrow(1, s.d_hidden, s.d_hidden));
-      } else if (want_w_out) {
-        at::gelu_out(a, h);
-      }
-      // the weight gradients accumulate chunk by chunk in a fixed order (first chunk overwrites)
-      if (want_w_out) {
-        if (first) at::mm_out(gwo, a.t(), gy);
-        else gwo.addmm_(a.t(), gy);
-      }
-      if (!want_x && !want_w_in) continue;
-      at::Tensor ga = ga_buf.narrow(0, 0, len), gh = gh_buf.narrow(0, 0, len);
-      at::mm_out(ga, gy, wo.t());
-      if (swiglu) {
-        at::Tensor gh_gate = gh.narrow(1, 0, s.d_hidden), gh_up = gh.narrow(1, s.d_hidden, s.d_hidden);
-        at::Tensor t = t_buf.narrow(0, 0, len);
-        at::mul_out(gh_up, ga, s_buf.narrow(0, 0, len));
-        at::mul_out(t, ga, h.narrow(1, s.d_hidden, s.d_hidden));
-        at::silu_backward_out(gh_gate, t, h.narrow(1, 0, s.d_hidden));
-      } else {
-        at::gelu_backward_out(gh, ga, h);
-      }
-      if (want_w_in) {
-        if (first) at::mm_out(gwi, x.narrow(0, r, len).t(), gh);
-        else gwi.addmm_(x.narrow(0, r, len).t(), gh);
-      }
-      if (want_x) {
-        at::Tensor gx = grad_x.narrow(0, r, len);
-        at::mm_out(gx, gh, wi.t());
-      }
-    }
-  }
+  // swiglu: silu = silu(gate), a = silu * up, t = grad_a * up; gelu: a = gelu(h)
+  struct Scratch {
+    at::Tensor a, silu, t, grad_a, grad_h;
+  };
+  run_blocks(
+      blocks, x.is_cpu(),
+      [&] {
+        auto rows = [&](int64_t cols) { return empty_activation({buffer_rows, cols}, x.options()); };
+        return Scratch{rows(s.d_hidden), swiglu ? rows(s.d_hidden) : at::Tensor(), swiglu ? rows(s.d_hidden) : at::Tensor(),
+                       rows(s.d_hidden), rows(s.width)};
+      },
+      [&](const RowBlock &block, Scratch &scratch) {
+        const at::Tensor wi = w_in.select(0, block.expert), wo = w_out.select(0, block.expert);
+        at::Tensor gwi, gwo;
+        if (want_w_in) gwi = block.slot == 0 ? grad_w_in.select(0, block.expert) : partial_w_in.select(0, block.slot - 1);
+        if (want_w_out) gwo = block.slot == 0 ? grad_w_out.select(0, block.expert) : partial_w_out.select(0, block.slot - 1);
+        for (int64_t r = block.begin; r < block.begin + block.len; r += chunk) {
+          const int64_t len = std::min(chunk, block.begin + block.len - r);
+          const bool first = r == block.begin;  // the block's first chunk overwrites its weight gradients
+          const at::Tensor h = hidden.narrow(0, r, len), gy = grad_y.narrow(0, r, len);
+          at::Tensor a = scratch.a.narrow(0, 0, len);
+          if (swiglu) {
+            at::Tensor silu_gate = scratch.silu.narrow(0, 0, len);
+            at::silu_out(silu_gate, h.narrow(1, 0, s.d_hidden));
+            if (want_w_out) at::mul_out(a, silu_gate, h.narrow(1, s.d_hidden, s.d_hidden));
+          } else if (want_w_out) {
+            at::gelu_out(a, h);
+          }
+          if (want_w_out) mm_into(gwo, a.t(), gy, !first);
+          if (!want_x && !want_w_in) continue;
+          at::Tensor ga = scratch.grad_a.narrow(0, 0, len), gh = scratch.grad_h.narrow(0, 0, len);
+          at::mm_out(ga, gy, wo.t());
+          if (swiglu) {
+            at::Tensor gh_gate = gh.narrow(1, 0, s.d_hidden), gh_up = gh.narrow(1, s.d_hidden, s.d_hidden);
+            at::Tensor t = scratch.t.narrow(0, 0, len);
+            at::mul_out(gh_up, ga, scratch.silu.narrow(0, 0, len));
+            at::mul_out(t, ga, h.narrow(1, s.d_hidden, s.d_hidden));
+            at::silu_backward_out(gh_gate, t, h.narrow(1, 0, s.d_hidden));
+          } else {
+            at::gelu_backward_out(gh, ga, h);
+          }
+          if (want_w_in) mm_into(gwi, x.narrow(0, r, len).t(), gh, !first);
+          if (want_x) {
+            at::Tensor gx = grad_x.narrow(0, r, len);
+            at::mm_out(gx, gh, wi.t());
+          }
+        }
+      });
+  if (want_w_in) finish_weight_grad(grad_w_in, partial_w_in, blocks, bounds);
+  if (want_w_out) finish_weight_grad(grad_w_out, partial_w_out, blocks, bounds);
   if (want_x) grad_x.narrow(0, bounds[s.experts], s.rows - bounds[s.experts]).zero_();
   return {grad_x, grad_w_in, grad_w_out};
 }
@@ -841,7 +1052,9 @@ TORCH_LIBRARY(softmoe, m) {
   m.def(
       "combine_rows_backward(Tensor grad_y, Tensor ys, Tensor p, Tensor pair_token, Tensor pair_expert, "
       "Tensor token_pairs) -> (Tensor grad_ys, Tensor grad_p)");
-  // Expert compute over expert-contiguous segments.
+  // Matmuls whose bits do not depend on the thread count (the router), and expert compute over
+  // expert-contiguous segments.
+  m.def("matmul(Tensor a, Tensor b) -> Tensor");
   m.def("grouped_mm(Tensor x, Tensor w, Tensor offsets) -> Tensor");
   m.def("grouped_mm_weight_grad(Tensor x, Tensor grad_y, Tensor offsets, int experts) -> Tensor");
   // The whole expert FFN (matmul, activation, matmul) with chunked temporaries.
@@ -861,6 +1074,7 @@ TORCH_LIBRARY_IMPL(softmoe, CPU, m) {
   m.impl("gather_rows_backward", &gather_rows_backward_impl);
   m.impl("combine_rows", &combine_rows_impl);
   m.impl("combine_rows_backward", &combine_rows_backward_impl);
+  m.impl("matmul", &matmul_impl);
   m.impl("grouped_mm", &grouped_mm_impl);
   m.impl("grouped_mm_weight_grad", &grouped_mm_weight_grad_impl);
   m.impl("expert_ffn", &expert_ffn_impl);
@@ -876,6 +1090,7 @@ TORCH_LIBRARY_IMPL(softmoe, CUDA, m) {
   m.impl("gather_rows_backward", &gather_rows_backward_impl);
   m.impl("combine_rows", &combine_rows_impl);
   m.impl("combine_rows_backward", &combine_rows_backward_impl);
+  m.impl("matmul", &matmul_impl);
   m.impl("grouped_mm", &grouped_mm_impl);
   m.impl("grouped_mm_weight_grad", &grouped_mm_weight_grad_impl);
   m.impl("expert_ffn", &expert_ffn_impl);

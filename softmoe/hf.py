@@ -87,7 +87,7 @@ _COMBINES = ("normalized", "sum")
 
 
 class _RawLogitRouter(nn.Module):
-    """Router of a converted block: ``forward(x[N, H]) -> raw logits [N, E]`` (``F.linear(x, weight)``).
+    """Router of a converted block: ``forward(x[N, H]) -> raw logits [N, E]`` (``x @ weight.T``).
 
     For a converted MoE model it is built as a subclass of the model's own router class (e.g.
     ``SoftMoEMixtralTopKRouter(MixtralTopKRouter)``), so transformers' ``output_router_logits``
@@ -103,7 +103,9 @@ class _RawLogitRouter(nn.Module):
         self.bias = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_states, self.weight)
+        # ops.matmul: the same bits for any thread count (see softmoe.layer.Router)
+        flat = hidden_states.reshape(-1, self.hidden_dim)
+        return ops.matmul(flat, self.weight.t()).reshape(*hidden_states.shape[:-1], self.num_experts)
 
     def extra_repr(self) -> str:
         return f"hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, returns=raw logits"

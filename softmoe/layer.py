@@ -18,6 +18,19 @@ Combine = Literal["normalized", "sum"]
 ROUTER_INIT_STD = 4.0
 
 
+class Router(nn.Linear):
+    """The router's linear map (no bias): ``[..., d_model] -> [..., num_experts]`` logits through
+    :func:`softmoe.ops.matmul`, whose bits do not depend on the thread count (its weight gradient sums
+    over every token, and torch's own matmul sums that in a thread-count dependent order). An
+    ``nn.Linear`` otherwise: same parameter, same state_dict key."""
+
+    def __init__(self, d_model: int, num_experts: int, **factory) -> None:
+        super().__init__(d_model, num_experts, bias=False, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.matmul(x.reshape(-1, self.in_features), self.weight.t()).reshape(*x.shape[:-1], self.out_features)
+
+
 class SoftMoELayer(nn.Module):
     """Mixture-of-experts FFN with differentiable, per-token truncated soft top-k routing.
 
@@ -112,7 +125,7 @@ class SoftMoELayer(nn.Module):
         self.k_min = k_min
         self.k_max = k_max
         factory = {"device": device, "dtype": dtype}
-        self.router = nn.Linear(d_model, num_experts, bias=False, **factory)
+        self.router = Router(d_model, num_experts, **factory)
         nn.init.normal_(self.router.weight, std=ROUTER_INIT_STD * alpha / math.sqrt(d_model))
         self.expert_shard: parallel.ExpertShard | None = None
         if expert_group is None:

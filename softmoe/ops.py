@@ -292,6 +292,43 @@ def combine_rows(ys: torch.Tensor, p: torch.Tensor, plan: DispatchPlan) -> torch
     return y if p.dim() == 2 else y.reshape(*lead, ys.shape[-1])
 
 
+# ==== A matmul whose bits do not depend on the thread count (the router's) ========================
+
+
+@torch.library.register_fake("softmoe::matmul")
+def _matmul_fake(a, b):
+    _check_same_device("matmul", a, b)
+    torch._check(a.dim() == 2 and b.dim() == 2, lambda: "softmoe: matmul: a and b must be 2-D")
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+def _matmul_setup_context(ctx, inputs, output):
+    a, b = inputs
+    ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None)
+
+
+def _matmul_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    grad_a = torch.ops.softmoe.matmul(grad, b.t()) if ctx.needs_input_grad[0] else None
+    grad_b = torch.ops.softmoe.matmul(a.t(), grad) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b
+
+
+torch.library.register_autograd("softmoe::matmul", _matmul_backward, setup_context=_matmul_setup_context)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for 2-D ``a`` ``[M, K]`` and ``b`` ``[K, N]`` (one floating dtype, one device), with the
+    same bits for any ``torch.set_num_threads``: on the CPU the product is cut into pieces by the
+    shapes alone, each one single-threaded BLAS call (csrc/bindings.cpp, ``reproducible_mm_out``); a plain
+    ``torch.mm`` with MKL sums long reductions in a thread-count dependent order. Differentiable in
+    both (the backward uses the same op). Returns ``[M, N]``."""
+    for name, value in (("a", a), ("b", b)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"matmul: {name} must be a torch.Tensor, got {type(value).__name__}")
+    return torch.ops.softmoe.matmul(a, b)
+
+
 # ==== Expert compute: grouped matmul over expert-contiguous segments ============================
 
 

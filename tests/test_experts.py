@@ -190,3 +190,132 @@ def test_cuda_matches_cpu(activation, dtype):
     torch.testing.assert_close(yc.cpu(), y, rtol=tol, atol=tol)
     for got, want in zip(grads_c, grads):
         torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol * 10)
+
+
+# ---- ops.matmul: the router's product, and the one under every expert product -------------------
+
+# (M, K, N): small outputs with long reductions (MKL splits those over its threads), tiles that
+# divide and that do not, a reduction split into blocks, and the empty edges.
+MATMUL_SHAPES = [(8, 1024, 64), (64, 1024, 96), (16, 4096, 16), (1, 8192, 1), (300, 700, 1100), (513, 64, 9),
+                 (3, 5000, 7), (0, 4, 3), (4, 0, 3), (4, 3, 0)]
+
+
+def _matmul_operands(M, K, N, dtype, seed=0, transpose_a=False):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(K, M, generator=g, dtype=torch.float64).t() if transpose_a else torch.randn(M, K, generator=g, dtype=torch.float64)
+    b = torch.randn(K, N, generator=g, dtype=torch.float64)
+    return a.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("shape", MATMUL_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_matmul_matches_float64_mm(shape, dtype):
+    for transpose_a in (False, True):
+        a, b = _matmul_operands(*shape, dtype, transpose_a=transpose_a)
+        got = ops.matmul(a, b)
+        want = a.double() @ b.double()
+        assert got.dtype == dtype and got.shape == want.shape
+        # elementwise: the rounding of the output plus a sqrt(K)-grown accumulation error, both
+        # relative to |a| @ |b| (the size of the terms)
+        unit = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}[dtype]
+        bound = unit * (2 * shape[1] ** 0.5 + 1) * (a.double().abs() @ b.double().abs())
+        assert ((got.double() - want).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("shape", [s for s in MATMUL_SHAPES if 0 not in s], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_bit_identical_across_thread_counts(shape, dtype):
+    a, b = _matmul_operands(*shape, dtype, seed=1, transpose_a=True)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 1):
+            torch.set_num_threads(n)
+            results.append(ops.matmul(a, b))
+    finally:
+        torch.set_num_threads(threads)
+    for n, r in zip((2, 3, 1), results[1:]):
+        assert torch.equal(r, results[0]), f"{n} threads vs 1"
+
+
+def test_matmul_gradcheck_and_opcheck():
+    a, b = _matmul_operands(5, 7, 3, torch.float64)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    assert torch.autograd.gradcheck(ops.matmul, (a, b))
+    assert torch.autograd.gradgradcheck(ops.matmul, (a, b))
+    for dtype in (torch.float32, torch.float64):
+        for M, K, N in ((5, 7, 3), (2, 1100, 3)):
+            x, w = _matmul_operands(M, K, N, dtype)
+            torch.library.opcheck(OPS.matmul.default, (x.requires_grad_(True), w.requires_grad_(True)))
+            torch.library.opcheck(OPS.matmul.default, (x.detach().t().contiguous().t(), w.detach()))
+
+
+def test_matmul_rejects_bad_operands():
+    a, b = torch.zeros(2, 3), torch.zeros(3, 4)
+    with pytest.raises(TypeError, match="matmul: b must be a torch.Tensor, got list"):
+        ops.matmul(a, [[0.0]])
+    with pytest.raises(RuntimeError, match="softmoe: matmul: a and b must be 2-D"):
+        ops.matmul(a, b[0])
+    with pytest.raises(RuntimeError, match="softmoe: matmul: a has 3 columns but b has 4 rows"):
+        ops.matmul(a, b.t())
+    with pytest.raises(TypeError, match="softmoe: matmul: a and b must have one dtype"):
+        ops.matmul(a, b.double())
+    with pytest.raises(TypeError, match="softmoe: matmul: a and b must be floating point"):
+        ops.matmul(a.long(), b.long())
+    with pytest.raises(RuntimeError, match="all tensor arguments must be on one device"):
+        ops.matmul(a, b.to("meta"))
+
+
+def test_expert_ffn_bit_identical_across_thread_counts_with_short_segments():
+    """Short segments make weight gradients [d, W] with a long reduction relative to their size, the
+    products a BLAS splits over threads; and a few rows per expert, the reverse."""
+    for counts in ([3, 1, 500, 2], [1500, 1, 0, 7]):
+        x, w_in, w_out, offsets = make(4, sum(counts), 16, 8, 16, "swiglu", torch.float32, counts=counts, seed=4)
+
+        def run():
+            y = ops.expert_ffn(x, w_in, w_out, offsets)
+            return (y, *torch.autograd.grad(y, (x, w_in, w_out), torch.ones_like(y)))
+
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = run()
+            torch.set_num_threads(2)
+            two = run()
+        finally:
+            torch.set_num_threads(threads)
+        for i, (u, v) in enumerate(zip(one, two)):
+            assert torch.equal(u, v), f"counts {counts}, tensor {i}"
+
+
+def test_weight_gradients_split_over_blocks_are_exact_and_thread_independent():
+    """A wide expert (W = 2^16 columns, so 32-row chunks) with a long segment: its weight gradient is
+    summed over several row blocks (run side by side, then added in block order) while the other
+    experts take one block each. Values against the unfused reference; bits across thread counts."""
+    h = 2**15
+    x, w_in, w_out, offsets = make(4, 193, 4, h, 4, "swiglu", torch.float32, counts=[150, 3, 0, 40], seed=6)
+    y = ops.expert_ffn(x, w_in, w_out, offsets)
+    gy = torch.randn_like(y)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(torch.autograd.grad(ops.expert_ffn(x, w_in, w_out, offsets), (x, w_in, w_out), gy))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for u, v in zip(runs[0], run):
+            assert torch.equal(u, v)
+    x64, w_in64, w_out64 = (t.detach().double().requires_grad_(True) for t in (x, w_in, w_out))
+    want = torch.autograd.grad(reference_ffn(x64, w_in64, w_out64, offsets, "swiglu"), (x64, w_in64, w_out64), gy.double())
+    for got, ref in zip(runs[0], want):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
+    # grouped_mm's weight gradient is summed over the same blocks
+    g = torch.randn(x.shape[0], 2 * h, generator=torch.Generator().manual_seed(7))
+    (gw,) = torch.autograd.grad(ops.grouped_mm(x.detach(), w_in, offsets), (w_in,), g)
+    bounds = offsets.tolist()
+    for e in range(4):
+        seg = slice(bounds[e], bounds[e + 1])
+        torch.testing.assert_close(gw[e].double(), x64[seg].detach().t() @ g[seg].double(), rtol=1e-5, atol=1e-4)

@@ -792,23 +792,24 @@ void mm_into(at::Tensor &out, const at::Tensor &a, const at::Tensor &b, bool acc
   else at::mm_out(out, a, b);
 }
 
-// The blocks of a weight gradient: each expert's segment in at most kMaxBlocksPerExpert blocks of about
-// equal length, the length (a whole number of chunks) chosen so that there are about kTargetBlocks
-// blocks in all. Each block accumulates its chunks' weight gradients in order; blocks after an
-// expert's first write into partial sums (slots) that are added in block order at the end.
-constexpr int64_t kTargetBlocks = 16, kMaxBlocksPerExpert = 4;
+// The blocks of a weight gradient: an expert's segment is one block, unless it holds at least two
+// shares of the work (a share: 1 / kTargetBlocks of all routed rows, at least one chunk); then it is
+// cut into that many blocks of about equal length (at most kMaxBlocksPerExpert), so that an
+// overloaded expert does not leave the other threads idle. Each block accumulates its chunks'
+// weight gradients in order; blocks after an expert's first write into partial sums (slots, one
+// weight-sized buffer each) that are added in block order at the end. Balanced routing needs no
+// slots: the experts themselves are the blocks.
+constexpr int64_t kTargetBlocks = 8, kMaxBlocksPerExpert = 4;
 
 std::vector<RowBlock> weight_grad_blocks(const std::vector<int64_t> &bounds, int64_t experts, int64_t chunk,
-                                      int64_t *slots) {
-  const int64_t routed = bounds[experts];
-  const int64_t chunks_per_block = std::max<int64_t>(1, (routed + kTargetBlocks * chunk - 1) / (kTargetBlocks * chunk));
-  const int64_t block_rows = chunks_per_block * chunk;
+                                         int64_t *slots) {
+  const int64_t share = std::max(chunk, (bounds[experts] + kTargetBlocks - 1) / kTargetBlocks);
   std::vector<RowBlock> blocks;
   *slots = 0;
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t len = bounds[e + 1] - bounds[e];
     if (len == 0) continue;
-    const int64_t count = std::min(kMaxBlocksPerExpert, (len + block_rows - 1) / block_rows);
+    const int64_t count = std::max<int64_t>(1, std::min(kMaxBlocksPerExpert, len / share));
     const int64_t each = (len + count - 1) / count;
     for (int64_t i = 0, r = bounds[e]; r < bounds[e + 1]; ++i, r += each)
       blocks.push_back({e, r, std::min(each, bounds[e + 1] - r), i == 0 ? 0 : ++*slots});

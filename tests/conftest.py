@@ -44,3 +44,16 @@ def random_scores(rows, n, dtype=torch.float64, spread=1.0, device="cpu", genera
     """[rows, n] scores ~ N(0, spread^2), drawn in float64 then cast (the same values for every dtype)."""
     r = torch.randn(rows, n, dtype=torch.float64, generator=generator) * spread
     return r.to(dtype=dtype, device=device)
+
+
+def per_thread_count(fn, counts=(1, 2)):
+    """fn() under each torch.set_num_threads(n) of counts, in order; the thread count is restored."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(threads)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from conftest import per_thread_count
 from softmoe import ops
 
 OPS = torch.ops.softmoe
@@ -135,24 +136,24 @@ def test_backward_without_the_hidden_is_a_clear_error():
         y.sum().backward()
 
 
-def test_deterministic_runs_and_threads():
-    """Chunk boundaries and the weight-gradient accumulation order depend only on the shapes."""
-    x, w_in, w_out, offsets = make(4, 300, 32, 48, 32, "swiglu", torch.float32, seed=3)
+@pytest.mark.parametrize("counts", [None, [3, 1, 500, 2], [1500, 1, 0, 7]], ids=["random", "short", "skewed"])
+def test_deterministic_runs_and_threads(counts):
+    """Bit-identical run to run and for 1, 2 or 3 threads: block boundaries and the weight-gradient
+    accumulation order depend only on the shapes and segments. Short segments make weight gradients
+    [d, W] whose reduction is long relative to their size (the products MKL splits over its threads),
+    a skewed one an expert with most of the rows."""
+    if counts is None:
+        x, w_in, w_out, offsets = make(4, 300, 32, 48, 32, "swiglu", torch.float32, seed=3)
+    else:
+        x, w_in, w_out, offsets = make(4, sum(counts), 16, 8, 16, "swiglu", torch.float32, counts=counts, seed=4)
 
     def run():
         y = ops.expert_ffn(x, w_in, w_out, offsets)
         return (y, *torch.autograd.grad(y, (x, w_in, w_out), torch.ones_like(y)))
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(2)
-        two, again = run(), run()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b, c in zip(one, two, again):
-        assert torch.equal(a, b) and torch.equal(b, c)
+    one, two, again, three = per_thread_count(run, (1, 2, 2, 3))
+    for i, (a, b, c, d) in enumerate(zip(one, two, again, three)):
+        assert torch.equal(a, b) and torch.equal(b, c) and torch.equal(c, d), f"tensor {i}"
 
 
 def test_large_outputs_are_ordinary_tensors():
@@ -226,14 +227,7 @@ def test_matmul_matches_float64_mm(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matmul_bit_identical_across_thread_counts(shape, dtype):
     a, b = _matmul_operands(*shape, dtype, seed=1, transpose_a=True)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3, 1):
-            torch.set_num_threads(n)
-            results.append(ops.matmul(a, b))
-    finally:
-        torch.set_num_threads(threads)
+    results = per_thread_count(lambda: ops.matmul(a, b), (1, 2, 3, 1))
     for n, r in zip((2, 3, 1), results[1:]):
         assert torch.equal(r, results[0]), f"{n} threads vs 1"
 
@@ -267,28 +261,6 @@ def test_matmul_rejects_bad_operands():
         ops.matmul(a, b.to("meta"))
 
 
-def test_expert_ffn_bit_identical_across_thread_counts_with_short_segments():
-    """Short segments make weight gradients [d, W] with a long reduction relative to their size, the
-    products a BLAS splits over threads; and a few rows per expert, the reverse."""
-    for counts in ([3, 1, 500, 2], [1500, 1, 0, 7]):
-        x, w_in, w_out, offsets = make(4, sum(counts), 16, 8, 16, "swiglu", torch.float32, counts=counts, seed=4)
-
-        def run():
-            y = ops.expert_ffn(x, w_in, w_out, offsets)
-            return (y, *torch.autograd.grad(y, (x, w_in, w_out), torch.ones_like(y)))
-
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            one = run()
-            torch.set_num_threads(2)
-            two = run()
-        finally:
-            torch.set_num_threads(threads)
-        for i, (u, v) in enumerate(zip(one, two)):
-            assert torch.equal(u, v), f"counts {counts}, tensor {i}"
-
-
 def test_weight_gradients_split_over_blocks_are_exact_and_thread_independent():
     """A wide expert (W = 2^16 columns, so 32-row chunks) with a long segment: its weight gradient is
     summed over several row blocks (run side by side, then added in block order) while the other
@@ -297,14 +269,8 @@ def test_weight_gradients_split_over_blocks_are_exact_and_thread_independent():
     x, w_in, w_out, offsets = make(4, 193, 4, h, 4, "swiglu", torch.float32, counts=[150, 3, 0, 40], seed=6)
     y = ops.expert_ffn(x, w_in, w_out, offsets)
     gy = torch.randn_like(y)
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            runs.append(torch.autograd.grad(ops.expert_ffn(x, w_in, w_out, offsets), (x, w_in, w_out), gy))
-    finally:
-        torch.set_num_threads(threads)
+    runs = per_thread_count(lambda: torch.autograd.grad(ops.expert_ffn(x, w_in, w_out, offsets), (x, w_in, w_out), gy),
+                            (1, 2, 3))
     for run in runs[1:]:
         for u, v in zip(runs[0], run):
             assert torch.equal(u, v)

@@ -743,10 +743,11 @@ void check_grouped_operands(const at::Tensor &x, const at::Tensor &w, const at::
 }
 
 // Rows per chunk: about 2^21 elements of the widest buffer ([chunk, W]), 8 MB in float32 per thread,
-// which bounds the peak memory the buffers add.
-constexpr int kChunkLog2 = 21;
-int64_t ffn_chunk_rows(int64_t width) {
-  return std::max<int64_t>(16, (int64_t{1} << kChunkLog2) / std::max<int64_t>(width, 1));
+// which bounds the peak memory the buffers add. A GPU has one set of buffers and pays a launch per
+// product, so its backward takes chunks four times as long.
+constexpr int kChunkLog2 = 21, kDeviceBackwardChunkLog2 = 23;
+int64_t ffn_chunk_rows(int64_t width, int elements_log2 = kChunkLog2) {
+  return std::max<int64_t>(16, (int64_t{1} << elements_log2) / std::max<int64_t>(width, 1));
 }
 
 // Rows [begin, begin + len) of expert `expert`'s segment; in the backward, `slot` says where the
@@ -974,7 +975,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_impl(
   at::Tensor grad_x = empty_activation({want_x ? s.rows : 0, s.d_in}, x.options());
   at::Tensor grad_w_in = empty_activation(want_w_in ? w_in.sizes() : at::IntArrayRef{0}, x.options());
   at::Tensor grad_w_out = empty_activation(want_w_out ? w_out.sizes() : at::IntArrayRef{0}, x.options());
-  const int64_t chunk = ffn_chunk_rows(s.width);
+  const int64_t chunk = ffn_chunk_rows(s.width, x.is_cpu() ? kChunkLog2 : kDeviceBackwardChunkLog2);
   int64_t slots = 0;
   const std::vector<RowBlock> blocks = weight_grad_blocks(bounds, s.experts, chunk, &slots);
   at::Tensor partial_w_in = want_w_in ? at::empty({slots, s.d_in, s.width}, x.options()) : at::Tensor();

@@ -6,7 +6,7 @@ What the math says, and what is tested:
 - soft_topk and the dispatch pipeline (dispatch_plan -> gather_rows -> a row-wise function ->
   combine_rows) treat every row / token on its own, in a fixed order: routing a batch in two
   halves gives the same bits per token, forward and backward (per-row k / alpha gradients too).
-- SoftMoELayer adds matmuls (the router's nn.Linear, the experts' mm per segment). BLAS picks its
+- SoftMoELayer adds matmuls (the router's, the experts' per row block). BLAS picks its
   blocking from the number of rows, so a row's result can differ in the last bits when the batch
   is split (measured: relative 1.3e-7 float32, 3e-16 float64). The layer's per-token outputs and
   input gradients across a split agree within SPLIT_RTOL of the output's scale, not bit for bit.
@@ -111,7 +111,7 @@ def test_layer_batch_split_within_rounding(dtype, two_threads):
     g = torch.randn(T, 32, generator=gen, dtype=F64).to(dtype)
     y, gx = _layer_fwd_bwd(layer, x, g)
     # Routing given the same logits is bit-identical per token (soft_topk is per row); the layer's
-    # own logits may differ in the last bit (nn.Linear over another number of rows).
+    # own logits may differ in the last bit (the router's matmul over another number of rows).
     with torch.no_grad():
         logits = layer.router(x).to(F64 if dtype == F64 else F32)
         p = softmoe.soft_topk(logits, layer.k, layer.alpha, eps=layer.eps, max_active=layer.max_active)

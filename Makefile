@@ -11,6 +11,8 @@ CORE_SRC = $(wildcard csrc/core/*.c)
 CORE_HDR = $(wildcard csrc/core/*.h)
 BUILD_DIR = tests/c/build
 C_TESTS = $(patsubst tests/c/%.c,$(BUILD_DIR)/%,$(wildcard tests/c/test_*.c))
+# CHECK, allocation and plan buffers shared by the C tests and the fuzz targets
+TEST_HARNESS = tests/c/harness.h
 CUDA_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 
 .PHONY: setup test pytest ctest cuda-check demo bench clean
@@ -43,7 +45,7 @@ pytest: setup
 ctest: $(C_TESTS) fuzz-regress
 	@for t in $(C_TESTS); do echo "== $$t"; ASAN_OPTIONS=detect_leaks=1 $$t || exit 1; done
 
-$(BUILD_DIR)/%: tests/c/%.c $(CORE_SRC) $(CORE_HDR)
+$(BUILD_DIR)/%: tests/c/%.c $(TEST_HARNESS) $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD_DIR)
 	$(CC) $(CFLAGS_TEST) $(SANITIZE) $< $(CORE_SRC) -lm -o $@
 
@@ -81,7 +83,7 @@ FUZZ_SMOKE_RUNS_fuzz_dispatch ?= 2000
 FUZZ_DIR = tests/fuzz
 FUZZ_BUILD = $(FUZZ_DIR)/build
 FUZZ_TARGETS = fuzz_topk fuzz_dispatch
-FUZZ_DEPS = $(FUZZ_DIR)/fuzz_common.h $(CORE_SRC) $(CORE_HDR)
+FUZZ_DEPS = $(FUZZ_DIR)/fuzz_common.h $(TEST_HARNESS) $(CORE_SRC) $(CORE_HDR)
 FUZZ_CFLAGS = -std=c11 -O1 -g -Wall -Wextra -Icsrc -fsanitize=fuzzer,address,undefined \
   -fno-sanitize-recover=all -fno-omit-frame-pointer
 FUZZ_RUN_FLAGS = -max_len=8192 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1

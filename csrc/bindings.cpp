@@ -121,9 +121,9 @@ void check_scores(const at::Tensor &scores, double eps, int64_t max_active) {
               " (the number of experts), got ", max_active);
 }
 
+// Raises for a status of the C core or of a CUDA launcher other than SMOE_OK.
 void check_status(smoe_status status, const char *what) {
-  TORCH_CHECK(status != SMOE_ERR_ALLOC, "softmoe: ", what, ": out of memory for scratch");
-  TORCH_CHECK(status == SMOE_OK, "softmoe: ", what, " failed with status ", static_cast<int>(status));
+  TORCH_CHECK(status == SMOE_OK, "softmoe: ", what, ": ", smoe_status_string(status));
 }
 
 // Rows per task of the CPU thread pool: enough work per task to amortise the scheduling.
@@ -333,11 +333,12 @@ void check_slots(const char *op, const at::Tensor &t, const char *name, const at
               token_pairs.sizes(), "), got ", t.size(0));
 }
 
+// check_status for the ops that read a plan's indices, whose CPU entry points report an index out
+// of range as SMOE_ERR_ARG (the binding has checked everything else).
 void check_index_status(smoe_status status, const char *op, const char *indices) {
-  TORCH_CHECK(status != SMOE_ERR_ALLOC, "softmoe: ", op, ": out of memory for scratch");
   TORCH_CHECK(status != SMOE_ERR_ARG, "softmoe: ", op, ": ", indices,
-              " hold an index out of range; pass the tensors of one dispatch_plan");
-  TORCH_CHECK(status == SMOE_OK, "softmoe: ", op, " failed with status ", static_cast<int>(status));
+              " hold an index out of range; pass the tensors of one dispatch_plan (", smoe_status_string(status), ")");
+  check_status(status, op);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_impl(const at::Tensor &p_in,

@@ -1,6 +1,7 @@
 """Registration glue for the compiled ops: fake (meta) kernels and autograd.
 
-The schemas and the CPU/CUDA kernels live in csrc/bindings.cpp; importing this module loads them.
+The schemas (csrc/torch/schemas.cpp) and the CPU / CUDA kernels (csrc/torch/<family>.cpp /
+<family>_cuda.cpp) are in the compiled extension; importing this module loads them.
 """
 import torch
 
@@ -320,7 +321,7 @@ torch.library.register_autograd("softmoe::matmul", _matmul_backward, setup_conte
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for 2-D ``a`` ``[M, K]`` and ``b`` ``[K, N]`` (one floating dtype, one device), with the
     same bits for any ``torch.set_num_threads``: on the CPU the product is cut into pieces by the
-    shapes alone, each one single-threaded BLAS call (csrc/bindings.cpp, ``reproducible_mm_out``); a plain
+    shapes alone, each one single-threaded BLAS call (csrc/torch/experts.cpp, ``reproducible_mm_out``); a plain
     ``torch.mm`` with MKL sums long reductions in a thread-count dependent order. Differentiable in
     both (the backward uses the same op). Returns ``[M, N]``."""
     for name, value in (("a", a), ("b", b)):

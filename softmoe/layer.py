@@ -7,7 +7,7 @@ from torch import nn
 
 from . import _checks, ops
 from .experts import Activation, GroupedExperts
-from .functional import soft_topk
+from .ops import soft_topk
 
 if TYPE_CHECKING:  # pragma: no cover
     from .parallel import ExpertGroup, ExpertShard

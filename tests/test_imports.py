@@ -69,3 +69,28 @@ def test_no_import_circle():
 
 def test_cycle_finder_finds_a_circle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_imports_at_the_top():
+    """No module imports in the middle of its code: every module-level import comes before the first
+    function or class (imports inside functions are for optional or heavy dependencies)."""
+    late = []
+    for name in sorted(os.listdir(PACKAGE)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(PACKAGE, name)) as fh:
+            body = ast.parse(fh.read()).body
+        first_def = next((i for i, node in enumerate(body) if isinstance(node, (ast.FunctionDef, ast.ClassDef))),
+                         len(body))
+        late += [f"{name}:{node.lineno}" for node in body[first_def:] if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert not late, f"module-level imports after the first definition: {late}"
+
+
+def test_public_op_wrappers_live_in_ops():
+    """The wrappers of the compiled ops have one home, softmoe/ops.py, and the package re-exports them."""
+    import softmoe
+    from softmoe import ops
+
+    for name in ("soft_topk", "dispatch_plan", "gather_rows", "combine_rows", "grouped_mm", "expert_ffn"):
+        assert getattr(softmoe, name) is getattr(ops, name) and getattr(ops, name).__module__ == "softmoe.ops", name
+    assert ops.matmul.__module__ == "softmoe.ops"

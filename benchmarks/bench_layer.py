@@ -67,12 +67,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+import _timing  # benchmarks/_timing.py, beside this script
+from _timing import Case
 
-import _timing  # noqa: E402  (benchmarks/_timing.py)
-from _timing import Case  # noqa: E402
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULT_JSON = os.path.join(_HERE, "results", "bench_layer.json")
 METHODS = ["topk", "softmoe", "hf_loop", "dense"]

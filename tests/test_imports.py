@@ -1,7 +1,10 @@
 """The package's modules import each other without circles, counting imports inside functions too
 (a lazy import only hides a circle), so each module can be read, tested and changed on its own."""
 import ast
+import fnmatch
 import os
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "softmoe")
@@ -94,3 +97,41 @@ def test_public_op_wrappers_live_in_ops():
     for name in ("soft_topk", "dispatch_plan", "gather_rows", "combine_rows", "grouped_mm", "expert_ffn"):
         assert getattr(softmoe, name) is getattr(ops, name) and getattr(ops, name).__module__ == "softmoe.ops", name
     assert ops.matmul.__module__ == "softmoe.ops"
+
+
+def _python_files():
+    for folder in ("softmoe", "tests", "benchmarks", "examples"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            yield from (os.path.join(dirpath, f) for f in files if f.endswith(".py"))
+    yield os.path.join(ROOT, "setup.py")
+
+
+def test_no_sys_path_edits():
+    """Nothing edits sys.path: a script imports its own folder's modules (Python puts the script's
+    folder first) and the installed package; pytest's pythonpath (pyproject.toml) does it for tests."""
+    edits = []
+    for path in _python_files():
+        with open(path) as fh:
+            tree = ast.parse(fh.read())
+        for node in ast.walk(tree):
+            target = node.func.value if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else None
+            if isinstance(node, (ast.Assign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                target = next((t.value if isinstance(t, ast.Subscript) else t for t in targets), None)
+            if isinstance(target, ast.Attribute) and target.attr == "path" and getattr(target.value, "id", "") == "sys":
+                edits.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert not edits, f"sys.path edited at {edits}"
+
+
+def test_bundled_text_ships_with_the_package():
+    """softmoe.tiny_lm's default data lies inside the package and is listed as package data, so a
+    (non-editable) install has it too."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from softmoe import tiny_lm
+
+    package = os.path.dirname(os.path.abspath(tiny_lm.__file__))
+    data = os.path.relpath(tiny_lm.DEFAULT_DATA, package)
+    assert os.path.isfile(tiny_lm.DEFAULT_DATA) and not data.startswith(".."), tiny_lm.DEFAULT_DATA
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        globs = tomllib.load(fh)["tool"]["setuptools"]["package-data"]["softmoe"]
+    assert any(fnmatch.fnmatch(data, g) for g in globs), (data, globs)

@@ -165,41 +165,35 @@ __global__ void gather_kernel(smoe_gather_args a) {
   }
 }
 
-// The math-type functions of route_row.h by type.
+// The math-type functions of route_row.h as static members of RouteMath<RT>, RT = float (their _f32
+// variants) or double (_f64), for the kernels below, which are templates over the math type.
 template <typename RT>
 struct RouteMath;
 
-template <>
-struct RouteMath<float> {
-  static __device__ float combine_elem(const smoe_combine_args *a, int64_t t, int64_t f, int *bad) {
-    return smoe_route_combine_elem_f32(a, t, f, bad);
-  }
-  static __device__ void store(void *dst, smoe_dtype dt, int64_t i, float v) { smoe_store_f32(dst, dt, i, v); }
-  static __device__ float load(const void *src, smoe_dtype dt, int64_t i) { return smoe_load_f32(src, dt, i); }
-  static __device__ void scale_elem(void *dst, int64_t di, float w, const void *src, int64_t si, smoe_dtype dt) {
-    smoe_route_scale_elem_f32(dst, di, w, src, si, dt);
-  }
-  static __device__ float dot_lane(const void *x, const void *y, smoe_dtype dt, int64_t xo, int64_t yo, int64_t d,
-                                   int64_t lane) {
-    return smoe_route_dot_lane_f32(x, y, dt, xo, yo, d, lane);
-  }
-};
-
-template <>
-struct RouteMath<double> {
-  static __device__ double combine_elem(const smoe_combine_args *a, int64_t t, int64_t f, int *bad) {
-    return smoe_route_combine_elem_f64(a, t, f, bad);
-  }
-  static __device__ void store(void *dst, smoe_dtype dt, int64_t i, double v) { smoe_store_f64(dst, dt, i, v); }
-  static __device__ double load(const void *src, smoe_dtype dt, int64_t i) { return smoe_load_f64(src, dt, i); }
-  static __device__ void scale_elem(void *dst, int64_t di, double w, const void *src, int64_t si, smoe_dtype dt) {
-    smoe_route_scale_elem_f64(dst, di, w, src, si, dt);
-  }
-  static __device__ double dot_lane(const void *x, const void *y, smoe_dtype dt, int64_t xo, int64_t yo, int64_t d,
-                                    int64_t lane) {
-    return smoe_route_dot_lane_f64(x, y, dt, xo, yo, d, lane);
-  }
-};
+#define SMOE_ROUTE_MATH(RT, SUFFIX)                                                                     \
+  template <>                                                                                           \
+  struct RouteMath<RT> {                                                                                \
+    static __device__ RT combine_elem(const smoe_combine_args *a, int64_t t, int64_t f, int *bad) {     \
+      return smoe_route_combine_elem_##SUFFIX(a, t, f, bad);                                            \
+    }                                                                                                   \
+    static __device__ void store(void *dst, smoe_dtype dt, int64_t i, RT v) {                           \
+      smoe_store_##SUFFIX(dst, dt, i, v);                                                               \
+    }                                                                                                   \
+    static __device__ RT load(const void *src, smoe_dtype dt, int64_t i) {                              \
+      return smoe_load_##SUFFIX(src, dt, i);                                                            \
+    }                                                                                                   \
+    static __device__ void scale_elem(void *dst, int64_t di, RT w, const void *src, int64_t si,         \
+                                      smoe_dtype dt) {                                                  \
+      smoe_route_scale_elem_##SUFFIX(dst, di, w, src, si, dt);                                          \
+    }                                                                                                   \
+    static __device__ RT dot_lane(const void *x, const void *y, smoe_dtype dt, int64_t xo, int64_t yo,  \
+                                  int64_t d, int64_t lane) {                                            \
+      return smoe_route_dot_lane_##SUFFIX(x, y, dt, xo, yo, d, lane);                                   \
+    }                                                                                                   \
+  };
+SMOE_ROUTE_MATH(float, f32)
+SMOE_ROUTE_MATH(double, f64)
+#undef SMOE_ROUTE_MATH
 
 template <typename RT>
 __global__ void combine_kernel(smoe_combine_args a) {

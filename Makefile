@@ -11,6 +11,8 @@ CORE_SRC = $(wildcard csrc/core/*.c)
 CORE_HDR = $(wildcard csrc/core/*.h)
 BUILD_DIR = tests/c/build
 C_TESTS = $(patsubst tests/c/%.c,$(BUILD_DIR)/%,$(wildcard tests/c/test_*.c))
+# CHECK, allocation and plan buffers shared by the C tests and the fuzz targets
+TEST_HARNESS = tests/c/harness.h
 CUDA_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 
 .PHONY: setup test pytest ctest cuda-check demo bench clean
@@ -18,7 +20,7 @@ CUDA_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=s
 # Installs torch (CPU build), the build/test tools and softmoe itself (editable). The stamp makes a
 # re-run free unless a source file changed.
 setup: .stamp-install
-.stamp-install: setup.py pyproject.toml csrc/bindings.cpp $(CORE_SRC) $(CORE_HDR) $(wildcard csrc/cuda/*)
+.stamp-install: setup.py pyproject.toml $(wildcard csrc/torch/*) $(CORE_SRC) $(CORE_HDR) $(wildcard csrc/cuda/*)
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q "setuptools>=64" wheel ninja pytest numpy hypothesis tqdm matplotlib "transformers==5.23.0"
 	$(PIP) install -q --no-deps entmax
@@ -43,14 +45,22 @@ pytest: setup
 ctest: $(C_TESTS) fuzz-regress
 	@for t in $(C_TESTS); do echo "== $$t"; ASAN_OPTIONS=detect_leaks=1 $$t || exit 1; done
 
-$(BUILD_DIR)/%: tests/c/%.c $(CORE_SRC) $(CORE_HDR)
+$(BUILD_DIR)/%: tests/c/%.c $(TEST_HARNESS) $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD_DIR)
 	$(CC) $(CFLAGS_TEST) $(SANITIZE) $< $(CORE_SRC) -lm -o $@
 
-# Compile-only check of every CUDA file for sm_80 and sm_90 (needs nvcc, not torch, not a GPU).
+# Compile-only check of every CUDA file for sm_80 and sm_90 (needs nvcc, not torch, not a GPU), then a
+# syntax check of the binding's CUDA implementations (csrc/torch/*_cuda.cpp, host C++) with nvcc
+# against the installed torch's headers: a CPU build of torch ships them all but one generated header,
+# which C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips (it only sets an export macro for Windows DLLs).
+TORCH_INCLUDES = $(shell $(PYTHON) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-isystem ' + p for p in include_paths()))")
 cuda-check:
 	@for f in csrc/cuda/*.cu; do echo "nvcc $$f"; \
 	  $(NVCC) -std=c++17 -Icsrc -Xcompiler -Wall,-Wextra --Werror all-warnings $(CUDA_ARCHS) -c $$f -o /dev/null || exit 1; done
+	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "cuda-check: the binding's check needs torch in $(PYTHON)"; exit 1; }
+	@for f in csrc/torch/*_cuda.cpp; do echo "nvcc (syntax) $$f"; \
+	  $(NVCC) -std=c++17 -Icsrc $(TORCH_INCLUDES) -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
+	    -Xcompiler -Wall,-Wextra,-fsyntax-only --Werror all-warnings -c $$f -o /dev/null || exit 1; done
 
 # The README demo: trains a small SoftMoE LM on the bundled text (under 4 minutes on 2 cores).
 demo: setup
@@ -81,7 +91,7 @@ FUZZ_SMOKE_RUNS_fuzz_dispatch ?= 2000
 FUZZ_DIR = tests/fuzz
 FUZZ_BUILD = $(FUZZ_DIR)/build
 FUZZ_TARGETS = fuzz_topk fuzz_dispatch
-FUZZ_DEPS = $(FUZZ_DIR)/fuzz_common.h $(CORE_SRC) $(CORE_HDR)
+FUZZ_DEPS = $(FUZZ_DIR)/fuzz_common.h $(TEST_HARNESS) $(CORE_SRC) $(CORE_HDR)
 FUZZ_CFLAGS = -std=c11 -O1 -g -Wall -Wextra -Icsrc -fsanitize=fuzzer,address,undefined \
   -fno-sanitize-recover=all -fno-omit-frame-pointer
 FUZZ_RUN_FLAGS = -max_len=8192 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1

@@ -1,5 +1,6 @@
-"""Build of the softmoe extension: the C core plus one C++ binding, and the CUDA kernels when torch
-is a CUDA build and nvcc is found. Build without isolation, after installing torch:
+"""Build of the softmoe extension: the C core plus the torch binding (csrc/torch), and the CUDA
+kernels with the binding's CUDA implementations (csrc/torch/*_cuda.cpp) when torch is a CUDA build
+and nvcc is found. Build without isolation, after installing torch:
 
     pip install torch==2.13.0 && pip install --no-build-isolation -e .
 
@@ -26,15 +27,16 @@ def with_cuda() -> bool:
 
 def extensions():
     cuda = with_cuda()
-    sources = sorted(glob.glob("csrc/core/*.c")) + ["csrc/bindings.cpp"]
+    binding = sorted(glob.glob("csrc/torch/*.cpp"))
+    cuda_binding = [f for f in binding if f.endswith("_cuda.cpp")]
+    sources = sorted(glob.glob("csrc/core/*.c")) + [f for f in binding if f not in cuda_binding]
     # The C core is valid C11 and C++17; the extension build compiles it as C++.
     # -fopenmp: torch's at::parallel_for only runs on several threads when _OPENMP is defined.
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
     extra = {"cxx": cxx}
-    macros = []
     if cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        macros.append(("SOFTMOE_WITH_CUDA", "1"))
+        # registered under the CUDA dispatch key; a CPU build has no CUDA code at all
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + cuda_binding
         extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
     ext = CUDAExtension if cuda else CppExtension
     return [
@@ -42,7 +44,6 @@ def extensions():
             "softmoe._C",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=macros,
             extra_compile_args=extra,
             extra_link_args=["-fopenmp"],
         )

@@ -37,6 +37,7 @@ by tests/test_numerics.py on a subset of the grid, so the doc and the tests cann
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -46,16 +47,29 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+import softmoe
+
+import _timing  # benchmarks/_timing.py, beside this script
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
-for _p in (_HERE, os.path.join(_ROOT, "tests")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
-import _timing  # noqa: E402  (benchmarks/_timing.py)
-from reference import reference_soft_topk, truncated_pdf, truncation_c  # noqa: E402  (tests/reference.py)
 
-import softmoe  # noqa: E402
+def _load_oracle():
+    """The tests' oracle module, tests/reference.py (the oracle lives with the tests), loaded from its
+    file under a name of its own: this script imports its own folder's modules and the installed
+    package, and tests/ is neither."""
+    path = os.path.join(_ROOT, "tests", "reference.py")
+    spec = importlib.util.spec_from_file_location("softmoe_tests_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_oracle = _load_oracle()
+reference_soft_topk = _oracle.reference_soft_topk
+truncated_pdf = _oracle.truncated_pdf
+truncation_c = _oracle.truncation_c
 
 DTYPES: Dict[str, torch.dtype] = {
     "float64": torch.float64,

@@ -42,10 +42,9 @@ import sys
 import torch
 from torch.nn import functional as F
 
+import _timing  # benchmarks/_timing.py, beside this script
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
-import _timing  # noqa: E402
 
 DEFAULT_JSON = os.path.join(HERE, "results", "bench_hf.json")
 
@@ -118,7 +117,7 @@ def main(argv=None) -> int:
     import transformers
 
     import softmoe.hf
-    from tiny_lm import fixed_batches, load_bytes
+    from softmoe.tiny_lm import fixed_batches, load_bytes
 
     (x, y), = fixed_batches(load_bytes(), 1, args.batch, args.context)
     original = build_original(args)

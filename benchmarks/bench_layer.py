@@ -43,7 +43,7 @@ step, which misses temporaries freed inside an operator.
 Allocator: glibc's malloc serves blocks above its mmap threshold (at most 32 MB) with fresh mmaps
 and returns them on free, so every step page-faults its large activations again (a [16384, 1024]
 float32 tensor is 64 MB). softmoe's ops put their large CPU activations on 2 MB huge pages
-(csrc/bindings.cpp, empty_activation), which takes most of that cost off topk and softmoe; dense
+(csrc/torch/cpu_runtime.cpp, empty_activation), which takes most of that cost off topk and softmoe; dense
 still pays it, the per-expert loop hardly (its tensors are one expert's share). --malloc no-mmap
 re-runs the benchmark with MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 1 GiB (the effect
 of jemalloc / tcmalloc, or of PyTorch's CPU tuning advice), the same for every method.
@@ -67,12 +67,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+import _timing  # benchmarks/_timing.py, beside this script
+from _timing import Case
 
-import _timing  # noqa: E402  (benchmarks/_timing.py)
-from _timing import Case  # noqa: E402
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULT_JSON = os.path.join(_HERE, "results", "bench_layer.json")
 METHODS = ["topk", "softmoe", "hf_loop", "dense"]

@@ -49,8 +49,6 @@ import time
 from typing import Any, Dict, List
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
 
 DEFAULT_JSON = os.path.join(_HERE, "results", "bench_memory.json")
 DEFAULT_MD = os.path.join(os.path.dirname(_HERE), "docs", "memory.md")

@@ -39,11 +39,9 @@ import time
 
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "examples"))
+import _timing  # benchmarks/_timing.py, beside this script
 
-import _timing  # noqa: E402  (benchmarks/_timing.py)
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULT_JSON = os.path.join(_HERE, "results", "bench_parallel.json")
 
@@ -71,7 +69,7 @@ def worker(args: argparse.Namespace) -> None:
     from torch.nn import functional as F
 
     from softmoe import parallel
-    from tiny_lm import LMConfig, TinyLM, batches, load_bytes, make_optimizer, split
+    from softmoe.tiny_lm import LMConfig, TinyLM, batches, load_bytes, make_optimizer, split
 
     rank, world, store, result = int(args.worker[0]), int(args.worker[1]), args.worker[2], args.worker[3]
     torch.set_num_threads(args.threads)

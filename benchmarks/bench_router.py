@@ -32,17 +32,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+import _timing  # benchmarks/_timing.py, beside this script
+from _timing import Case
 
-import _timing  # noqa: E402  (benchmarks/_timing.py)
-from _timing import Case  # noqa: E402
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULT_JSON = os.path.join(_HERE, "results", "bench_router.json")
 BASELINE = "hard_topk"

@@ -54,14 +54,9 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.nn import functional as F
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-for _p in (_HERE, os.path.join(_ROOT, "examples")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-import _timing  # noqa: E402  (benchmarks/_timing.py)
-from tiny_lm import (  # noqa: E402  (examples/tiny_lm.py)
+import softmoe
+from softmoe.baselines import TopKMoE
+from softmoe.tiny_lm import (
     DEFAULT_DATA,
     LMConfig,
     TinyLM,
@@ -74,9 +69,10 @@ from tiny_lm import (  # noqa: E402  (examples/tiny_lm.py)
     split,
 )
 
-import softmoe  # noqa: E402
-from softmoe.baselines import TopKMoE  # noqa: E402
+import _timing  # benchmarks/_timing.py, beside this script
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
 DEFAULT_OUT = os.path.join(_HERE, "results")
 
 # name -> the LMConfig fields that define the method

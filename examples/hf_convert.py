@@ -25,8 +25,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_lm import DEFAULT_DATA, batches, fixed_batches, load_bytes, set_lr, split  # noqa: E402
+from softmoe.tiny_lm import DEFAULT_DATA, batches, fixed_batches, load_bytes, set_lr, split
 
 try:
     import transformers

@@ -28,9 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from softmoe import parallel
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_lm import DEFAULT_DATA, LMConfig, TinyLM, batches, bits_per_byte, fixed_batches, load_bytes, make_optimizer, set_lr, split  # noqa: E402
+from softmoe.tiny_lm import DEFAULT_DATA, LMConfig, TinyLM, batches, bits_per_byte, fixed_batches, load_bytes, make_optimizer, set_lr, split
 
 try:
     from tqdm import tqdm

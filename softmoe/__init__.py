@@ -8,9 +8,8 @@ from . import baselines, ops  # noqa: F401  (ops loads the compiled library: tor
 from . import parallel  # noqa: F401  (expert / data parallelism over torch.distributed)
 from .budget import GlobalBudget
 from .experts import GroupedExperts
-from .functional import soft_topk
 from .layer import SoftMoELayer
-from .ops import DispatchPlan, combine_rows, dispatch_plan, expert_ffn, gather_rows, grouped_mm
+from .ops import DispatchPlan, combine_rows, dispatch_plan, expert_ffn, gather_rows, grouped_mm, soft_topk
 
 __all__ = [
     "DispatchPlan",

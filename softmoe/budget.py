@@ -4,7 +4,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .functional import soft_topk
+from .ops import soft_topk
 from .layer import SoftMoELayer
 
 

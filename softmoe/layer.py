@@ -1,13 +1,16 @@
 """SoftMoELayer: a drop-in FFN whose experts are chosen per token by truncated LapSum soft top-k."""
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
-from . import _checks, ops, parallel
+from . import _checks, ops
 from .experts import Activation, GroupedExperts
-from .functional import soft_topk
+from .ops import soft_topk
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .parallel import ExpertGroup, ExpertShard
 
 Combine = Literal["normalized", "sum"]
 
@@ -83,7 +86,7 @@ class SoftMoELayer(nn.Module):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        expert_group: "parallel.ExpertGroup | None" = None,
+        expert_group: "ExpertGroup | None" = None,
     ) -> None:
         super().__init__()
         fn = "SoftMoELayer"
@@ -127,12 +130,17 @@ class SoftMoELayer(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.router = Router(d_model, num_experts, **factory)
         nn.init.normal_(self.router.weight, std=ROUTER_INIT_STD * alpha / math.sqrt(d_model))
-        self.expert_shard: parallel.ExpertShard | None = None
+        # Either module runs forward(xs, offsets) over all E experts; the sharded one exchanges rows with
+        # the ranks that own them. parallel.py (torch.distributed) is imported only for that case.
+        self.expert_shard: "ExpertShard | None" = None
         if expert_group is None:
             self.experts = GroupedExperts(num_experts, d_model, d_hidden, activation, **factory)
         else:
-            parallel.shard_experts(self, expert_group, d_hidden=d_hidden, activation=activation, k=k, alpha=alpha,
-                                   learn_k=learn_k, learn_alpha=learn_alpha, **factory)
+            from .parallel import shard_experts
+
+            self.experts = shard_experts(self, expert_group, d_hidden=d_hidden, activation=activation, k=k,
+                                         alpha=alpha, learn_k=learn_k, learn_alpha=learn_alpha, **factory)
+            self.expert_shard = self.experts.shard
         log_alpha = torch.tensor(math.log(alpha), dtype=torch.float32, device=device)
         if learn_alpha:
             self.log_alpha = nn.Parameter(log_alpha)
@@ -181,10 +189,7 @@ class SoftMoELayer(nn.Module):
             # have no count to read; they keep the fixed shapes, as compiled code does.
             plan = plan.trim()
         xs = ops.gather_rows(tokens, plan)
-        if self.expert_shard is None:
-            ys = self.experts(xs, plan.offsets)
-        else:
-            ys = parallel.run_experts(self, xs, plan.offsets)
+        ys = self.experts(xs, plan.offsets)
         # Without autograd nothing else holds the expert input: dropping it here keeps it out of
         # combine_rows' peak (inference peak memory would otherwise be ~1.3x TopKMoE's).
         del xs

@@ -32,12 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .experts import GroupedExperts
+from .experts import Activation, GroupedExperts
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.device_mesh import DeviceMesh
-
-    from .layer import SoftMoELayer
 
 # What SoftMoELayer(expert_group=...) accepts (forward references: DeviceMesh is imported lazily).
 ExpertGroup = Union["dist.ProcessGroup", "DeviceMesh", tuple["DeviceMesh", str]]
@@ -45,6 +43,7 @@ ExpertGroup = Union["dist.ProcessGroup", "DeviceMesh", tuple["DeviceMesh", str]]
 __all__ = [
     "ExpertGroup",
     "ExpertShard",
+    "ShardedExperts",
     "clip_grad_norm_",
     "comm_stats",
     "expert_parameters",
@@ -58,8 +57,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ExpertShard:
-    """Where a SoftMoELayer's experts live. ``layer.expert_shard`` is None for a layer that keeps all
-    its experts.
+    """Where a SoftMoELayer's experts live (``layer.experts.shard``; ``layer.expert_shard`` is the
+    same, and None for a layer that keeps all its experts).
 
     Attributes:
         group: the expert-parallel process group (W ranks).
@@ -134,21 +133,22 @@ def _check_same_config(fn: str, group: "dist.ProcessGroup", config: dict) -> Non
 
 
 def shard_experts(
-    layer: "SoftMoELayer",
+    layer: nn.Module,
     expert_group: "ExpertGroup",
     *,
     d_hidden: int,
-    activation: str,
+    activation: Activation,
     k: float,
     alpha: float,
     learn_k: bool,
     learn_alpha: bool,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-) -> None:
-    """Called by ``SoftMoELayer.__init__`` for ``expert_group is not None``: checks that every rank
-    of the group builds the same layer (a collective; ValueError naming the field and the ranks
-    otherwise) and gives the layer this rank's ``E / W`` experts as ``layer.experts``.
+) -> "ShardedExperts":
+    """Called by ``SoftMoELayer.__init__`` for ``expert_group is not None`` (``layer`` is the layer
+    being built: its routing settings are read): checks that every rank of the group builds the same
+    layer (a collective; ValueError naming the field and the ranks otherwise) and returns this rank's
+    ``E / W`` experts, the layer's ``experts`` module.
 
     The full expert weights are drawn first and then sliced, so a sharded layer built after
     ``torch.manual_seed(s)`` holds exactly the experts of the single-process layer built after the
@@ -178,14 +178,8 @@ def shard_experts(
         raise ValueError(f"{fn}: num_experts (= {num_experts}) must be divisible by the size of expert_group "
                          f"(= {size}) so that every rank owns the same number of experts")
     count = num_experts // size
-    full = GroupedExperts(num_experts, layer.d_model, d_hidden, activation, device=device, dtype=dtype)
-    first = rank * count
-    with torch.no_grad():
-        full.w_in = nn.Parameter(full.w_in[first : first + count].clone())
-        full.w_out = nn.Parameter(full.w_out[first : first + count].clone())
-    full.num_experts = count
-    layer.experts = full
-    layer.expert_shard = ExpertShard(group, rank, size, first, count, layer_id)
+    shard = ExpertShard(group, rank, size, rank * count, count, layer_id)
+    return ShardedExperts(shard, num_experts, layer.d_model, d_hidden, activation, device=device, dtype=dtype)
 
 
 # ---- communication -------------------------------------------------------------------------
@@ -248,104 +242,124 @@ _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.flo
 _HEADER = ("layer_id", "dtype", "width", "requires_grad (input * 2 + experts)")
 
 
-def run_experts(layer: "SoftMoELayer", xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """The expert step of an expert-parallel SoftMoELayer forward (the counterpart of
-    ``layer.experts(xs, offsets)``): a collective over ``layer.expert_shard.group``.
-
-    Args:
-        xs: ``[P, d_model]`` this rank's routed rows in the plan's slot order (expert, then token);
-            rows from ``offsets[E]`` on are padding (P may be the routed count N or T * max_active).
-        offsets: ``[E + 1]`` int64 slot bounds per expert (``DispatchPlan.offsets``, all E experts).
-
-    Returns:
-        ``[P, d_model]``: row s is expert ``pair_expert[s]`` applied to ``xs[s]``, computed on the
-        rank that owns the expert; zero rows from ``offsets[E]`` on. Differentiable in xs and in the
-        local experts' weights (which receive the gradient of every rank's rows).
+class ShardedExperts(GroupedExperts):
+    """This rank's ``E / W`` experts of an expert-parallel SoftMoELayer, with the contract of
+    :class:`~softmoe.GroupedExperts` for the layer's ``E`` experts: ``forward(xs, offsets)`` runs
+    expert ``e`` on rows ``offsets[e]:offsets[e + 1]`` of ``xs``, for every ``e``, by sending each row
+    to the rank that owns its expert and back (a collective over ``shard.group``: every rank of the
+    group must call it the same number of times, in the same order). Weights ``w_in`` / ``w_out``
+    hold the local experts ``[shard.first, shard.first + shard.count)``; ``num_experts`` is
+    ``shard.count``. Built by :func:`shard_experts`.
     """
-    if torch.compiler.is_compiling():
-        raise RuntimeError("SoftMoELayer (expert parallel): expert parallelism runs in eager mode only (its split "
-                           "sizes are read on the host); compile the rest of the model, not the expert-parallel layers")
-    shard: ExpertShard = layer.expert_shard
-    group, size, count, rank = shard.group, shard.size, shard.count, shard.rank
-    width = xs.shape[1]
-    # Split-size exchange: for every destination rank, a header (checked equal everywhere so that
-    # a mismatch raises on every rank instead of deadlocking a later exchange) and the counts of
-    # the destination's experts.
-    counts = (offsets[1:] - offsets[:-1]).view(size, count)
-    # Which exchanges will have a backward: the dispatch one if xs requires grad, the return one if
-    # the local experts do (grad mode on); ranks must agree, or the backward exchanges would pair up
-    # wrongly.
-    grad_mode = int(xs.requires_grad) * 2 + int(torch.is_grad_enabled() and any(
-        p.requires_grad for p in layer.experts.parameters()))
-    header = torch.tensor([shard.layer_id, _DTYPE_CODES.get(xs.dtype, 0), width, grad_mode],
-                          dtype=torch.int64, device=offsets.device)
-    send_meta = torch.cat([header.expand(size, len(_HEADER)), counts], dim=1).reshape(-1)
-    recv_meta = torch.empty_like(send_meta)
-    try:
-        dist.all_to_all_single(recv_meta, send_meta, group=group)
-    except Exception as exc:
-        raise RuntimeError(
-            f"SoftMoELayer (expert parallel): the split-size exchange of layer {shard.layer_id} failed "
-            f"({type(exc).__name__}: {exc}). Every rank of expert_group must call the layer's forward "
-            "the same number of times, in the same order."
-        ) from exc
-    _stats["count_bytes_sent"] += send_meta.numel() * send_meta.element_size()
-    recv_rows = recv_meta.view(size, len(_HEADER) + count)
-    # The one host sync: all_to_all_single needs the split sizes on the host.
-    sent_host, host = torch.stack([send_meta, recv_meta]).view(2, size, len(_HEADER) + count).tolist()
-    mine = sent_host[0][: len(_HEADER)]
-    for source, row in enumerate(host):
-        if row[: len(_HEADER)] != mine:
-            diff = ", ".join(f"{name}: rank {source} {theirs} vs rank {rank} {ours}"
-                             for name, theirs, ours in zip(_HEADER, row, mine) if theirs != ours)
-            raise RuntimeError(
-                f"SoftMoELayer (expert parallel): the ranks of expert_group called different layers or with "
-                f"different inputs ({diff}); every rank must run the same layers in the same order, with "
-                "the same dtype and the same autograd mode (all with or all without gradients)"
-            )
-    send_counts = [sum(row[len(_HEADER):]) for row in sent_host]  # rows for each destination rank
-    recv_matrix = [row[len(_HEADER):] for row in host]  # [source rank][local expert]
-    recv_splits = [sum(row) for row in recv_matrix]
-    routed = sum(send_counts)
-    received = sum(recv_splits)
 
-    send = xs.narrow(0, 0, routed)
-    recv = _AllToAll.apply(send, recv_splits, send_counts, group, rank)
-    local_counts = recv_rows[:, len(_HEADER):]  # [W, count] on the device
-    local_offsets = torch.zeros(count + 1, dtype=torch.int64, device=offsets.device)
-    torch.cumsum(local_counts.sum(0), 0, out=local_offsets[1:])
-    if count > 1 and size > 1:
-        # Rows arrive grouped by source rank, then local expert; the experts need them grouped by
-        # local expert, then source rank (a fixed permutation: deterministic, and its backward is
-        # a scatter without collisions).
-        flat = local_counts.reshape(-1)  # (source, expert) order
-        source_start = torch.cumsum(flat, 0) - flat
-        by_expert = local_counts.t().reshape(-1)  # (expert, source) order
-        start_of_group = source_start.view(size, count).t().reshape(-1)
-        expert_start = torch.cumsum(by_expert, 0) - by_expert
-        group_of_row = torch.repeat_interleave(torch.arange(size * count, device=offsets.device), by_expert,
-                                               output_size=received)
-        rows = torch.arange(received, device=offsets.device)
-        perm = start_of_group[group_of_row] + rows - expert_start[group_of_row]
-        inverse = torch.empty_like(perm)
-        inverse[perm] = rows
-        ys_local = layer.experts(recv.index_select(0, perm), local_offsets).index_select(0, inverse)
-    else:
-        ys_local = layer.experts(recv, local_offsets)
-    ys = _AllToAll.apply(ys_local, send_counts, recv_splits, group, rank)
-    if xs.shape[0] > routed:
-        ys = torch.cat([ys, ys.new_zeros((xs.shape[0] - routed, width))])
-    return ys
+    def __init__(self, shard: ExpertShard, num_experts: int, d_model: int, d_hidden: int,
+                 activation: Activation = "swiglu", *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        # The full layer's weights, drawn as a single-process layer draws them, then this rank's slice.
+        super().__init__(num_experts, d_model, d_hidden, activation, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.w_in = nn.Parameter(self.w_in[shard.first : shard.first + shard.count].clone())
+            self.w_out = nn.Parameter(self.w_out[shard.first : shard.first + shard.count].clone())
+        self.num_experts = shard.count
+        self.shard = shard
+
+    def forward(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The expert step of an expert-parallel SoftMoELayer forward.
+
+        Args:
+            xs: ``[P, d_model]`` this rank's routed rows in the plan's slot order (expert, then token);
+                rows from ``offsets[E]`` on are padding (P may be the routed count N or T * max_active).
+            offsets: ``[E + 1]`` int64 slot bounds per expert (``DispatchPlan.offsets``, all E experts).
+
+        Returns:
+            ``[P, d_model]``: row s is expert ``pair_expert[s]`` applied to ``xs[s]``, computed on the
+            rank that owns the expert; zero rows from ``offsets[E]`` on. Differentiable in xs and in the
+            local experts' weights (which receive the gradient of every rank's rows).
+        """
+        if torch.compiler.is_compiling():
+            raise RuntimeError("SoftMoELayer (expert parallel): expert parallelism runs in eager mode only (its "
+                               "split sizes are read on the host); compile the rest of the model, not the "
+                               "expert-parallel layers")
+        shard = self.shard
+        group, size, count, rank = shard.group, shard.size, shard.count, shard.rank
+        width = xs.shape[1]
+        # Split-size exchange: for every destination rank, a header (checked equal everywhere so that
+        # a mismatch raises on every rank instead of deadlocking a later exchange) and the counts of
+        # the destination's experts.
+        counts = (offsets[1:] - offsets[:-1]).view(size, count)
+        # Which exchanges will have a backward: the dispatch one if xs requires grad, the return one if
+        # the local experts do (grad mode on); ranks must agree, or the backward exchanges would pair up
+        # wrongly.
+        grad_mode = int(xs.requires_grad) * 2 + int(torch.is_grad_enabled() and any(
+            p.requires_grad for p in self.parameters()))
+        header = torch.tensor([shard.layer_id, _DTYPE_CODES.get(xs.dtype, 0), width, grad_mode],
+                              dtype=torch.int64, device=offsets.device)
+        send_meta = torch.cat([header.expand(size, len(_HEADER)), counts], dim=1).reshape(-1)
+        recv_meta = torch.empty_like(send_meta)
+        try:
+            dist.all_to_all_single(recv_meta, send_meta, group=group)
+        except Exception as exc:
+            raise RuntimeError(
+                f"SoftMoELayer (expert parallel): the split-size exchange of layer {shard.layer_id} failed "
+                f"({type(exc).__name__}: {exc}). Every rank of expert_group must call the layer's forward "
+                "the same number of times, in the same order."
+            ) from exc
+        _stats["count_bytes_sent"] += send_meta.numel() * send_meta.element_size()
+        recv_rows = recv_meta.view(size, len(_HEADER) + count)
+        # The one host sync: all_to_all_single needs the split sizes on the host.
+        sent_host, host = torch.stack([send_meta, recv_meta]).view(2, size, len(_HEADER) + count).tolist()
+        mine = sent_host[0][: len(_HEADER)]
+        for source, row in enumerate(host):
+            if row[: len(_HEADER)] != mine:
+                diff = ", ".join(f"{name}: rank {source} {theirs} vs rank {rank} {ours}"
+                                 for name, theirs, ours in zip(_HEADER, row, mine) if theirs != ours)
+                raise RuntimeError(
+                    f"SoftMoELayer (expert parallel): the ranks of expert_group called different layers or with "
+                    f"different inputs ({diff}); every rank must run the same layers in the same order, with "
+                    "the same dtype and the same autograd mode (all with or all without gradients)"
+                )
+        send_counts = [sum(row[len(_HEADER):]) for row in sent_host]  # rows for each destination rank
+        recv_matrix = [row[len(_HEADER):] for row in host]  # [source rank][local expert]
+        recv_splits = [sum(row) for row in recv_matrix]
+        routed = sum(send_counts)
+        received = sum(recv_splits)
+
+        send = xs.narrow(0, 0, routed)
+        recv = _AllToAll.apply(send, recv_splits, send_counts, group, rank)
+        local_counts = recv_rows[:, len(_HEADER):]  # [W, count] on the device
+        local_offsets = torch.zeros(count + 1, dtype=torch.int64, device=offsets.device)
+        torch.cumsum(local_counts.sum(0), 0, out=local_offsets[1:])
+        if count > 1 and size > 1:
+            # Rows arrive grouped by source rank, then local expert; the experts need them grouped by
+            # local expert, then source rank (a fixed permutation: deterministic, and its backward is
+            # a scatter without collisions).
+            flat = local_counts.reshape(-1)  # (source, expert) order
+            source_start = torch.cumsum(flat, 0) - flat
+            by_expert = local_counts.t().reshape(-1)  # (expert, source) order
+            start_of_group = source_start.view(size, count).t().reshape(-1)
+            expert_start = torch.cumsum(by_expert, 0) - by_expert
+            group_of_row = torch.repeat_interleave(torch.arange(size * count, device=offsets.device), by_expert,
+                                                   output_size=received)
+            rows = torch.arange(received, device=offsets.device)
+            perm = start_of_group[group_of_row] + rows - expert_start[group_of_row]
+            inverse = torch.empty_like(perm)
+            inverse[perm] = rows
+            ys_local = super().forward(recv.index_select(0, perm), local_offsets).index_select(0, inverse)
+        else:
+            ys_local = super().forward(recv, local_offsets)
+        ys = _AllToAll.apply(ys_local, send_counts, recv_splits, group, rank)
+        if xs.shape[0] > routed:
+            ys = torch.cat([ys, ys.new_zeros((xs.shape[0] - routed, width))])
+        return ys
 
 
 # ---- data parallelism ----------------------------------------------------------------------
 
 
-def _sharded_layers(module: nn.Module) -> list[tuple[str, "SoftMoELayer"]]:
-    from .layer import SoftMoELayer
-
-    return [(name, m) for name, m in module.named_modules()
-            if isinstance(m, SoftMoELayer) and m.expert_shard is not None]
+def _sharded_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, layer) pairs of the expert-parallel layers of ``module``: those whose ``experts``
+    are a :class:`ShardedExperts` (the layer holds the routing and its ``_extra_state``)."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(getattr(m, "experts", None), ShardedExperts)]
 
 
 def expert_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -356,7 +370,7 @@ def expert_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 def _expert_group_of(fn: str, module: nn.Module) -> "dist.ProcessGroup | None":
-    groups = {id(layer.expert_shard.group): layer.expert_shard.group for _, layer in _sharded_layers(module)}
+    groups = {id(layer.experts.shard.group): layer.experts.shard.group for _, layer in _sharded_layers(module)}
     if len(groups) > 1:
         raise ValueError(f"{fn}: the model's SoftMoE layers use {len(groups)} different expert groups; "
                          "all expert-parallel layers of one model must share one expert_group")
@@ -536,7 +550,7 @@ def full_state_dict(model: nn.Module) -> dict:
     state = model.state_dict()
     for name, layer in _sharded_layers(model):
         prefix = f"{name}." if name else ""
-        shard = layer.expert_shard
+        shard = layer.experts.shard
         for key in ("w_in", "w_out"):
             local = getattr(layer.experts, key).detach()
             parts = [torch.empty_like(local) for _ in range(shard.size)]
@@ -558,14 +572,14 @@ def load_full_state_dict(model: nn.Module, state_dict: dict, strict: bool = True
     state = dict(state_dict)
     for name, layer in _sharded_layers(model):
         prefix = f"{name}." if name else ""
-        shard = layer.expert_shard
+        shard = layer.experts.shard
         for key in ("w_in", "w_out"):
             full_key = f"{prefix}experts.{key}"
             if full_key not in state:
                 continue  # strict loading reports it
             value = state[full_key]
-            if value.shape[0] != layer.num_experts:
-                raise ValueError(f"load_full_state_dict: {full_key} must hold all {layer.num_experts} experts "
+            if value.shape[0] != shard.size * shard.count:
+                raise ValueError(f"load_full_state_dict: {full_key} must hold all {shard.size * shard.count} experts "
                                  f"(the single-process layout), got shape {tuple(value.shape)}")
             state[full_key] = value[shard.first : shard.first + shard.count]
         extra_key = f"{prefix}_extra_state"

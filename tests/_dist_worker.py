@@ -57,6 +57,9 @@ def ep_forward_backward(rank, world, num_experts, activation, combine):
     ep = make_layer(3, num_experts, group=dist.group.WORLD, activation=activation, combine=combine)
     count = num_experts // world
     assert ep.experts.w_in.shape[0] == count and ep.expert_shard.first == rank * count
+    # the sharded experts are a module with GroupedExperts' forward(xs, offsets) contract
+    assert isinstance(ep.experts, parallel.ShardedExperts) and isinstance(ep.experts, softmoe.GroupedExperts)
+    assert ep.experts.shard is ep.expert_shard
     # Same seed -> the shard holds exactly the reference's experts (no state dict needed).
     check_close("w_in shard at construction", ep.experts.w_in, ref.experts.w_in[rank * count : (rank + 1) * count], 0, 0)
     check_close("router at construction", ep.router.weight, ref.router.weight, 0, 0)

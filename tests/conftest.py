@@ -4,14 +4,8 @@ Markers:
   cuda  - needs a CUDA device; skipped when torch.cuda.is_available() is False.
   slow  - long-running; run by default, deselect with `-m "not slow"`.
 """
-import os
-import sys
-
 import pytest
 import torch
-
-# tests/ on sys.path so test modules can `from reference import ...` wherever pytest is started.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 HAS_CUDA = torch.cuda.is_available()
 

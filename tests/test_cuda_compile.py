@@ -1,9 +1,12 @@
 """Compile-only check of the CUDA kernels: every csrc/cuda/*.cu builds with nvcc for sm_80 and
 sm_90 with all warnings (nvcc's and the host compiler's -Wall -Wextra) as errors. Needs nvcc, not
-torch's CUDA build and not a GPU; skipped when nvcc is not on PATH.
+torch's CUDA build and not a GPU; skipped when nvcc is not on PATH. The binding's CUDA
+implementations (csrc/torch/*_cuda.cpp, host C++ that a CUDA build compiles) get a syntax check with
+nvcc against the installed torch's headers, with the same warnings as errors (`make cuda-check` runs
+both).
 
-The list of files comes from a glob of csrc/cuda, as in setup.py, so a new .cu file is checked
-without touching this test or the Makefile."""
+The lists of files come from globs, as in setup.py, so a new file is checked without touching this
+test or the Makefile."""
 import concurrent.futures
 import glob
 import os
@@ -13,10 +16,12 @@ import subprocess
 import tempfile
 
 import pytest
+from torch.utils.cpp_extension import include_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 CU_FILES = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
+CUDA_BINDING = sorted(glob.glob(os.path.join(ROOT, "csrc", "torch", "*_cuda.cpp")))
 NVCC = shutil.which("nvcc")
 ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 FLAGS = ["-std=c++17", "-I", os.path.join(ROOT, "csrc"), "-Xcompiler", "-Wall,-Wextra"]
@@ -30,6 +35,18 @@ def _compile(src, out_dir):
     cmd = [NVCC, *FLAGS, *ARCHS, "-c", src, "-o", obj]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     return cmd, proc, obj
+
+
+# torch's headers as system headers (their own warnings are not ours); the one header a CPU build of
+# torch lacks (c10/cuda/impl/cuda_cmake_macros.h, a Windows export macro) is skipped by its switch.
+BINDING_FLAGS = ["-std=c++17", "-I", os.path.join(ROOT, "csrc"), "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
+BINDING_FLAGS += [flag for path in include_paths() for flag in ("-isystem", path)]
+BINDING_FLAGS += ["-Xcompiler", "-Wall,-Wextra,-fsyntax-only", "--Werror", "all-warnings"]
+
+
+def _syntax_check(src):
+    cmd = [NVCC, *BINDING_FLAGS, "-c", src, "-o", os.devnull]
+    return cmd, subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +75,12 @@ def _defined_symbols(obj):
 
 
 def test_cuda_sources_exist():
-    """The glob sees the kernels (guards against a moved directory making every check vacuous)."""
+    """The globs see the kernels and the binding's CUDA side (guards against a moved directory making
+    every check vacuous)."""
     names = {os.path.basename(f) for f in CU_FILES}
     assert {"lapsum.cu", "budget.cu"} <= names, f"csrc/cuda holds {sorted(names)}"
+    binding = {os.path.basename(f) for f in CUDA_BINDING}
+    assert binding == {"topk_cuda.cpp", "route_cuda.cpp", "experts_cuda.cpp"}, f"csrc/torch holds {sorted(binding)}"
 
 
 @needs_nvcc
@@ -100,4 +120,17 @@ def test_launch_h_is_implemented(compiled):
     assert not missing and not repeated, (
         f"launchers declared in csrc/cuda/launch.h but defined by no .cu file: {missing}; "
         f"defined more than once: {repeated}"
+    )
+
+
+@needs_nvcc
+@pytest.mark.parametrize("src", CUDA_BINDING, ids=[os.path.basename(f) for f in CUDA_BINDING])
+def test_cuda_binding_compiles(src):
+    """The *_cuda.cpp implementations (the ops under the CUDA dispatch key) compile against torch's
+    headers; a CPU build never compiles them, so this is their only check on a machine without a CUDA
+    build of torch."""
+    cmd, proc = _syntax_check(src)
+    assert proc.returncode == 0, (
+        f"nvcc failed for {os.path.relpath(src, ROOT)} (rc={proc.returncode})\n"
+        f"command: {' '.join(cmd)}\n--- stderr ---\n{proc.stderr}\n--- stdout ---\n{proc.stdout}"
     )

@@ -392,6 +392,15 @@ def test_bad_arguments():
         OPS.gather_rows(x, bad_tok, plan.token_pairs)
 
 
+def test_index_error_names_the_c_status():
+    """An index the C core rejects is reported with the core's own status text (smoe_status_string)."""
+    plan = ops.dispatch_plan(random_p(6, 4, 2, torch.float32), 2)
+    bad = plan.pair_token.clone()
+    bad[0] = 6
+    with pytest.raises(RuntimeError, match=r"pair_token hold an index out of range; .*\(invalid argument: "):
+        OPS.gather_rows(torch.randn(6, 3), bad, plan.token_pairs)
+
+
 # ---- CUDA parity ----------------------------------------------------------------------------------
 
 # (tests/conftest.py skips the tests marked cuda when no CUDA device is present.)

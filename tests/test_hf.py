@@ -4,7 +4,6 @@ router kept, forward, router-logit recording, generate with and without KV cache
 router / budget / experts, save_pretrained -> softmoe.hf.from_pretrained with identical logits, a
 few fine-tuning steps on the bundled text, the budget invariant, and argument errors."""
 import importlib
-import os
 import sys
 
 import pytest
@@ -15,9 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import softmoe  # noqa: E402
 import softmoe.hf as H  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-import tiny_lm  # noqa: E402
+from softmoe import tiny_lm  # noqa: E402
 
 VOCAB = 256  # byte-level: the bundled text's bytes are the token ids
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,

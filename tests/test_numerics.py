@@ -13,7 +13,6 @@ The limits have closed forms (DESIGN.md 2.1-2.2, with x = (r - b) / alpha over t
 """
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -21,8 +20,7 @@ import torch
 import softmoe
 from reference import candidate_mask, reference_soft_topk
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import accuracy  # noqa: E402
+import accuracy  # benchmarks/accuracy.py (pyproject.toml: pytest's pythonpath)
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 NAMES = {F64: "float64", F32: "float32", BF16: "bfloat16", F16: "float16"}

@@ -8,8 +8,6 @@ Tolerances: the value bounds come from benchmarks/accuracy.py bound() / BOUNDS (
 docs/accuracy.md); where a property is exact in floating point (bit-identical) the test says why.
 """
 import math
-import os
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,8 +19,7 @@ from hypothesis import strategies as st
 import softmoe
 from reference import candidate_mask, reference_soft_topk, truncated_pdf, truncation_c
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from accuracy import bound  # noqa: E402
+from accuracy import bound  # benchmarks/accuracy.py (pyproject.toml: pytest's pythonpath)
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 DTYPES = [F64, F32, BF16, F16]

@@ -2,14 +2,11 @@
 JSON (and plots) it promises."""
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import quality  # noqa: E402
+import quality  # benchmarks/quality.py (pyproject.toml: pytest's pythonpath)
 
 
 def test_quick_run_writes_json(tmp_path, capsys):

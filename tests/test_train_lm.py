@@ -1,13 +1,10 @@
 """The README demo's training script, run end to end at a toy size: checkpoints, resume, the NaN
 guard, the budget invariant and the outputs it promises."""
 import json
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-import train_lm  # noqa: E402
+import train_lm  # examples/train_lm.py (pyproject.toml: pytest's pythonpath)
 
 TINY = ["--layers", "2", "--d-model", "32", "--d-hidden", "32", "--batch", "4", "--context", "32",
         "--sample", "20", "--mean-k", "1.5", "--max-active", "3", "--threads", "1"]

@@ -15,38 +15,10 @@
 #error "define SMOE_SUFFIX (f32 or f64) before including lapsum_row.h"
 #endif
 
-#define SMOE_CAT2(a, b) a##_##b
-#define SMOE_CAT(a, b) SMOE_CAT2(a, b)
-#define SMOE_FN(name) SMOE_CAT(name, SMOE_SUFFIX)
+#include "smoe_dtype.h" /* SMOE_FN, SMOE_REAL, SMOE_LOAD, SMOE_EXP, ... */
+
 #define SMOE_AT(arr, j) (arr)[(j) * ss]
-
-#if defined(SMOE_IS_F64)
-#error "SMOE_IS_F64 is reserved"
-#endif
-#define SMOE_F64_SUFFIX_f64 1
-#define SMOE_F64_SUFFIX_f32 0
-#define SMOE_IS_F64 SMOE_CAT(SMOE_F64_SUFFIX, SMOE_SUFFIX)
-
-#if SMOE_IS_F64
-typedef double SMOE_FN(smoe_real);
-#define SMOE_EXP exp
-#define SMOE_LOG log
-#define SMOE_SQRT sqrt
-#define SMOE_FABS fabs
-#define SMOE_NEXTAFTER nextafter
-#define SMOE_RMAX 1.7976931348623157e308
-#else
-typedef float SMOE_FN(smoe_real);
-#define SMOE_EXP expf
-#define SMOE_LOG logf
-#define SMOE_SQRT sqrtf
-#define SMOE_FABS fabsf
-#define SMOE_NEXTAFTER nextafterf
-#define SMOE_RMAX 3.40282347e38f
-#endif
-#define R SMOE_FN(smoe_real)
-#define SMOE_LOAD SMOE_FN(smoe_load)
-#define SMOE_STORE SMOE_FN(smoe_store)
+#define R SMOE_REAL
 #define SMOE_CDF SMOE_FN(smoe_lap_cdf)
 
 /* Order used to pick candidates: larger score first, lower index on ties. */
@@ -462,19 +434,5 @@ SMOE_HD void SMOE_FN(smoe_topk_bwd_row)(const smoe_topk_bwd_args *a, int64_t row
 }
 
 #undef R
-#undef SMOE_LOAD
-#undef SMOE_STORE
 #undef SMOE_CDF
-#undef SMOE_EXP
-#undef SMOE_LOG
-#undef SMOE_SQRT
-#undef SMOE_FABS
-#undef SMOE_NEXTAFTER
-#undef SMOE_RMAX
-#undef SMOE_IS_F64
-#undef SMOE_F64_SUFFIX_f64
-#undef SMOE_F64_SUFFIX_f32
 #undef SMOE_AT
-#undef SMOE_FN
-#undef SMOE_CAT
-#undef SMOE_CAT2

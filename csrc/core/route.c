@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "route_args.h"
 #include "smoe_math.h"
 
 #define SMOE_SUFFIX f32
@@ -14,30 +15,10 @@
 #include "route_row.h"
 #undef SMOE_SUFFIX
 
-static int route_valid_dtype(smoe_dtype d) {
-  return d == SMOE_F32 || d == SMOE_F64 || d == SMOE_BF16 || d == SMOE_F16;
-}
-
 static int valid_range(int64_t begin, int64_t end, int64_t n) { return 0 <= begin && begin <= end && end <= n; }
 
-/* T, E, M and the products T * E, T * M fit int64. */
-static int valid_sizes(int64_t T, int64_t E, int64_t M) {
-  if (T < 0 || E < 1 || M < 1 || M > E) return 0;
-  return T <= INT64_MAX / E;
-}
-
-/* valid_sizes(T, E, M) holds, so T * M cannot overflow. */
-static int valid_slots(int64_t S, int64_t T, int64_t M) { return S >= 0 && S <= T * M; }
-
-static int valid_plan(const smoe_plan_args *a) {
-  if (!a || !route_valid_dtype(a->dtype) || !valid_sizes(a->tokens, a->experts, a->max_active)) return 0;
-  if (!a->offsets) return 0;
-  if (a->tokens > 0 && (!a->p || !a->pair_token || !a->pair_expert || !a->token_pairs)) return 0;
-  return 1;
-}
-
 smoe_status smoe_plan_count(const smoe_plan_args *a, int64_t begin, int64_t end, int64_t *counts) {
-  if (!valid_plan(a) || !valid_range(begin, end, a->tokens) || !counts) return SMOE_ERR_ARG;
+  if (!smoe_route_valid_plan(a) || !valid_range(begin, end, a->tokens) || !counts) return SMOE_ERR_ARG;
   const int64_t E = a->experts, M = a->max_active;
   memset(counts, 0, (size_t)E * sizeof(int64_t));
   for (int64_t t = begin; t < end; ++t) {
@@ -49,7 +30,7 @@ smoe_status smoe_plan_count(const smoe_plan_args *a, int64_t begin, int64_t end,
 }
 
 smoe_status smoe_plan_scan(const smoe_plan_args *a, int64_t chunks, int64_t *counts) {
-  if (!valid_plan(a) || chunks < 0 || (a->tokens > 0 && chunks < 1) || (chunks > 0 && !counts))
+  if (!smoe_route_valid_plan(a) || chunks < 0 || (a->tokens > 0 && chunks < 1) || (chunks > 0 && !counts))
     return SMOE_ERR_ARG;
   const int64_t E = a->experts;
   int64_t run = 0;
@@ -66,7 +47,7 @@ smoe_status smoe_plan_scan(const smoe_plan_args *a, int64_t chunks, int64_t *cou
 }
 
 smoe_status smoe_plan_place(const smoe_plan_args *a, int64_t begin, int64_t end, int64_t *base) {
-  if (!valid_plan(a) || !valid_range(begin, end, a->tokens) || !base) return SMOE_ERR_ARG;
+  if (!smoe_route_valid_plan(a) || !valid_range(begin, end, a->tokens) || !base) return SMOE_ERR_ARG;
   const int64_t E = a->experts, M = a->max_active;
   const int64_t N = a->offsets[E];
   if (N < 0 || N > a->tokens * M) return SMOE_ERR_ARG;
@@ -95,7 +76,7 @@ smoe_status smoe_plan_place(const smoe_plan_args *a, int64_t begin, int64_t end,
 }
 
 smoe_status smoe_dispatch_plan(const smoe_plan_args *a, int64_t chunk) {
-  if (!valid_plan(a) || chunk < 1) return SMOE_ERR_ARG;
+  if (!smoe_route_valid_plan(a) || chunk < 1) return SMOE_ERR_ARG;
   const int64_t T = a->tokens, E = a->experts;
   const int64_t chunks = T / chunk + (T % chunk != 0);
   if (chunks == 0) return smoe_plan_scan(a, 0, NULL);
@@ -116,12 +97,10 @@ smoe_status smoe_dispatch_plan(const smoe_plan_args *a, int64_t chunk) {
 }
 
 smoe_status smoe_gather_rows(const smoe_gather_args *a, int64_t slot_begin, int64_t slot_end) {
-  if (!a || !route_valid_dtype(a->dtype) || a->tokens < 0 || a->slots < 0 || a->d < 0 ||
-      !valid_range(slot_begin, slot_end, a->slots))
-    return SMOE_ERR_ARG;
+  if (!smoe_route_valid_gather(a) || !valid_range(slot_begin, slot_end, a->slots)) return SMOE_ERR_ARG;
   if (slot_begin == slot_end || a->d == 0) return SMOE_OK;
-  if (!a->pair_token || !a->xs || (a->tokens > 0 && !a->x)) return SMOE_ERR_ARG;
-  const size_t row = (size_t)a->d * smoe_route_elem_size(a->dtype);
+  if (!smoe_route_gather_pointers(a)) return SMOE_ERR_ARG;
+  const size_t row = (size_t)a->d * smoe_dtype_size(a->dtype);
   const char *x = (const char *)a->x;
   char *xs = (char *)a->xs;
   int bad = 0;
@@ -142,14 +121,9 @@ static int combine_math_f64(smoe_dtype ys_dtype, const void *p, smoe_dtype p_dty
 }
 
 smoe_status smoe_combine_rows(const smoe_combine_args *a, int64_t begin, int64_t end) {
-  if (!a || !route_valid_dtype(a->ys_dtype) || (a->p && !route_valid_dtype(a->p_dtype)) || a->d < 0 ||
-      !valid_sizes(a->tokens, a->p ? a->experts : a->max_active, a->max_active) ||
-      !valid_slots(a->slots, a->tokens, a->max_active) || !valid_range(begin, end, a->tokens))
-    return SMOE_ERR_ARG;
+  if (!smoe_route_valid_combine(a) || !valid_range(begin, end, a->tokens)) return SMOE_ERR_ARG;
   if (begin == end) return SMOE_OK;
-  /* with no slots (nothing routed, trimmed plan) ys and pair_expert may be empty (NULL) */
-  if (!a->token_pairs || (a->d > 0 && (!a->y || (a->slots > 0 && !a->ys))) || (a->p && a->slots > 0 && !a->pair_expert))
-    return SMOE_ERR_ARG;
+  if (!smoe_route_combine_pointers(a)) return SMOE_ERR_ARG;
   const int f64 = combine_math_f64(a->ys_dtype, a->p, a->p_dtype);
   const size_t word = f64 ? sizeof(double) : sizeof(float);
   void *acc = malloc((size_t)(a->d > 0 ? a->d : 1) * word);
@@ -162,21 +136,16 @@ smoe_status smoe_combine_rows(const smoe_combine_args *a, int64_t begin, int64_t
 }
 
 smoe_status smoe_combine_bwd(const smoe_combine_bwd_args *a, int64_t begin, int64_t end) {
-  if (!a || !route_valid_dtype(a->ys_dtype) || !route_valid_dtype(a->p_dtype) || a->d < 0 ||
-      !valid_sizes(a->tokens, a->experts, a->max_active) || !valid_slots(a->slots, a->tokens, a->max_active) ||
-      !valid_range(begin, end, a->tokens))
-    return SMOE_ERR_ARG;
+  if (!smoe_route_valid_combine_bwd(a) || !valid_range(begin, end, a->tokens)) return SMOE_ERR_ARG;
   if (begin == end) return SMOE_OK;
-  if (!a->p || !a->token_pairs || !a->grad_p || (a->slots > 0 && (!a->pair_token || !a->pair_expert)) ||
-      (a->d > 0 && (!a->grad_y || (a->slots > 0 && (!a->ys || !a->grad_ys)))))
-    return SMOE_ERR_ARG;
+  if (!smoe_route_combine_bwd_pointers(a)) return SMOE_ERR_ARG;
   const int f64 = combine_math_f64(a->ys_dtype, a->p, a->p_dtype);
   const int64_t M = a->max_active, d = a->d;
   int bad = 0;
   for (int64_t t = begin; t < end; ++t)
     bad |= f64 ? smoe_route_combine_bwd_row_f64(a, t) : smoe_route_combine_bwd_row_f32(a, t);
   /* zero rows for the padding slots of this token range (routed slots were written above) */
-  const size_t row = (size_t)d * smoe_route_elem_size(a->ys_dtype);
+  const size_t row = (size_t)d * smoe_dtype_size(a->ys_dtype);
   const int64_t slot_end = end * M < a->slots ? end * M : a->slots;
   for (int64_t s = begin * M; s < slot_end; ++s) {
     const int64_t t = a->pair_token[s];

@@ -19,7 +19,7 @@
 #ifndef SMOE_ROUTE_ROW_H
 #define SMOE_ROUTE_ROW_H
 
-#include "smoe_math.h"
+#include "smoe_dtype.h"
 
 /* Lanes of the fixed-order dot product (one warp on the GPU). */
 #define SMOE_ROUTE_LANES 32
@@ -69,10 +69,6 @@ SMOE_HD void smoe_route_place_chunk(const smoe_plan_args *a, const int64_t *te, 
   }
 }
 
-SMOE_HD size_t smoe_route_elem_size(smoe_dtype dtype) {
-  return dtype == SMOE_F64 ? 8u : (dtype == SMOE_F32 ? 4u : 2u);
-}
-
 /* dst[di] = src[si] as a bit copy (NaN payloads and -0.0 survive). */
 SMOE_HD void smoe_route_copy(void *dst, int64_t di, const void *src, int64_t si, smoe_dtype dtype) {
   switch (dtype) {
@@ -112,73 +108,58 @@ SMOE_HD void smoe_route_zero(void *dst, int64_t di, smoe_dtype dtype) {
 /* ---- generic over the math type ------------------------------------------------------------ */
 #ifdef SMOE_SUFFIX
 
-#define SMOE_RCAT2(a, b) a##_##b
-#define SMOE_RCAT(a, b) SMOE_RCAT2(a, b)
-#define SMOE_RFN(name) SMOE_RCAT(name, SMOE_SUFFIX)
-#define SMOE_RF64_f64 1
-#define SMOE_RF64_f32 0
-#if SMOE_RCAT(SMOE_RF64, SMOE_SUFFIX)
-#define SMOE_RT double
-#define SMOE_RLOAD smoe_load_f64
-#define SMOE_RSTORE smoe_store_f64
-#else
-#define SMOE_RT float
-#define SMOE_RLOAD smoe_load_f32
-#define SMOE_RSTORE smoe_store_f32
-#endif
-
 /* The weight of slot s for token t: p[t, pair_expert[s]], or 1 without p.
  * Returns 1 for a routed slot, 0 for padding (s = -1), -1 for an index out of range. */
-SMOE_HD int SMOE_RFN(smoe_route_weight)(const smoe_combine_args *a, int64_t t, int64_t s, SMOE_RT *w) {
+SMOE_HD int SMOE_FN(smoe_route_weight)(const smoe_combine_args *a, int64_t t, int64_t s, SMOE_REAL *w) {
   if (s == -1) return 0;
   if (s < 0 || s >= a->slots) return -1;
   if (!a->p) {
-    *w = (SMOE_RT)1;
+    *w = (SMOE_REAL)1;
     return 1;
   }
   const int64_t e = a->pair_expert[s];
   if (e < 0 || e >= a->experts) return -1;
-  *w = SMOE_RLOAD(a->p, a->p_dtype, t * a->experts + e);
+  *w = SMOE_LOAD(a->p, a->p_dtype, t * a->experts + e);
   return 1;
 }
 
 /* ---- element functions (one GPU thread per output element) ---- */
 
 /* y[t, f] of combine. Sets *bad when an index was out of range (that pair is skipped). */
-SMOE_HD SMOE_RT SMOE_RFN(smoe_route_combine_elem)(const smoe_combine_args *a, int64_t t, int64_t f, int *bad) {
-  SMOE_RT acc = 0;
+SMOE_HD SMOE_REAL SMOE_FN(smoe_route_combine_elem)(const smoe_combine_args *a, int64_t t, int64_t f, int *bad) {
+  SMOE_REAL acc = 0;
   for (int64_t j = 0; j < a->max_active; ++j) {
     const int64_t s = a->token_pairs[t * a->max_active + j];
-    SMOE_RT w = 0;
-    const int ok = SMOE_RFN(smoe_route_weight)(a, t, s, &w);
+    SMOE_REAL w = 0;
+    const int ok = SMOE_FN(smoe_route_weight)(a, t, s, &w);
     if (ok < 0) *bad = 1;
     if (ok <= 0) continue;
-    acc += w * SMOE_RLOAD(a->ys, a->ys_dtype, s * a->d + f);
+    acc += w * SMOE_LOAD(a->ys, a->ys_dtype, s * a->d + f);
   }
   return acc;
 }
 
 /* dst[di] = w * src[si] in the math type, rounded once to the storage dtype (grad_ys). */
-SMOE_HD void SMOE_RFN(smoe_route_scale_elem)(void *dst, int64_t di, SMOE_RT w, const void *src, int64_t si,
+SMOE_HD void SMOE_FN(smoe_route_scale_elem)(void *dst, int64_t di, SMOE_REAL w, const void *src, int64_t si,
                                             smoe_dtype dtype) {
-  SMOE_RSTORE(dst, dtype, di, w * SMOE_RLOAD(src, dtype, si));
+  SMOE_STORE(dst, dtype, di, w * SMOE_LOAD(src, dtype, si));
 }
 
 /* Lane `lane` of the dot product of a[aoff .. aoff + d) and b[boff .. boff + d) (same dtype). */
-SMOE_HD SMOE_RT SMOE_RFN(smoe_route_dot_lane)(const void *a, const void *b, smoe_dtype dtype, int64_t aoff,
+SMOE_HD SMOE_REAL SMOE_FN(smoe_route_dot_lane)(const void *a, const void *b, smoe_dtype dtype, int64_t aoff,
                                              int64_t boff, int64_t d, int64_t lane) {
-  SMOE_RT acc = 0;
+  SMOE_REAL acc = 0;
   for (int64_t f = lane; f < d; f += SMOE_ROUTE_LANES)
-    acc += SMOE_RLOAD(a, dtype, aoff + f) * SMOE_RLOAD(b, dtype, boff + f);
+    acc += SMOE_LOAD(a, dtype, aoff + f) * SMOE_LOAD(b, dtype, boff + f);
   return acc;
 }
 
 /* ---- row functions (the CPU; one call per token or slot) ---- */
 
 /* The whole dot product (see the contract at the top of the file). */
-SMOE_HD SMOE_RT SMOE_RFN(smoe_route_dot)(const void *a, const void *b, smoe_dtype dtype, int64_t aoff, int64_t boff,
+SMOE_HD SMOE_REAL SMOE_FN(smoe_route_dot)(const void *a, const void *b, smoe_dtype dtype, int64_t aoff, int64_t boff,
                                         int64_t d) {
-  SMOE_RT lane[SMOE_ROUTE_LANES];
+  SMOE_REAL lane[SMOE_ROUTE_LANES];
   for (int l = 0; l < SMOE_ROUTE_LANES; ++l) lane[l] = 0;
 #define SMOE_ROUTE_DOT_BODY(TYPE, LD, ST)                                                   \
   {                                                                                         \
@@ -186,8 +167,8 @@ SMOE_HD SMOE_RT SMOE_RFN(smoe_route_dot)(const void *a, const void *b, smoe_dtyp
     int64_t f0 = 0;                                                                         \
     for (; f0 + SMOE_ROUTE_LANES <= d; f0 += SMOE_ROUTE_LANES)                              \
       for (int l = 0; l < SMOE_ROUTE_LANES; ++l)                                            \
-        lane[l] += (SMOE_RT)LD(qa[f0 + l]) * (SMOE_RT)LD(qb[f0 + l]);                       \
-    for (int l = 0; f0 + l < d; ++l) lane[l] += (SMOE_RT)LD(qa[f0 + l]) * (SMOE_RT)LD(qb[f0 + l]); \
+        lane[l] += (SMOE_REAL)LD(qa[f0 + l]) * (SMOE_REAL)LD(qb[f0 + l]);                       \
+    for (int l = 0; f0 + l < d; ++l) lane[l] += (SMOE_REAL)LD(qa[f0 + l]) * (SMOE_REAL)LD(qb[f0 + l]); \
   }
   SMOE_ROUTE_DISPATCH(dtype, SMOE_ROUTE_DOT_BODY)
 #undef SMOE_ROUTE_DOT_BODY
@@ -197,32 +178,32 @@ SMOE_HD SMOE_RT SMOE_RFN(smoe_route_dot)(const void *a, const void *b, smoe_dtyp
 }
 
 /* acc[f] += w * src[off + f] for f < d. */
-SMOE_HD void SMOE_RFN(smoe_route_axpy)(SMOE_RT *acc, SMOE_RT w, const void *src, smoe_dtype dtype, int64_t off,
+SMOE_HD void SMOE_FN(smoe_route_axpy)(SMOE_REAL *acc, SMOE_REAL w, const void *src, smoe_dtype dtype, int64_t off,
                                       int64_t d) {
 #define SMOE_ROUTE_AXPY_BODY(TYPE, LD, ST)                                      \
   {                                                                             \
     const TYPE *q = (const TYPE *)src + off;                                    \
-    for (int64_t f = 0; f < d; ++f) acc[f] += w * (SMOE_RT)LD(q[f]);            \
+    for (int64_t f = 0; f < d; ++f) acc[f] += w * (SMOE_REAL)LD(q[f]);            \
   }
   SMOE_ROUTE_DISPATCH(dtype, SMOE_ROUTE_AXPY_BODY)
 #undef SMOE_ROUTE_AXPY_BODY
 }
 
 /* dst[doff + f] = w * src[soff + f] for f < d (src and dst of one storage dtype). */
-SMOE_HD void SMOE_RFN(smoe_route_scale)(void *dst, int64_t doff, SMOE_RT w, const void *src, int64_t soff,
+SMOE_HD void SMOE_FN(smoe_route_scale)(void *dst, int64_t doff, SMOE_REAL w, const void *src, int64_t soff,
                                        smoe_dtype dtype, int64_t d) {
 #define SMOE_ROUTE_SCALE_BODY(TYPE, LD, ST)                                     \
   {                                                                             \
     TYPE *o = (TYPE *)dst + doff;                                               \
     const TYPE *q = (const TYPE *)src + soff;                                   \
-    for (int64_t f = 0; f < d; ++f) o[f] = ST(w * (SMOE_RT)LD(q[f]));           \
+    for (int64_t f = 0; f < d; ++f) o[f] = ST(w * (SMOE_REAL)LD(q[f]));           \
   }
   SMOE_ROUTE_DISPATCH(dtype, SMOE_ROUTE_SCALE_BODY)
 #undef SMOE_ROUTE_SCALE_BODY
 }
 
 /* dst[off + f] = acc[f] for f < d, rounded to the storage dtype. */
-SMOE_HD void SMOE_RFN(smoe_route_store_row)(void *dst, int64_t off, const SMOE_RT *acc, smoe_dtype dtype,
+SMOE_HD void SMOE_FN(smoe_route_store_row)(void *dst, int64_t off, const SMOE_REAL *acc, smoe_dtype dtype,
                                            int64_t d) {
 #define SMOE_ROUTE_STORE_BODY(TYPE, LD, ST)                                     \
   {                                                                             \
@@ -235,25 +216,25 @@ SMOE_HD void SMOE_RFN(smoe_route_store_row)(void *dst, int64_t off, const SMOE_R
 
 /* combine for token t, accumulated in acc[0..d) (scratch) and stored to y.
  * Returns 1 when an index was out of range (that pair is skipped), else 0. */
-SMOE_HD int SMOE_RFN(smoe_route_combine_row)(const smoe_combine_args *a, int64_t t, SMOE_RT *acc) {
+SMOE_HD int SMOE_FN(smoe_route_combine_row)(const smoe_combine_args *a, int64_t t, SMOE_REAL *acc) {
   int bad = 0;
   const int64_t d = a->d;
   for (int64_t f = 0; f < d; ++f) acc[f] = 0;
   for (int64_t j = 0; j < a->max_active; ++j) {
     const int64_t s = a->token_pairs[t * a->max_active + j];
-    SMOE_RT w = 0;
-    const int ok = SMOE_RFN(smoe_route_weight)(a, t, s, &w);
+    SMOE_REAL w = 0;
+    const int ok = SMOE_FN(smoe_route_weight)(a, t, s, &w);
     if (ok < 0) bad = 1;
     if (ok <= 0) continue;
-    if (d > 0) SMOE_RFN(smoe_route_axpy)(acc, w, a->ys, a->ys_dtype, s * d, d);
+    if (d > 0) SMOE_FN(smoe_route_axpy)(acc, w, a->ys, a->ys_dtype, s * d, d);
   }
-  if (d > 0) SMOE_RFN(smoe_route_store_row)(a->y, t * d, acc, a->ys_dtype, d);
+  if (d > 0) SMOE_FN(smoe_route_store_row)(a->y, t * d, acc, a->ys_dtype, d);
   return bad;
 }
 
 /* Backward of combine for token t: grad_ys rows of t's slots and row t of grad_p (zeros except
  * at the routed pairs). Padding rows of grad_ys are not touched here. Returns 1 on a bad index. */
-SMOE_HD int SMOE_RFN(smoe_route_combine_bwd_row)(const smoe_combine_bwd_args *b, int64_t t) {
+SMOE_HD int SMOE_FN(smoe_route_combine_bwd_row)(const smoe_combine_bwd_args *b, int64_t t) {
   smoe_combine_args a;
   a.tokens = b->tokens;
   a.experts = b->experts;
@@ -272,27 +253,18 @@ SMOE_HD int SMOE_RFN(smoe_route_combine_bwd_row)(const smoe_combine_bwd_args *b,
   for (int64_t e = 0; e < E; ++e) smoe_route_zero(b->grad_p, t * E + e, b->p_dtype);
   for (int64_t j = 0; j < b->max_active; ++j) {
     const int64_t s = b->token_pairs[t * b->max_active + j];
-    SMOE_RT w = 0;
-    const int ok = SMOE_RFN(smoe_route_weight)(&a, t, s, &w);
+    SMOE_REAL w = 0;
+    const int ok = SMOE_FN(smoe_route_weight)(&a, t, s, &w);
     if (ok < 0) bad = 1;
     if (ok <= 0) continue;
-    SMOE_RT g = 0;
+    SMOE_REAL g = 0;
     if (d > 0) {
-      SMOE_RFN(smoe_route_scale)(b->grad_ys, s * d, w, b->grad_y, t * d, b->ys_dtype, d);
-      g = SMOE_RFN(smoe_route_dot)(b->grad_y, b->ys, b->ys_dtype, t * d, s * d, d);
+      SMOE_FN(smoe_route_scale)(b->grad_ys, s * d, w, b->grad_y, t * d, b->ys_dtype, d);
+      g = SMOE_FN(smoe_route_dot)(b->grad_y, b->ys, b->ys_dtype, t * d, s * d, d);
     }
-    SMOE_RSTORE(b->grad_p, b->p_dtype, t * E + b->pair_expert[s], g);
+    SMOE_STORE(b->grad_p, b->p_dtype, t * E + b->pair_expert[s], g);
   }
   return bad;
 }
-
-#undef SMOE_RT
-#undef SMOE_RLOAD
-#undef SMOE_RSTORE
-#undef SMOE_RF64_f64
-#undef SMOE_RF64_f32
-#undef SMOE_RFN
-#undef SMOE_RCAT
-#undef SMOE_RCAT2
 
 #endif /* SMOE_SUFFIX */

@@ -23,6 +23,10 @@ typedef enum {
   SMOE_ERR_DEVICE = 3 /* a CUDA launch or runtime call failed */
 } smoe_status;
 
+/* A fixed English phrase for a status ("ok", "invalid argument", ...), for error messages; a
+ * value outside the enum gives "unknown status". */
+const char *smoe_status_string(smoe_status status);
+
 typedef enum { SMOE_F32 = 0, SMOE_F64 = 1, SMOE_BF16 = 2, SMOE_F16 = 3 } smoe_dtype;
 
 /* Forward of p = soft_topk(scores, k, alpha, eps, max_active) for rows [row_begin, row_end).

@@ -15,6 +15,7 @@
 // Every loop is grid-stride (no limit on rows), every launch goes to the caller's stream.
 #include <cuda_runtime.h>
 
+#include "core/route_args.h"
 #include "core/smoe_math.h"
 
 #define SMOE_SUFFIX f32
@@ -24,6 +25,7 @@
 #include "core/route_row.h"
 #undef SMOE_SUFFIX
 
+#include "cuda/cuda_utils.cuh"
 #include "cuda/launch.h"
 
 namespace {
@@ -39,31 +41,19 @@ constexpr int64_t kMaxBlocks = 65535;
 
 static_assert(SMOE_ROUTE_LANES == 32, "the dot's lanes are one warp");
 
-// int64 helpers usable on host and device (std::min / std::max are host-only without
-// --expt-relaxed-constexpr).
-__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-__host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-unsigned blocks_1d(int64_t n) { return static_cast<unsigned>(max64(1, min64(ceil_div(n, kThreads), kMaxBlocks))); }
-unsigned blocks_rows(int64_t rows) {
-  return static_cast<unsigned>(max64(1, min64(ceil_div(rows, kRowsPerBlock), kMaxBlocks)));
+// Blocks of `per_block` items for n items, at least 1 and at most kMaxBlocks (the loops are grid-stride).
+unsigned blocks_for(int64_t n, int64_t per_block) {
+  return static_cast<unsigned>(smoe_cuda_max64(1, smoe_cuda_min64(smoe_cuda_div_up(n, per_block), kMaxBlocks)));
 }
-int64_t plan_chunks(int64_t tokens) { return ceil_div(tokens, kChunk); }
-
-__device__ __forceinline__ int64_t global_thread() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ int64_t global_threads() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
-__device__ __forceinline__ int64_t first_row() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-}
-__device__ __forceinline__ int64_t row_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.y; }
+unsigned blocks_1d(int64_t n) { return blocks_for(n, kThreads); }
+unsigned blocks_rows(int64_t rows) { return blocks_for(rows, kRowsPerBlock); }
+int64_t plan_chunks(int64_t tokens) { return smoe_cuda_div_up(tokens, kChunk); }
 
 // ---- plan ---------------------------------------------------------------------------------------
 
 __global__ void select_kernel(smoe_plan_args a, int64_t *te) {
   const int64_t M = a.max_active;
-  for (int64_t t = global_thread(); t < a.tokens; t += global_threads()) {
+  for (int64_t t = smoe_cuda_global_thread(); t < a.tokens; t += smoe_cuda_global_threads()) {
     smoe_route_select(a.p, a.dtype, a.experts, M, t, te + t * M);
     for (int64_t j = 0; j < M; ++j) a.token_pairs[t * M + j] = -1;
   }
@@ -71,9 +61,9 @@ __global__ void select_kernel(smoe_plan_args a, int64_t *te) {
 
 __global__ void count_kernel(smoe_plan_args a, const int64_t *te, int64_t chunks, int64_t *counts) {
   const int64_t E = a.experts;
-  for (int64_t i = global_thread(); i < chunks * E; i += global_threads()) {
+  for (int64_t i = smoe_cuda_global_thread(); i < chunks * E; i += smoe_cuda_global_threads()) {
     const int64_t c = i / E, e = i % E;
-    counts[e * chunks + c] = smoe_route_count_chunk(&a, te, c * kChunk, min64(a.tokens, (c + 1) * kChunk), e);
+    counts[e * chunks + c] = smoe_route_count_chunk(&a, te, c * kChunk, smoe_cuda_min64(a.tokens, (c + 1) * kChunk), e);
   }
 }
 
@@ -98,7 +88,7 @@ __device__ int64_t block_exclusive_scan(int64_t v, int64_t *total) {
 
 __device__ __forceinline__ int64_t thread_items_sum(const int64_t *x, int64_t L, int64_t begin) {
   int64_t s = 0;
-  for (int64_t k = begin; k < min64(L, begin + kScanItems); ++k) s += x[k];
+  for (int64_t k = begin; k < smoe_cuda_min64(L, begin + kScanItems); ++k) s += x[k];
   return s;
 }
 
@@ -113,8 +103,8 @@ __global__ void scan_tiles_kernel(const int64_t *counts, int64_t L, int64_t tile
 
 // One block: tile_sums[0..tiles) become their exclusive scan, tile_sums[tiles] the total.
 __global__ void scan_top_kernel(int64_t *tile_sums, int64_t tiles) {
-  const int64_t per = ceil_div(tiles, kScanTopThreads);
-  const int64_t begin = static_cast<int64_t>(threadIdx.x) * per, end = min64(tiles, begin + per);
+  const int64_t per = smoe_cuda_div_up(tiles, kScanTopThreads);
+  const int64_t begin = static_cast<int64_t>(threadIdx.x) * per, end = smoe_cuda_min64(tiles, begin + per);
   int64_t local = 0;
   for (int64_t k = begin; k < end; ++k) local += tile_sums[k];
   int64_t total = 0;
@@ -133,7 +123,7 @@ __global__ void scan_apply_kernel(const int64_t *counts, int64_t L, int64_t tile
     const int64_t begin = tile * kScanTile + static_cast<int64_t>(threadIdx.x) * kScanItems;
     int64_t total = 0;
     int64_t run = tile_sums[tile] + block_exclusive_scan<kScanThreads>(thread_items_sum(counts, L, begin), &total);
-    for (int64_t k = begin; k < min64(L, begin + kScanItems); ++k) {
+    for (int64_t k = begin; k < smoe_cuda_min64(L, begin + kScanItems); ++k) {
       base[k] = run;
       run += counts[k];
     }
@@ -144,7 +134,7 @@ __global__ void scan_apply_kernel(const int64_t *counts, int64_t L, int64_t tile
 __global__ void finish_kernel(smoe_plan_args a, const int64_t *base, int64_t chunks) {
   const int64_t E = a.experts, P = a.tokens * a.max_active;
   const int64_t N = base[E * chunks];
-  for (int64_t i = global_thread(); i < max64(E + 1, P); i += global_threads()) {
+  for (int64_t i = smoe_cuda_global_thread(); i < smoe_cuda_max64(E + 1, P); i += smoe_cuda_global_threads()) {
     if (i <= E) a.offsets[i] = base[i * chunks];
     if (i < P && i >= N) {
       a.pair_token[i] = -1;
@@ -155,9 +145,9 @@ __global__ void finish_kernel(smoe_plan_args a, const int64_t *base, int64_t chu
 
 __global__ void place_kernel(smoe_plan_args a, const int64_t *te, const int64_t *base, int64_t chunks) {
   const int64_t E = a.experts;
-  for (int64_t i = global_thread(); i < chunks * E; i += global_threads()) {
+  for (int64_t i = smoe_cuda_global_thread(); i < chunks * E; i += smoe_cuda_global_threads()) {
     const int64_t c = i / E, e = i % E;
-    smoe_route_place_chunk(&a, te, c * kChunk, min64(a.tokens, (c + 1) * kChunk), e, base[e * chunks + c]);
+    smoe_route_place_chunk(&a, te, c * kChunk, smoe_cuda_min64(a.tokens, (c + 1) * kChunk), e, base[e * chunks + c]);
   }
 }
 
@@ -165,7 +155,7 @@ __global__ void place_kernel(smoe_plan_args a, const int64_t *te, const int64_t 
 
 __global__ void gather_kernel(smoe_gather_args a) {
   const int64_t d = a.d;
-  for (int64_t s = first_row(); s < a.slots; s += row_stride()) {
+  for (int64_t s = smoe_cuda_first_row(); s < a.slots; s += smoe_cuda_row_stride()) {
     const int64_t t = a.pair_token[s];
     if (t >= 0 && t < a.tokens) {
       for (int64_t f = threadIdx.x; f < d; f += blockDim.x) smoe_route_copy(a.xs, s * d + f, a.x, t * d + f, a.dtype);
@@ -175,46 +165,40 @@ __global__ void gather_kernel(smoe_gather_args a) {
   }
 }
 
-// The math-type functions of route_row.h by type.
+// The math-type functions of route_row.h as static members of RouteMath<RT>, RT = float (their _f32
+// variants) or double (_f64), for the kernels below, which are templates over the math type.
 template <typename RT>
 struct RouteMath;
 
-template <>
-struct RouteMath<float> {
-  static __device__ float combine_elem(const smoe_combine_args *a, int64_t t, int64_t f, int *bad) {
-    return smoe_route_combine_elem_f32(a, t, f, bad);
-  }
-  static __device__ void store(void *dst, smoe_dtype dt, int64_t i, float v) { smoe_store_f32(dst, dt, i, v); }
-  static __device__ float load(const void *src, smoe_dtype dt, int64_t i) { return smoe_load_f32(src, dt, i); }
-  static __device__ void scale_elem(void *dst, int64_t di, float w, const void *src, int64_t si, smoe_dtype dt) {
-    smoe_route_scale_elem_f32(dst, di, w, src, si, dt);
-  }
-  static __device__ float dot_lane(const void *x, const void *y, smoe_dtype dt, int64_t xo, int64_t yo, int64_t d,
-                                   int64_t lane) {
-    return smoe_route_dot_lane_f32(x, y, dt, xo, yo, d, lane);
-  }
-};
-
-template <>
-struct RouteMath<double> {
-  static __device__ double combine_elem(const smoe_combine_args *a, int64_t t, int64_t f, int *bad) {
-    return smoe_route_combine_elem_f64(a, t, f, bad);
-  }
-  static __device__ void store(void *dst, smoe_dtype dt, int64_t i, double v) { smoe_store_f64(dst, dt, i, v); }
-  static __device__ double load(const void *src, smoe_dtype dt, int64_t i) { return smoe_load_f64(src, dt, i); }
-  static __device__ void scale_elem(void *dst, int64_t di, double w, const void *src, int64_t si, smoe_dtype dt) {
-    smoe_route_scale_elem_f64(dst, di, w, src, si, dt);
-  }
-  static __device__ double dot_lane(const void *x, const void *y, smoe_dtype dt, int64_t xo, int64_t yo, int64_t d,
-                                    int64_t lane) {
-    return smoe_route_dot_lane_f64(x, y, dt, xo, yo, d, lane);
-  }
-};
+#define SMOE_ROUTE_MATH(RT, SUFFIX)                                                                     \
+  template <>                                                                                           \
+  struct RouteMath<RT> {                                                                                \
+    static __device__ RT combine_elem(const smoe_combine_args *a, int64_t t, int64_t f, int *bad) {     \
+      return smoe_route_combine_elem_##SUFFIX(a, t, f, bad);                                            \
+    }                                                                                                   \
+    static __device__ void store(void *dst, smoe_dtype dt, int64_t i, RT v) {                           \
+      smoe_store_##SUFFIX(dst, dt, i, v);                                                               \
+    }                                                                                                   \
+    static __device__ RT load(const void *src, smoe_dtype dt, int64_t i) {                              \
+      return smoe_load_##SUFFIX(src, dt, i);                                                            \
+    }                                                                                                   \
+    static __device__ void scale_elem(void *dst, int64_t di, RT w, const void *src, int64_t si,         \
+                                      smoe_dtype dt) {                                                  \
+      smoe_route_scale_elem_##SUFFIX(dst, di, w, src, si, dt);                                          \
+    }                                                                                                   \
+    static __device__ RT dot_lane(const void *x, const void *y, smoe_dtype dt, int64_t xo, int64_t yo,  \
+                                  int64_t d, int64_t lane) {                                            \
+      return smoe_route_dot_lane_##SUFFIX(x, y, dt, xo, yo, d, lane);                                   \
+    }                                                                                                   \
+  };
+SMOE_ROUTE_MATH(float, f32)
+SMOE_ROUTE_MATH(double, f64)
+#undef SMOE_ROUTE_MATH
 
 template <typename RT>
 __global__ void combine_kernel(smoe_combine_args a) {
   const int64_t d = a.d;
-  for (int64_t t = first_row(); t < a.tokens; t += row_stride()) {
+  for (int64_t t = smoe_cuda_first_row(); t < a.tokens; t += smoe_cuda_row_stride()) {
     for (int64_t f = threadIdx.x; f < d; f += blockDim.x) {
       int bad = 0;
       RouteMath<RT>::store(a.y, a.ys_dtype, t * d + f, RouteMath<RT>::combine_elem(&a, t, f, &bad));
@@ -226,7 +210,7 @@ __global__ void combine_kernel(smoe_combine_args a) {
 template <typename RT>
 __global__ void grad_ys_kernel(smoe_combine_bwd_args a) {
   const int64_t d = a.d;
-  for (int64_t s = first_row(); s < a.slots; s += row_stride()) {
+  for (int64_t s = smoe_cuda_first_row(); s < a.slots; s += smoe_cuda_row_stride()) {
     const int64_t t = a.pair_token[s];
     const int64_t e = (t >= 0 && t < a.tokens) ? a.pair_expert[s] : -1;
     if (e >= 0 && e < a.experts) {
@@ -246,7 +230,7 @@ template <typename RT>
 __global__ void grad_p_kernel(smoe_combine_bwd_args a) {
   const int64_t M = a.max_active, P = a.tokens * M;
   const int64_t lane = threadIdx.x;
-  for (int64_t pair = first_row(); pair < P; pair += row_stride()) {
+  for (int64_t pair = smoe_cuda_first_row(); pair < P; pair += smoe_cuda_row_stride()) {
     const int64_t t = pair / M;
     const int64_t s = a.token_pairs[pair];
     const int64_t e = (s >= 0 && s < a.slots) ? a.pair_expert[s] : -1;
@@ -257,10 +241,6 @@ __global__ void grad_p_kernel(smoe_combine_bwd_args a) {
   }
 }
 
-smoe_status launch_status() { return cudaGetLastError() == cudaSuccess ? SMOE_OK : SMOE_ERR_DEVICE; }
-
-bool valid_dtype(smoe_dtype d) { return d == SMOE_F32 || d == SMOE_F64 || d == SMOE_BF16 || d == SMOE_F16; }
-
 struct PlanWorkspace {
   int64_t chunks, L, tiles;
   int64_t *te, *counts, *base, *tile_sums;
@@ -270,7 +250,7 @@ PlanWorkspace plan_layout(int64_t T, int64_t E, int64_t M, void *ws) {
   PlanWorkspace w;
   w.chunks = plan_chunks(T);
   w.L = w.chunks * E;
-  w.tiles = max64(1, ceil_div(w.L, kScanTile));
+  w.tiles = smoe_cuda_max64(1, smoe_cuda_div_up(w.L, kScanTile));
   int64_t *p = static_cast<int64_t *>(ws);
   w.te = p;
   w.counts = w.te + T * M;
@@ -289,45 +269,41 @@ extern "C" size_t smoe_cuda_plan_workspace_bytes(int64_t tokens, int64_t experts
 }
 
 extern "C" smoe_status smoe_cuda_dispatch_plan(const smoe_plan_args *args, void *workspace, void *stream) {
-  if (!args || !valid_dtype(args->dtype) || args->tokens < 0 || args->experts < 1 || args->max_active < 1 ||
-      args->max_active > args->experts || !args->offsets)
-    return SMOE_ERR_ARG;
+  if (!smoe_route_valid_plan(args)) return SMOE_ERR_ARG;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const smoe_plan_args a = *args;
   const int64_t T = a.tokens, E = a.experts;
   if (T == 0) {
-    cudaMemsetAsync(a.offsets, 0, static_cast<size_t>(E + 1) * sizeof(int64_t), st);
-    return launch_status();
+    if (cudaMemsetAsync(a.offsets, 0, static_cast<size_t>(E + 1) * sizeof(int64_t), st) != cudaSuccess)
+      return SMOE_ERR_DEVICE;
+    return SMOE_OK;
   }
-  if (!a.p || !a.pair_token || !a.pair_expert || !a.token_pairs || !workspace) return SMOE_ERR_ARG;
+  if (!workspace) return SMOE_ERR_ARG;
   const PlanWorkspace w = plan_layout(T, E, a.max_active, workspace);
-  const unsigned scan_blocks = static_cast<unsigned>(min64(w.tiles, kMaxBlocks));
+  const unsigned scan_blocks = static_cast<unsigned>(smoe_cuda_min64(w.tiles, kMaxBlocks));
   select_kernel<<<blocks_1d(T), kThreads, 0, st>>>(a, w.te);
   count_kernel<<<blocks_1d(w.L), kThreads, 0, st>>>(a, w.te, w.chunks, w.counts);
   scan_tiles_kernel<<<scan_blocks, kScanThreads, 0, st>>>(w.counts, w.L, w.tiles, w.tile_sums);
   scan_top_kernel<<<1, kScanTopThreads, 0, st>>>(w.tile_sums, w.tiles);
   scan_apply_kernel<<<scan_blocks, kScanThreads, 0, st>>>(w.counts, w.L, w.tiles, w.tile_sums, w.base);
-  finish_kernel<<<blocks_1d(max64(E + 1, T * a.max_active)), kThreads, 0, st>>>(a, w.base, w.chunks);
+  finish_kernel<<<blocks_1d(smoe_cuda_max64(E + 1, T * a.max_active)), kThreads, 0, st>>>(a, w.base, w.chunks);
   place_kernel<<<blocks_1d(w.L), kThreads, 0, st>>>(a, w.te, w.base, w.chunks);
-  return launch_status();
+  return smoe_cuda_launch_status();
 }
 
 extern "C" smoe_status smoe_cuda_gather_rows(const smoe_gather_args *args, void *stream) {
-  if (!args || !valid_dtype(args->dtype) || args->tokens < 0 || args->slots < 0 || args->d < 0) return SMOE_ERR_ARG;
+  if (!smoe_route_valid_gather(args)) return SMOE_ERR_ARG;
   if (args->slots == 0 || args->d == 0) return SMOE_OK;
-  if (!args->pair_token || !args->xs || (args->tokens > 0 && !args->x)) return SMOE_ERR_ARG;
+  if (!smoe_route_gather_pointers(args)) return SMOE_ERR_ARG;
   const dim3 block(32, kRowsPerBlock);
   gather_kernel<<<blocks_rows(args->slots), block, 0, static_cast<cudaStream_t>(stream)>>>(*args);
-  return launch_status();
+  return smoe_cuda_launch_status();
 }
 
 extern "C" smoe_status smoe_cuda_combine_rows(const smoe_combine_args *args, void *stream) {
-  if (!args || !valid_dtype(args->ys_dtype) || (args->p && !valid_dtype(args->p_dtype)) || args->tokens < 0 ||
-      args->max_active < 1 || args->d < 0 || args->slots < 0 || args->slots > args->tokens * args->max_active)
-    return SMOE_ERR_ARG;
+  if (!smoe_route_valid_combine(args)) return SMOE_ERR_ARG;
   if (args->tokens == 0 || args->d == 0) return SMOE_OK;
-  if (!args->token_pairs || !args->y || (args->slots > 0 && (!args->ys || (args->p && !args->pair_expert))))
-    return SMOE_ERR_ARG;
+  if (!smoe_route_combine_pointers(args)) return SMOE_ERR_ARG;
   const dim3 block(32, kRowsPerBlock);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const bool f64 = args->ys_dtype == SMOE_F64 || (args->p && args->p_dtype == SMOE_F64);
@@ -335,22 +311,17 @@ extern "C" smoe_status smoe_cuda_combine_rows(const smoe_combine_args *args, voi
     combine_kernel<double><<<blocks_rows(args->tokens), block, 0, st>>>(*args);
   else
     combine_kernel<float><<<blocks_rows(args->tokens), block, 0, st>>>(*args);
-  return launch_status();
+  return smoe_cuda_launch_status();
 }
 
 extern "C" smoe_status smoe_cuda_combine_bwd(const smoe_combine_bwd_args *args, void *stream) {
-  if (!args || !valid_dtype(args->ys_dtype) || !valid_dtype(args->p_dtype) || args->tokens < 0 ||
-      args->experts < 1 || args->max_active < 1 || args->d < 0 || args->slots < 0 ||
-      args->slots > args->tokens * args->max_active)
-    return SMOE_ERR_ARG;
+  if (!smoe_route_valid_combine_bwd(args)) return SMOE_ERR_ARG;
   if (args->tokens == 0) return SMOE_OK;
-  if (!args->p || !args->token_pairs || !args->grad_p || (args->slots > 0 && (!args->pair_token || !args->pair_expert)) ||
-      (args->d > 0 && (!args->grad_y || (args->slots > 0 && (!args->ys || !args->grad_ys)))))
-    return SMOE_ERR_ARG;
+  if (!smoe_route_combine_bwd_pointers(args)) return SMOE_ERR_ARG;
   const dim3 block(32, kRowsPerBlock);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int64_t P = args->tokens * args->max_active;
-  const size_t p_bytes = static_cast<size_t>(args->tokens * args->experts) * smoe_route_elem_size(args->p_dtype);
+  const size_t p_bytes = static_cast<size_t>(args->tokens * args->experts) * smoe_dtype_size(args->p_dtype);
   if (cudaMemsetAsync(args->grad_p, 0, p_bytes, st) != cudaSuccess) return SMOE_ERR_DEVICE;
   const bool f64 = args->ys_dtype == SMOE_F64 || args->p_dtype == SMOE_F64;
   if (args->d > 0) {
@@ -363,5 +334,5 @@ extern "C" smoe_status smoe_cuda_combine_bwd(const smoe_combine_bwd_args *args, 
     grad_p_kernel<double><<<blocks_rows(P), block, 0, st>>>(*args);
   else
     grad_p_kernel<float><<<blocks_rows(P), block, 0, st>>>(*args);
-  return launch_status();
+  return smoe_cuda_launch_status();
 }

@@ -1,25 +1,8 @@
 /* C-only tests of the softmoe core: no torch, run under ASan/UBSan by `make ctest`.
  * Reference values are the 60-digit test vectors of research/lapsum.md §7. */
 #include <math.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 
-#include "core/softmoe.h"
-
-static int failures = 0;
-static int checks = 0;
-
-#define CHECK(cond, ...)                                  \
-  do {                                                    \
-    ++checks;                                             \
-    if (!(cond)) {                                        \
-      ++failures;                                         \
-      fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      fprintf(stderr, __VA_ARGS__);                       \
-      fprintf(stderr, "\n");                              \
-    }                                                     \
-  } while (0)
+#include "harness.h"
 
 static void check_close(double got, double want, double tol, const char *what, int i) {
   CHECK(fabs(got - want) <= tol, "%s[%d]: got %.15g want %.15g (tol %g)", what, i, got, want, tol);
@@ -354,6 +337,5 @@ int main(void) {
   test_multi_row_isolation_and_determinism();
   test_bad_arguments();
   test_half_conversions();
-  printf("%d passed, %d failed\n", checks - failures, failures);
-  return failures ? 1 : 0;
+  return harness_summary();
 }

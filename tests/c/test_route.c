@@ -3,12 +3,8 @@
  * and combine against naive loops in double, the CPU row functions against the element functions
  * the CUDA kernels run (bit for bit), and every result against itself under other chunkings. */
 #include <math.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 
-#include "core/softmoe.h"
-#include "core/smoe_math.h"
+#include "harness.h"
 
 #define SMOE_SUFFIX f32
 #include "core/route_row.h"
@@ -16,20 +12,6 @@
 #define SMOE_SUFFIX f64
 #include "core/route_row.h"
 #undef SMOE_SUFFIX
-
-static int failures = 0;
-static int checks = 0;
-
-#define CHECK(cond, ...)                                   \
-  do {                                                     \
-    ++checks;                                              \
-    if (!(cond)) {                                         \
-      ++failures;                                          \
-      fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      fprintf(stderr, __VA_ARGS__);                        \
-      fprintf(stderr, "\n");                               \
-    }                                                      \
-  } while (0)
 
 /* ---- small helpers ---------------------------------------------------------------------------- */
 
@@ -47,66 +29,7 @@ static double rng_normal(void) { /* sum of uniforms: plenty for test data */
   return s - 6.0;
 }
 
-static size_t elem_size(smoe_dtype dt) { return dt == SMOE_F64 ? 8 : dt == SMOE_F32 ? 4 : 2; }
-
-/* A buffer of n values in storage dtype dt, filled from vals (rounded to dt). */
-static void *make_buf(smoe_dtype dt, const double *vals, int64_t n) {
-  void *b = malloc((size_t)(n > 0 ? n : 1) * elem_size(dt));
-  for (int64_t i = 0; i < n; ++i) smoe_store_f64(b, dt, i, vals[i]);
-  return b;
-}
-
 static double get(const void *b, smoe_dtype dt, int64_t i) { return smoe_load_f64(b, dt, i); }
-
-typedef struct {
-  int64_t T, E, M, P;
-  int64_t *offsets, *pair_token, *pair_expert, *token_pairs;
-} plan_t;
-
-static plan_t plan_alloc(int64_t T, int64_t E, int64_t M) {
-  plan_t pl;
-  pl.T = T;
-  pl.E = E;
-  pl.M = M;
-  pl.P = T * M;
-  pl.offsets = (int64_t *)malloc((size_t)(E + 1) * sizeof(int64_t));
-  pl.pair_token = (int64_t *)malloc((size_t)(pl.P + 1) * sizeof(int64_t));
-  pl.pair_expert = (int64_t *)malloc((size_t)(pl.P + 1) * sizeof(int64_t));
-  pl.token_pairs = (int64_t *)malloc((size_t)(pl.P + 1) * sizeof(int64_t));
-  /* poison, so that an unwritten output is caught */
-  for (int64_t i = 0; i <= E; ++i) pl.offsets[i] = 12345;
-  for (int64_t i = 0; i < pl.P; ++i) pl.pair_token[i] = pl.pair_expert[i] = pl.token_pairs[i] = 777;
-  return pl;
-}
-
-static void plan_free(plan_t *pl) {
-  free(pl->offsets);
-  free(pl->pair_token);
-  free(pl->pair_expert);
-  free(pl->token_pairs);
-}
-
-static smoe_plan_args plan_args(plan_t *pl, smoe_dtype dt, const void *p) {
-  smoe_plan_args a;
-  memset(&a, 0, sizeof a);
-  a.tokens = pl->T;
-  a.experts = pl->E;
-  a.max_active = pl->M;
-  a.dtype = dt;
-  a.p = p;
-  a.offsets = pl->offsets;
-  a.pair_token = pl->pair_token;
-  a.pair_expert = pl->pair_expert;
-  a.token_pairs = pl->token_pairs;
-  return a;
-}
-
-static int plan_equal(const plan_t *a, const plan_t *b) {
-  return memcmp(a->offsets, b->offsets, (size_t)(a->E + 1) * sizeof(int64_t)) == 0 &&
-         memcmp(a->pair_token, b->pair_token, (size_t)a->P * sizeof(int64_t)) == 0 &&
-         memcmp(a->pair_expert, b->pair_expert, (size_t)a->P * sizeof(int64_t)) == 0 &&
-         memcmp(a->token_pairs, b->token_pairs, (size_t)a->P * sizeof(int64_t)) == 0;
-}
 
 /* Checks a plan against its definition, for p given in double (the values as stored). */
 static void check_plan_definition(const plan_t *pl, const double *p, const char *what) {
@@ -188,7 +111,7 @@ static void check_plan_definition(const plan_t *pl, const double *p, const char 
 /* Builds the plan of p (given in double, stored as dt) with chunk sizes 1, 3, 7, T and T + 5 and
  * with the three passes run chunk by chunk in reverse order; all must agree and be correct. */
 static void check_plan(smoe_dtype dt, const double *p_in, int64_t T, int64_t E, int64_t M, const char *what) {
-  void *p = make_buf(dt, p_in, T * E);
+  void *p = harness_buffer(dt, p_in, T * E);
   double *pv = (double *)malloc((size_t)(T * E + 1) * sizeof(double));
   for (int64_t i = 0; i < T * E; ++i) pv[i] = get(p, dt, i);
   plan_t ref = plan_alloc(T, E, M);
@@ -233,7 +156,7 @@ static void test_plan_hand_made(void) {
   const double p[20] = {0, 0.5, 0, 0.25, /**/ 0, 0, 0, 0, /**/ 0.1, 0.2, 0.3, 0.4,
                         -0.0, 0, NAN, 0, /**/ 0, 0, 0, 1e-300};
   plan_t pl = plan_alloc(5, 4, 2);
-  void *pf = make_buf(SMOE_F64, p, 20);
+  void *pf = harness_buffer(SMOE_F64, p, 20);
   smoe_plan_args a = plan_args(&pl, SMOE_F64, pf);
   CHECK(smoe_dispatch_plan(&a, 2) == SMOE_OK, "status");
   /* pairs sorted by (expert, token): (0: t2) (1: t0, t2) (2: t3) (3: t0, t4) -> N = 6 */
@@ -268,7 +191,7 @@ static void test_plan_edges(void) {
   {
     plan_t pl = plan_alloc(6, 4, 3);
     smoe_plan_args a = plan_args(&pl, SMOE_F32, NULL);
-    void *pf = make_buf(SMOE_F32, zeros, 24);
+    void *pf = harness_buffer(SMOE_F32, zeros, 24);
     a.p = pf;
     CHECK(smoe_dispatch_plan(&a, 4) == SMOE_OK, "all-zero status");
     int ok = pl.offsets[4] == 0;
@@ -325,7 +248,7 @@ static double *random_p(int64_t T, int64_t E, int64_t M) {
 static void test_gather_combine(smoe_dtype dt, smoe_dtype pdt) {
   const int64_t T = 23, E = 6, M = 3, P = T * M, d = 37;
   double *pv = random_p(T, E, M);
-  void *p = make_buf(pdt, pv, T * E);
+  void *p = harness_buffer(pdt, pv, T * E);
   for (int64_t i = 0; i < T * E; ++i) pv[i] = get(p, pdt, i);
   plan_t pl = plan_alloc(T, E, M);
   smoe_plan_args pa = plan_args(&pl, pdt, p);
@@ -339,10 +262,10 @@ static void test_gather_combine(smoe_dtype dt, smoe_dtype pdt) {
   for (int64_t i = 0; i < T * d; ++i) xv[i] = rng_normal();
   for (int64_t i = 0; i < P * d; ++i) ysv[i] = rng_normal();
   for (int64_t i = 0; i < T * d; ++i) gyv[i] = rng_normal();
-  void *x = make_buf(dt, xv, T * d), *ys = make_buf(dt, ysv, P * d), *gy = make_buf(dt, gyv, T * d);
+  void *x = harness_buffer(dt, xv, T * d), *ys = harness_buffer(dt, ysv, P * d), *gy = harness_buffer(dt, gyv, T * d);
   for (int64_t i = 0; i < T * d; ++i) xv[i] = get(x, dt, i), gyv[i] = get(gy, dt, i);
   for (int64_t i = 0; i < P * d; ++i) ysv[i] = get(ys, dt, i);
-  const size_t es = elem_size(dt);
+  const size_t es = smoe_dtype_size(dt);
 
   /* gather: a bit copy, zero padding rows; chunked calls give the same bytes */
   void *xs = malloc((size_t)(P * d) * es), *xs2 = malloc((size_t)(P * d) * es);
@@ -433,9 +356,9 @@ static void test_gather_combine(smoe_dtype dt, smoe_dtype pdt) {
 
   /* combine backward vs naive loops */
   void *gys = malloc((size_t)(P * d) * es), *gys2 = malloc((size_t)(P * d) * es);
-  void *gp = malloc((size_t)(T * E) * elem_size(pdt)), *gp2 = malloc((size_t)(T * E) * elem_size(pdt));
+  void *gp = malloc((size_t)(T * E) * smoe_dtype_size(pdt)), *gp2 = malloc((size_t)(T * E) * smoe_dtype_size(pdt));
   memset(gys, 0x7f, (size_t)(P * d) * es); /* poison */
-  memset(gp, 0x7f, (size_t)(T * E) * elem_size(pdt));
+  memset(gp, 0x7f, (size_t)(T * E) * smoe_dtype_size(pdt));
   smoe_combine_bwd_args ba;
   memset(&ba, 0, sizeof ba);
   ba.tokens = T;
@@ -507,7 +430,7 @@ static void test_gather_combine(smoe_dtype dt, smoe_dtype pdt) {
             for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
           smoe_store_f32(one, pdt, 0, lane[0]);
         }
-        CHECK(memcmp(one, (const char *)gp + (size_t)(t * E + e) * elem_size(pdt), elem_size(pdt)) == 0,
+        CHECK(memcmp(one, (const char *)gp + (size_t)(t * E + e) * smoe_dtype_size(pdt), smoe_dtype_size(pdt)) == 0,
               "dot == lane functions + tree bit for bit (t %lld e %lld)", (long long)t, (long long)e);
       }
     }
@@ -519,7 +442,7 @@ static void test_gather_combine(smoe_dtype dt, smoe_dtype pdt) {
   ba.grad_ys = gys2;
   ba.grad_p = gp2;
   for (int64_t t = 0; t < T; t += 4) CHECK(smoe_combine_bwd(&ba, t, t + 4 < T ? t + 4 : T) == SMOE_OK, "bwd chunk");
-  CHECK(memcmp(gys, gys2, (size_t)(P * d) * es) == 0 && memcmp(gp, gp2, (size_t)(T * E) * elem_size(pdt)) == 0,
+  CHECK(memcmp(gys, gys2, (size_t)(P * d) * es) == 0 && memcmp(gp, gp2, (size_t)(T * E) * smoe_dtype_size(pdt)) == 0,
         "combine bwd chunked == whole");
 
   /* The routed prefix only (S = N slots, what an eager caller passes after trimming): the same
@@ -546,10 +469,10 @@ static void test_gather_combine(smoe_dtype dt, smoe_dtype pdt) {
     CHECK(smoe_combine_rows(&ca, 0, T) == SMOE_ERR_ARG, "combine with a token_pairs slot >= slots");
   }
   memset(gys2, 0x7f, (size_t)(P * d) * es);
-  memset(gp2, 0x7f, (size_t)(T * E) * elem_size(pdt));
+  memset(gp2, 0x7f, (size_t)(T * E) * smoe_dtype_size(pdt));
   ba.slots = N;
   CHECK(smoe_combine_bwd(&ba, 0, T) == SMOE_OK, "combine bwd, routed prefix");
-  CHECK(memcmp(gys, gys2, (size_t)(N * d) * es) == 0 && memcmp(gp, gp2, (size_t)(T * E) * elem_size(pdt)) == 0,
+  CHECK(memcmp(gys, gys2, (size_t)(N * d) * es) == 0 && memcmp(gp, gp2, (size_t)(T * E) * smoe_dtype_size(pdt)) == 0,
         "combine bwd over the routed prefix == over all slots");
   ba.slots = P + 1;
   CHECK(smoe_combine_bwd(&ba, 0, T) == SMOE_ERR_ARG, "combine bwd with slots > tokens * max_active");
@@ -578,7 +501,7 @@ static void test_gather_combine(smoe_dtype dt, smoe_dtype pdt) {
  * place per (chunk, expert) in reverse thread order. It must equal the CPU plan. */
 static void check_gpu_plan_emulation(smoe_dtype dt, const double *p_in, int64_t T, int64_t E, int64_t M,
                                      int64_t chunk) {
-  void *p = make_buf(dt, p_in, T * E);
+  void *p = harness_buffer(dt, p_in, T * E);
   plan_t ref = plan_alloc(T, E, M), gpu = plan_alloc(T, E, M);
   smoe_plan_args ra = plan_args(&ref, dt, p), ga = plan_args(&gpu, dt, p);
   CHECK(smoe_dispatch_plan(&ra, 16) == SMOE_OK, "cpu plan");
@@ -766,6 +689,5 @@ int main(void) {
   test_gpu_plan_emulation();
   test_bad_arguments();
   test_zero_features();
-  printf("%d passed, %d failed\n", checks - failures, failures);
-  return failures ? 1 : 0;
+  return harness_summary();
 }

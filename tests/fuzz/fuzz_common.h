@@ -2,21 +2,31 @@
  *
  * A target is one `LLVMFuzzerTestOneInput` in plain C11. It decodes every parameter from the fuzz
  * bytes with the reader below (reads past the end give zeros, so every input decodes to *some*
- * case), calls the C core, and checks invariants; a violation prints what was checked and the
- * decoded case, then aborts, which libFuzzer (or replay_main.c) reports as a crash.
+ * case), calls the C core, and checks invariants with the CHECK of the shared C test harness
+ * (tests/c/harness.h); a violation prints what was checked and the decoded case (fz_case), then
+ * aborts, which libFuzzer (or replay_main.c) reports as a crash.
  */
 #ifndef SMOE_FUZZ_COMMON_H
 #define SMOE_FUZZ_COMMON_H
 
 #include <float.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "core/smoe_math.h"
+/* The case being run, printed with any failure (each target fills it in after decoding). */
+static char fz_case[512];
+
+static void fz_after_failure(void) {
+  fprintf(stderr, "==== case: %s\n", fz_case);
+  fflush(stderr);
+  abort();
+}
+
+#define HARNESS_AFTER_FAILURE fz_after_failure
+#include "../c/harness.h"
 
 /* ---- byte reader ------------------------------------------------------------------------------ */
 
@@ -86,19 +96,6 @@ static inline const char *fz_dtype_name(smoe_dtype dt) {
   }
 }
 
-static inline size_t fz_elem(smoe_dtype dt) { return dt == SMOE_F64 ? 8 : dt == SMOE_F32 ? 4 : 2; }
-
-/* Stores v into element i of a buffer of storage dtype dt (rounding as the library does). */
-static inline void fz_store(void *buf, smoe_dtype dt, int64_t i, double v) {
-  if (dt == SMOE_F64)
-    ((double *)buf)[i] = v;
-  else
-    smoe_store_f32(buf, dt, i, (float)v);
-}
-
-/* The value element i holds, exactly (every storage value is a double). */
-static inline double fz_load(const void *buf, smoe_dtype dt, int64_t i) { return smoe_load_f64(buf, dt, i); }
-
 /* Largest finite value of a storage dtype. */
 static inline double fz_storage_max(smoe_dtype dt) {
   switch (dt) {
@@ -126,39 +123,6 @@ static inline double fz_storage_tiny(smoe_dtype dt) {
     case SMOE_BF16: return 0x1p-134;
     default: return 0x1p-25;
   }
-}
-
-/* ---- failure reporting ------------------------------------------------------------------------ */
-
-/* The case being run, printed with any failure (each target fills it in after decoding). */
-static char fz_case[512];
-
-static inline void fz_fail(const char *file, int line, const char *fmt, ...) {
-  va_list ap;
-  fprintf(stderr, "\n==== invariant violated at %s:%d: ", file, line);
-  va_start(ap, fmt);
-  vfprintf(stderr, fmt, ap);
-  va_end(ap);
-  fprintf(stderr, "\n==== case: %s\n", fz_case);
-  fflush(stderr);
-  abort();
-}
-
-#define FZ_CHECK(cond, ...)                              \
-  do {                                                   \
-    if (!(cond)) fz_fail(__FILE__, __LINE__, __VA_ARGS__); \
-  } while (0)
-
-static inline void *fz_alloc(size_t bytes) {
-  void *p = malloc(bytes ? bytes : 1);
-  if (!p) abort();
-  return p;
-}
-
-static inline void *fz_calloc(size_t bytes) {
-  void *p = calloc(bytes ? bytes : 1, 1);
-  if (!p) abort();
-  return p;
 }
 
 static inline int fz_same_value(double a, double b) { return a == b || (a != a && b != b); }

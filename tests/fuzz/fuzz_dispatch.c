@@ -23,53 +23,6 @@ typedef struct {
   int mode, corrupt;
 } dcase;
 
-typedef struct {
-  int64_t *offsets, *pair_token, *pair_expert, *token_pairs;
-} plan_t;
-
-static plan_t plan_alloc(const dcase *c) {
-  plan_t pl;
-  pl.offsets = (int64_t *)fz_alloc((size_t)(c->E + 1) * sizeof(int64_t));
-  pl.pair_token = (int64_t *)fz_alloc((size_t)c->P * sizeof(int64_t));
-  pl.pair_expert = (int64_t *)fz_alloc((size_t)c->P * sizeof(int64_t));
-  pl.token_pairs = (int64_t *)fz_alloc((size_t)c->P * sizeof(int64_t));
-  /* poison: every output element must be written */
-  memset(pl.offsets, 0xa5, (size_t)(c->E + 1) * sizeof(int64_t));
-  memset(pl.pair_token, 0xa5, (size_t)c->P * sizeof(int64_t));
-  memset(pl.pair_expert, 0xa5, (size_t)c->P * sizeof(int64_t));
-  memset(pl.token_pairs, 0xa5, (size_t)c->P * sizeof(int64_t));
-  return pl;
-}
-
-static void plan_free(plan_t *pl) {
-  free(pl->offsets);
-  free(pl->pair_token);
-  free(pl->pair_expert);
-  free(pl->token_pairs);
-}
-
-static smoe_plan_args plan_args(const dcase *c, plan_t *pl, const void *p) {
-  smoe_plan_args a;
-  memset(&a, 0, sizeof a);
-  a.tokens = c->T;
-  a.experts = c->E;
-  a.max_active = c->M;
-  a.dtype = c->pdt;
-  a.p = p;
-  a.offsets = pl->offsets;
-  a.pair_token = pl->pair_token;
-  a.pair_expert = pl->pair_expert;
-  a.token_pairs = pl->token_pairs;
-  return a;
-}
-
-static int plan_equal(const dcase *c, const plan_t *a, const plan_t *b) {
-  const size_t P = (size_t)c->P * sizeof(int64_t);
-  return memcmp(a->offsets, b->offsets, (size_t)(c->E + 1) * sizeof(int64_t)) == 0 &&
-         memcmp(a->pair_token, b->pair_token, P) == 0 && memcmp(a->pair_expert, b->pair_expert, P) == 0 &&
-         memcmp(a->token_pairs, b->token_pairs, P) == 0;
-}
-
 /* ---- inputs ------------------------------------------------------------------------------------ */
 
 static double p_code(uint8_t code) {
@@ -89,7 +42,7 @@ static double p_code(uint8_t code) {
 static void make_p(fz_reader *r, const dcase *c, void *p) {
   const int64_t TE = c->T * c->E;
   if (c->mode == 0) {
-    for (int64_t i = 0; i < TE; ++i) fz_store(p, c->pdt, i, p_code(fz_u8(r)));
+    for (int64_t i = 0; i < TE; ++i) smoe_store_f64(p, c->pdt, i, p_code(fz_u8(r)));
     return;
   }
   if (c->mode == 2) { /* random sparse */
@@ -98,7 +51,7 @@ static void make_p(fz_reader *r, const dcase *c, void *p) {
     for (int64_t i = 0; i < TE; ++i) {
       double v = 0.0;
       if (fz_rng_unit(&g) < density) v = (fz_rng_next(&g) % 16 == 0) ? p_code((uint8_t)(96 + fz_rng_next(&g) % 40)) : fz_rng_unit(&g);
-      fz_store(p, c->pdt, i, v);
+      smoe_store_f64(p, c->pdt, i, v);
     }
     return;
   }
@@ -111,12 +64,12 @@ static void make_p(fz_reader *r, const dcase *c, void *p) {
   const double eps = dense ? 0.0 : eps_table[eb % 8];
   const double k = (kb + 1.0) / 257.0 * (double)cap; /* in (0, cap) */
   if (TE == 0) return;
-  void *scores = fz_alloc((size_t)TE * fz_elem(c->pdt));
-  for (int64_t i = 0; i < TE; ++i) fz_store(scores, c->pdt, i, fz_rng_normal(&g) * (1 + (eb >> 4)));
+  void *scores = harness_alloc((size_t)TE * smoe_dtype_size(c->pdt));
+  for (int64_t i = 0; i < TE; ++i) smoe_store_f64(scores, c->pdt, i, fz_rng_normal(&g) * (1 + (eb >> 4)));
   const int f64 = c->pdt == SMOE_F64;
   const double kd = k, ad = 1.0;
   const float kf = (float)k, af = 1.0f;
-  double *thr = (double *)fz_alloc((size_t)c->T * sizeof(double));
+  double *thr = (double *)harness_alloc((size_t)c->T * sizeof(double));
   smoe_topk_fwd_args a;
   memset(&a, 0, sizeof a);
   a.rows = c->T;
@@ -129,13 +82,13 @@ static void make_p(fz_reader *r, const dcase *c, void *p) {
   a.max_active = cap;
   a.p = p;
   a.threshold = thr;
-  FZ_CHECK(smoe_topk_fwd(&a, 0, c->T) == SMOE_OK, "soft top-k status");
+  CHECK(smoe_topk_fwd(&a, 0, c->T) == SMOE_OK, "soft top-k status");
   /* soft_topk(..., max_active = M) never produces more than M nonzeros: the plan routes them all */
   if (!dense)
     for (int64_t t = 0; t < c->T; ++t) {
       int64_t nz = 0;
-      for (int64_t e = 0; e < c->E; ++e) nz += fz_load(p, c->pdt, t * c->E + e) != 0;
-      FZ_CHECK(nz <= c->M, "soft top-k row %lld has %lld nonzeros > max_active %lld", (long long)t, (long long)nz,
+      for (int64_t e = 0; e < c->E; ++e) nz += smoe_load_f64(p, c->pdt, t * c->E + e) != 0;
+      CHECK(nz <= c->M, "soft top-k row %lld has %lld nonzeros > max_active %lld", (long long)t, (long long)nz,
                (long long)c->M);
     }
   free(scores);
@@ -150,7 +103,7 @@ static void fill_values(fz_rng *g, void *buf, smoe_dtype dt, int64_t n, int spec
       const double sp[6] = {NAN, INFINITY, -INFINITY, -0.0, 1e-40, 7e4};
       v = sp[fz_rng_next(g) % 6];
     }
-    fz_store(buf, dt, i, v);
+    smoe_store_f64(buf, dt, i, v);
   }
 }
 
@@ -158,48 +111,48 @@ static void fill_values(fz_rng *g, void *buf, smoe_dtype dt, int64_t n, int spec
 
 static void check_plan_definition(const dcase *c, const plan_t *pl, const void *p) {
   const int64_t T = c->T, E = c->E, M = c->M, P = c->P;
-  char *kept = (char *)fz_calloc((size_t)(T * E));
-  char *seen = (char *)fz_calloc((size_t)(T * E));
+  char *kept = (char *)harness_calloc((size_t)(T * E));
+  char *seen = (char *)harness_calloc((size_t)(T * E));
   int64_t N = 0;
   for (int64_t t = 0; t < T; ++t) {
     int64_t m = 0;
     /* active iff != 0 as stored: NaN is active, -0.0 is not; first M in expert order */
     for (int64_t e = 0; e < E && m < M; ++e)
-      if (fz_load(p, c->pdt, t * E + e) != 0.0) kept[t * E + e] = 1, ++m;
+      if (smoe_load_f64(p, c->pdt, t * E + e) != 0.0) kept[t * E + e] = 1, ++m;
     N += m;
   }
-  FZ_CHECK(pl->offsets[0] == 0, "offsets[0] = %lld", (long long)pl->offsets[0]);
-  FZ_CHECK(pl->offsets[E] == N, "offsets[E] = %lld but %lld pairs are routed", (long long)pl->offsets[E],
+  CHECK(pl->offsets[0] == 0, "offsets[0] = %lld", (long long)pl->offsets[0]);
+  CHECK(pl->offsets[E] == N, "offsets[E] = %lld but %lld pairs are routed", (long long)pl->offsets[E],
            (long long)N);
   for (int64_t e = 0; e < E; ++e) {
     int64_t count = 0;
     for (int64_t t = 0; t < T; ++t) count += kept[t * E + e];
-    FZ_CHECK(pl->offsets[e + 1] - pl->offsets[e] == count, "expert %lld: offsets give %lld tokens, %lld routed",
+    CHECK(pl->offsets[e + 1] - pl->offsets[e] == count, "expert %lld: offsets give %lld tokens, %lld routed",
              (long long)e, (long long)(pl->offsets[e + 1] - pl->offsets[e]), (long long)count);
   }
   for (int64_t s = 0; s < P; ++s) {
     const int64_t t = pl->pair_token[s], e = pl->pair_expert[s];
     if (s >= N) {
-      FZ_CHECK(t == -1 && e == -1, "padding slot %lld holds (%lld, %lld), not -1", (long long)s, (long long)t,
+      CHECK(t == -1 && e == -1, "padding slot %lld holds (%lld, %lld), not -1", (long long)s, (long long)t,
                (long long)e);
       continue;
     }
-    FZ_CHECK(t >= 0 && t < T && e >= 0 && e < E, "slot %lld: pair (%lld, %lld) out of range", (long long)s,
+    CHECK(t >= 0 && t < T && e >= 0 && e < E, "slot %lld: pair (%lld, %lld) out of range", (long long)s,
              (long long)t, (long long)e);
-    FZ_CHECK(pl->offsets[e] <= s && s < pl->offsets[e + 1], "slot %lld of expert %lld outside its segment",
+    CHECK(pl->offsets[e] <= s && s < pl->offsets[e + 1], "slot %lld of expert %lld outside its segment",
              (long long)s, (long long)e);
-    FZ_CHECK(kept[t * E + e], "slot %lld routes (%lld, %lld), which is not an active pair", (long long)s, (long long)t,
+    CHECK(kept[t * E + e], "slot %lld routes (%lld, %lld), which is not an active pair", (long long)s, (long long)t,
              (long long)e);
-    FZ_CHECK(!seen[t * E + e], "pair (%lld, %lld) appears twice", (long long)t, (long long)e);
+    CHECK(!seen[t * E + e], "pair (%lld, %lld) appears twice", (long long)t, (long long)e);
     seen[t * E + e] = 1;
     if (s > 0) {
       const int64_t pt = pl->pair_token[s - 1], pe = pl->pair_expert[s - 1];
-      FZ_CHECK(pe < e || (pe == e && pt < t), "slots %lld, %lld not sorted by (expert, token)", (long long)(s - 1),
+      CHECK(pe < e || (pe == e && pt < t), "slots %lld, %lld not sorted by (expert, token)", (long long)(s - 1),
                (long long)s);
     }
   }
   for (int64_t i = 0; i < T * E; ++i)
-    FZ_CHECK(seen[i] == kept[i], "active pair (%lld, %lld) is missing from the plan", (long long)(i / E),
+    CHECK(seen[i] == kept[i], "active pair (%lld, %lld) is missing from the plan", (long long)(i / E),
              (long long)(i % E));
   for (int64_t t = 0; t < T; ++t) {
     int64_t m = 0, last_e = -1;
@@ -207,15 +160,15 @@ static void check_plan_definition(const dcase *c, const plan_t *pl, const void *
     for (int64_t j = 0; j < M; ++j) {
       const int64_t s = pl->token_pairs[t * M + j];
       if (j >= m) {
-        FZ_CHECK(s == -1, "token_pairs[%lld, %lld] = %lld, expected -1 padding", (long long)t, (long long)j,
+        CHECK(s == -1, "token_pairs[%lld, %lld] = %lld, expected -1 padding", (long long)t, (long long)j,
                  (long long)s);
         continue;
       }
-      FZ_CHECK(s >= 0 && s < N, "token_pairs[%lld, %lld] = %lld is not a routed slot", (long long)t, (long long)j,
+      CHECK(s >= 0 && s < N, "token_pairs[%lld, %lld] = %lld is not a routed slot", (long long)t, (long long)j,
                (long long)s);
-      FZ_CHECK(pl->pair_token[s] == t, "token_pairs[%lld, %lld] = %lld belongs to token %lld", (long long)t,
+      CHECK(pl->pair_token[s] == t, "token_pairs[%lld, %lld] = %lld belongs to token %lld", (long long)t,
                (long long)j, (long long)s, (long long)pl->pair_token[s]);
-      FZ_CHECK(pl->pair_expert[s] > last_e, "token_pairs[%lld] not in increasing expert order", (long long)t);
+      CHECK(pl->pair_expert[s] > last_e, "token_pairs[%lld] not in increasing expert order", (long long)t);
       last_e = pl->pair_expert[s];
     }
   }
@@ -226,7 +179,7 @@ static void check_plan_definition(const dcase *c, const plan_t *pl, const void *
 /* ---- reference arithmetic (route_row.h's contract) --------------------------------------------- */
 
 static int bits_equal_value(const void *a, const void *b, smoe_dtype dt, int64_t i) {
-  return fz_same_value(fz_load(a, dt, i), fz_load(b, dt, i));
+  return fz_same_value(smoe_load_f64(a, dt, i), smoe_load_f64(b, dt, i));
 }
 
 /* One step of the math type: float unless f64. */
@@ -245,10 +198,10 @@ static void ref_combine(const dcase *c, const void *ys, const void *p, const pla
       for (int64_t j = 0; j < c->M; ++j) {
         const int64_t s = pl->token_pairs[t * c->M + j];
         if (s < 0) continue;
-        const double w = p ? math_round(f64, fz_load(p, c->pdt, t * c->E + pl->pair_expert[s])) : 1.0;
-        acc = MATH_MUL_ADD(f64, acc, w, math_round(f64, fz_load(ys, c->xdt, s * c->d + f)));
+        const double w = p ? math_round(f64, smoe_load_f64(p, c->pdt, t * c->E + pl->pair_expert[s])) : 1.0;
+        acc = MATH_MUL_ADD(f64, acc, w, math_round(f64, smoe_load_f64(ys, c->xdt, s * c->d + f)));
       }
-      fz_store(y, c->xdt, t * c->d + f, acc);
+      smoe_store_f64(y, c->xdt, t * c->d + f, acc);
     }
 }
 
@@ -257,8 +210,8 @@ static double ref_dot(int f64, const void *a, const void *b, smoe_dtype dt, int6
   double lane[32];
   for (int l = 0; l < 32; ++l) lane[l] = 0;
   for (int64_t f = 0; f < d; ++f)
-    lane[f % 32] = MATH_MUL_ADD(f64, lane[f % 32], math_round(f64, fz_load(a, dt, aoff + f)),
-                                math_round(f64, fz_load(b, dt, boff + f)));
+    lane[f % 32] = MATH_MUL_ADD(f64, lane[f % 32], math_round(f64, smoe_load_f64(a, dt, aoff + f)),
+                                math_round(f64, smoe_load_f64(b, dt, boff + f)));
   for (int w = 16; w > 0; w /= 2)
     for (int l = 0; l < w; ++l) lane[l] = math_add(f64, lane[l], lane[l + w]);
   return lane[0];
@@ -284,7 +237,7 @@ static int64_t scribble_value(fz_reader *r, const dcase *c) {
 static void corrupt_run(fz_reader *r, const dcase *c, const plan_t *good, const void *p, const void *x,
                         const void *ys, const void *gy) {
   if (c->P == 0) return;
-  plan_t pl = plan_alloc(c);
+  plan_t pl = plan_alloc(c->T, c->E, c->M);
   memcpy(pl.pair_token, good->pair_token, (size_t)c->P * sizeof(int64_t));
   memcpy(pl.pair_expert, good->pair_expert, (size_t)c->P * sizeof(int64_t));
   memcpy(pl.token_pairs, good->token_pairs, (size_t)c->P * sizeof(int64_t));
@@ -315,45 +268,45 @@ static void corrupt_run(fz_reader *r, const dcase *c, const plan_t *good, const 
     const int64_t e = pl.pair_expert[s];
     if (e < 0 || e >= c->E) bad_combine = 1;
   }
-  const size_t xe = fz_elem(c->xdt);
-  void *xs = fz_alloc((size_t)(c->P * c->d) * xe), *y = fz_alloc((size_t)(c->T * c->d) * xe);
-  void *gys = fz_alloc((size_t)(c->P * c->d) * xe), *gp = fz_alloc((size_t)(c->T * c->E) * fz_elem(c->pdt));
+  const size_t xe = smoe_dtype_size(c->xdt);
+  void *xs = harness_alloc((size_t)(c->P * c->d) * xe), *y = harness_alloc((size_t)(c->T * c->d) * xe);
+  void *gys = harness_alloc((size_t)(c->P * c->d) * xe), *gp = harness_alloc((size_t)(c->T * c->E) * smoe_dtype_size(c->pdt));
   smoe_gather_args ga = {c->T, c->P, c->d, c->xdt, x, pl.pair_token, xs};
   const smoe_status sg = smoe_gather_rows(&ga, 0, c->P);
   if (c->d > 0)
-    FZ_CHECK(sg == (bad_gather ? SMOE_ERR_ARG : SMOE_OK), "gather with corrupt pair_token: status %d, expected %d",
+    CHECK(sg == (bad_gather ? SMOE_ERR_ARG : SMOE_OK), "gather with corrupt pair_token: status %d, expected %d",
              (int)sg, bad_gather);
   smoe_combine_args ca = {c->T, c->E, c->M, c->d, c->xdt, ys, c->pdt, p, pl.pair_expert, pl.token_pairs, y, c->P};
   const smoe_status sc = smoe_combine_rows(&ca, 0, c->T);
-  FZ_CHECK(sc == (bad_combine ? SMOE_ERR_ARG : SMOE_OK), "combine with corrupt indices: status %d, expected %d",
+  CHECK(sc == (bad_combine ? SMOE_ERR_ARG : SMOE_OK), "combine with corrupt indices: status %d, expected %d",
            (int)sc, bad_combine);
   smoe_combine_args cn = {c->T, c->E, c->M, c->d, c->xdt, ys, c->pdt, NULL, NULL, pl.token_pairs, y, c->P};
   const smoe_status sn = smoe_combine_rows(&cn, 0, c->T);
-  FZ_CHECK(sn == (bad_combine_nop ? SMOE_ERR_ARG : SMOE_OK),
+  CHECK(sn == (bad_combine_nop ? SMOE_ERR_ARG : SMOE_OK),
            "combine without p, corrupt token_pairs: status %d, expected %d", (int)sn, bad_combine_nop);
   smoe_combine_bwd_args ba = {c->T,  c->E, c->M,          c->d,           c->xdt,         gy, ys,
                               c->pdt, p,    pl.pair_token, pl.pair_expert, pl.token_pairs, gys, gp, c->P};
   const smoe_status sb = smoe_combine_bwd(&ba, 0, c->T);
   const int bad_bwd = bad_combine || bad_pair_token;
-  FZ_CHECK(sb == (bad_bwd ? SMOE_ERR_ARG : SMOE_OK), "combine backward with corrupt indices: status %d, expected %d",
+  CHECK(sb == (bad_bwd ? SMOE_ERR_ARG : SMOE_OK), "combine backward with corrupt indices: status %d, expected %d",
            (int)sb, bad_bwd);
 
   /* the place pass with corrupted scan results: must stay in bounds and flag what it cannot place */
-  plan_t pl2 = plan_alloc(c);
-  smoe_plan_args a = plan_args(c, &pl2, p);
-  int64_t *counts = (int64_t *)fz_alloc((size_t)c->E * sizeof(int64_t));
-  FZ_CHECK(smoe_plan_count(&a, 0, c->T, counts) == SMOE_OK, "count status");
-  FZ_CHECK(smoe_plan_scan(&a, 1, counts) == SMOE_OK, "scan status");
+  plan_t pl2 = plan_alloc(c->T, c->E, c->M);
+  smoe_plan_args a = plan_args(&pl2, c->pdt, p);
+  int64_t *counts = (int64_t *)harness_alloc((size_t)c->E * sizeof(int64_t));
+  CHECK(smoe_plan_count(&a, 0, c->T, counts) == SMOE_OK, "count status");
+  CHECK(smoe_plan_scan(&a, 1, counts) == SMOE_OK, "scan status");
   const uint8_t how = fz_u8(r);
   if (how & 1) counts[fz_u16(r) % c->E] += (int64_t)(fz_u8(r) % 5) - 2;
   if (how & 2) pl2.token_pairs[fz_u16(r) % c->P] = scribble_value(r, c);
   if (how & 4) pl2.offsets[c->E] = scribble_value(r, c);
   const smoe_status sp = smoe_plan_place(&a, 0, c->T, counts);
   if (pl2.offsets[c->E] < 0 || pl2.offsets[c->E] > c->P)
-    FZ_CHECK(sp == SMOE_ERR_ARG, "place accepted offsets[E] = %lld outside [0, %lld]", (long long)pl2.offsets[c->E],
+    CHECK(sp == SMOE_ERR_ARG, "place accepted offsets[E] = %lld outside [0, %lld]", (long long)pl2.offsets[c->E],
              (long long)c->P);
   else
-    FZ_CHECK(sp == SMOE_OK || sp == SMOE_ERR_ARG, "place status %d", (int)sp);
+    CHECK(sp == SMOE_OK || sp == SMOE_ERR_ARG, "place status %d", (int)sp);
   free(counts);
   plan_free(&pl2);
   free(xs);
@@ -366,28 +319,28 @@ static void corrupt_run(fz_reader *r, const dcase *c, const plan_t *good, const 
 /* ---- argument validation -------------------------------------------------------------------------- */
 
 static void check_bad_arguments(const dcase *c, plan_t *pl, const void *p) {
-  smoe_plan_args a = plan_args(c, pl, p);
+  smoe_plan_args a = plan_args(pl, c->pdt, p);
   smoe_plan_args b = a;
   b.experts = 0;
-  FZ_CHECK(smoe_dispatch_plan(&b, 1) == SMOE_ERR_ARG, "plan accepted E = 0");
+  CHECK(smoe_dispatch_plan(&b, 1) == SMOE_ERR_ARG, "plan accepted E = 0");
   b = a, b.max_active = c->E + 1;
-  FZ_CHECK(smoe_dispatch_plan(&b, 1) == SMOE_ERR_ARG, "plan accepted M > E");
+  CHECK(smoe_dispatch_plan(&b, 1) == SMOE_ERR_ARG, "plan accepted M > E");
   b = a, b.max_active = 0;
-  FZ_CHECK(smoe_dispatch_plan(&b, 1) == SMOE_ERR_ARG, "plan accepted M = 0");
+  CHECK(smoe_dispatch_plan(&b, 1) == SMOE_ERR_ARG, "plan accepted M = 0");
   b = a, b.tokens = -1;
-  FZ_CHECK(smoe_dispatch_plan(&b, 1) == SMOE_ERR_ARG, "plan accepted T < 0");
+  CHECK(smoe_dispatch_plan(&b, 1) == SMOE_ERR_ARG, "plan accepted T < 0");
   b = a, b.dtype = (smoe_dtype)9;
-  FZ_CHECK(smoe_dispatch_plan(&b, 1) == SMOE_ERR_ARG, "plan accepted a bad dtype");
-  FZ_CHECK(smoe_dispatch_plan(&a, 0) == SMOE_ERR_ARG, "plan accepted chunk = 0");
+  CHECK(smoe_dispatch_plan(&b, 1) == SMOE_ERR_ARG, "plan accepted a bad dtype");
+  CHECK(smoe_dispatch_plan(&a, 0) == SMOE_ERR_ARG, "plan accepted chunk = 0");
   b = a, b.offsets = NULL;
-  FZ_CHECK(smoe_dispatch_plan(&b, 1) == SMOE_ERR_ARG, "plan accepted offsets = NULL");
+  CHECK(smoe_dispatch_plan(&b, 1) == SMOE_ERR_ARG, "plan accepted offsets = NULL");
   b = a, b.tokens = INT64_MAX / 2, b.experts = 4, b.max_active = 2;
-  FZ_CHECK(smoe_plan_count(&b, 0, 1, pl->offsets) == SMOE_ERR_ARG, "plan accepted T * E overflowing int64");
+  CHECK(smoe_plan_count(&b, 0, 1, pl->offsets) == SMOE_ERR_ARG, "plan accepted T * E overflowing int64");
   if (c->T > 0) {
     b = a, b.p = NULL;
-    FZ_CHECK(smoe_dispatch_plan(&b, 1) == SMOE_ERR_ARG, "plan accepted p = NULL");
-    FZ_CHECK(smoe_plan_count(&a, 1, 0, pl->offsets) == SMOE_ERR_ARG, "count accepted begin > end");
-    FZ_CHECK(smoe_plan_count(&a, 0, c->T + 1, pl->offsets) == SMOE_ERR_ARG, "count accepted end > T");
+    CHECK(smoe_dispatch_plan(&b, 1) == SMOE_ERR_ARG, "plan accepted p = NULL");
+    CHECK(smoe_plan_count(&a, 1, 0, pl->offsets) == SMOE_ERR_ARG, "count accepted begin > end");
+    CHECK(smoe_plan_count(&a, 0, c->T + 1, pl->offsets) == SMOE_ERR_ARG, "count accepted end > T");
   }
 }
 
@@ -413,150 +366,150 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
            fz_dtype_name(c.pdt), fz_dtype_name(c.xdt), (long long)c.T, (long long)c.E, (long long)c.M,
            (long long)c.d, c.mode, (long long)c.chunk);
 
-  void *p = fz_alloc((size_t)(c.T * c.E) * fz_elem(c.pdt));
+  void *p = harness_alloc((size_t)(c.T * c.E) * smoe_dtype_size(c.pdt));
   make_p(r, &c, p);
   fz_rng g = {fz_u32(r)};
-  const size_t xe = fz_elem(c.xdt);
-  void *x = fz_alloc((size_t)(c.T * c.d) * xe), *ys = fz_alloc((size_t)(c.P * c.d) * xe);
-  void *gy = fz_alloc((size_t)(c.T * c.d) * xe);
+  const size_t xe = smoe_dtype_size(c.xdt);
+  void *x = harness_alloc((size_t)(c.T * c.d) * xe), *ys = harness_alloc((size_t)(c.P * c.d) * xe);
+  void *gy = harness_alloc((size_t)(c.T * c.d) * xe);
   fill_values(&g, x, c.xdt, c.T * c.d, 1);
   fill_values(&g, ys, c.xdt, c.P * c.d, 1);
   fill_values(&g, gy, c.xdt, c.T * c.d, 1);
 
   /* ---- the plan: definition, and independence of the chunking ---- */
-  plan_t pl = plan_alloc(&c);
-  smoe_plan_args a = plan_args(&c, &pl, p);
-  FZ_CHECK(smoe_dispatch_plan(&a, c.chunk) == SMOE_OK, "plan status");
+  plan_t pl = plan_alloc(c.T, c.E, c.M);
+  smoe_plan_args a = plan_args(&pl, c.pdt, p);
+  CHECK(smoe_dispatch_plan(&a, c.chunk) == SMOE_OK, "plan status");
   check_plan_definition(&c, &pl, p);
   {
     const int64_t chunks_to_try[2] = {1, c.T > 0 ? c.T : 1};
     for (int i = 0; i < 2; ++i) {
-      plan_t q = plan_alloc(&c);
-      smoe_plan_args b = plan_args(&c, &q, p);
-      FZ_CHECK(smoe_dispatch_plan(&b, chunks_to_try[i]) == SMOE_OK, "plan status (chunk %lld)",
+      plan_t q = plan_alloc(c.T, c.E, c.M);
+      smoe_plan_args b = plan_args(&q, c.pdt, p);
+      CHECK(smoe_dispatch_plan(&b, chunks_to_try[i]) == SMOE_OK, "plan status (chunk %lld)",
                (long long)chunks_to_try[i]);
-      FZ_CHECK(plan_equal(&c, &q, &pl), "plan with chunk %lld differs from chunk %lld", (long long)chunks_to_try[i],
+      CHECK(plan_equal(&q, &pl), "plan with chunk %lld differs from chunk %lld", (long long)chunks_to_try[i],
                (long long)c.chunk);
       plan_free(&q);
     }
     /* the passes as a thread pool may run them: chunks in reverse order */
     const int64_t ch = c.chunk, chunks = (c.T + ch - 1) / ch;
-    plan_t q = plan_alloc(&c);
-    smoe_plan_args b = plan_args(&c, &q, p);
-    int64_t *counts = (int64_t *)fz_alloc((size_t)(chunks * c.E) * sizeof(int64_t));
+    plan_t q = plan_alloc(c.T, c.E, c.M);
+    smoe_plan_args b = plan_args(&q, c.pdt, p);
+    int64_t *counts = (int64_t *)harness_alloc((size_t)(chunks * c.E) * sizeof(int64_t));
     for (int64_t k = chunks - 1; k >= 0; --k)
-      FZ_CHECK(smoe_plan_count(&b, k * ch, (k + 1) * ch < c.T ? (k + 1) * ch : c.T, counts + k * c.E) == SMOE_OK,
+      CHECK(smoe_plan_count(&b, k * ch, (k + 1) * ch < c.T ? (k + 1) * ch : c.T, counts + k * c.E) == SMOE_OK,
                "count pass status");
-    FZ_CHECK(smoe_plan_scan(&b, chunks, counts) == SMOE_OK, "scan pass status");
+    CHECK(smoe_plan_scan(&b, chunks, counts) == SMOE_OK, "scan pass status");
     for (int64_t k = chunks - 1; k >= 0; --k)
-      FZ_CHECK(smoe_plan_place(&b, k * ch, (k + 1) * ch < c.T ? (k + 1) * ch : c.T, counts + k * c.E) == SMOE_OK,
+      CHECK(smoe_plan_place(&b, k * ch, (k + 1) * ch < c.T ? (k + 1) * ch : c.T, counts + k * c.E) == SMOE_OK,
                "place pass status");
-    FZ_CHECK(plan_equal(&c, &q, &pl), "reverse-order passes differ from the one-call plan");
+    CHECK(plan_equal(&q, &pl), "reverse-order passes differ from the one-call plan");
     free(counts);
     plan_free(&q);
   }
 
   /* ---- gather ---- */
-  void *xs = fz_alloc((size_t)(c.P * c.d) * xe), *xs2 = fz_alloc((size_t)(c.P * c.d) * xe);
+  void *xs = harness_alloc((size_t)(c.P * c.d) * xe), *xs2 = harness_alloc((size_t)(c.P * c.d) * xe);
   smoe_gather_args ga = {c.T, c.P, c.d, c.xdt, x, pl.pair_token, xs};
-  FZ_CHECK(smoe_gather_rows(&ga, 0, c.P) == SMOE_OK, "gather status");
+  CHECK(smoe_gather_rows(&ga, 0, c.P) == SMOE_OK, "gather status");
   const int64_t N = pl.offsets[c.E];
   for (int64_t s = 0; s < c.P; ++s)
     for (int64_t f = 0; f < c.d; ++f) {
       if (s < N)
-        FZ_CHECK(memcmp((char *)xs + (size_t)(s * c.d + f) * xe, (char *)x + (size_t)(pl.pair_token[s] * c.d + f) * xe,
+        CHECK(memcmp((char *)xs + (size_t)(s * c.d + f) * xe, (char *)x + (size_t)(pl.pair_token[s] * c.d + f) * xe,
                         xe) == 0,
                  "xs[%lld, %lld] is not a bit copy of x[%lld, %lld]", (long long)s, (long long)f,
                  (long long)pl.pair_token[s], (long long)f);
       else {
         static const uint8_t zero[8] = {0};
-        FZ_CHECK(memcmp((char *)xs + (size_t)(s * c.d + f) * xe, zero, xe) == 0, "padding row %lld of xs is not +0",
+        CHECK(memcmp((char *)xs + (size_t)(s * c.d + f) * xe, zero, xe) == 0, "padding row %lld of xs is not +0",
                  (long long)s);
       }
     }
   ga.xs = xs2;
   const int64_t slot_split = c.P > 0 ? (int64_t)(fz_u16(r) % (uint64_t)(c.P + 1)) : 0;
-  FZ_CHECK(smoe_gather_rows(&ga, 0, slot_split) == SMOE_OK && smoe_gather_rows(&ga, slot_split, c.P) == SMOE_OK,
+  CHECK(smoe_gather_rows(&ga, 0, slot_split) == SMOE_OK && smoe_gather_rows(&ga, slot_split, c.P) == SMOE_OK,
            "split gather status");
-  FZ_CHECK(memcmp(xs, xs2, (size_t)(c.P * c.d) * xe) == 0, "gather differs when split at slot %lld",
+  CHECK(memcmp(xs, xs2, (size_t)(c.P * c.d) * xe) == 0, "gather differs when split at slot %lld",
            (long long)slot_split);
 
   /* ---- combine with p, without p (the backward of gather), and its backward ---- */
   const int64_t tok_split = (int64_t)(fz_u8(r) % (uint64_t)(c.T + 1));
-  void *y = fz_alloc((size_t)(c.T * c.d) * xe), *y2 = fz_alloc((size_t)(c.T * c.d) * xe);
-  void *yref = fz_alloc((size_t)(c.T * c.d) * xe);
+  void *y = harness_alloc((size_t)(c.T * c.d) * xe), *y2 = harness_alloc((size_t)(c.T * c.d) * xe);
+  void *yref = harness_alloc((size_t)(c.T * c.d) * xe);
   for (int with_p = 0; with_p < 2; ++with_p) {
     smoe_combine_args ca = {c.T,   c.E,          c.M,           c.d, c.xdt, ys, c.pdt, with_p ? p : NULL,
                             pl.pair_expert, pl.token_pairs, y,    c.P};
-    FZ_CHECK(smoe_combine_rows(&ca, 0, c.T) == SMOE_OK, "combine status (with p: %d)", with_p);
+    CHECK(smoe_combine_rows(&ca, 0, c.T) == SMOE_OK, "combine status (with p: %d)", with_p);
     ref_combine(&c, ys, with_p ? p : NULL, &pl, yref);
     for (int64_t i = 0; i < c.T * c.d; ++i)
-      FZ_CHECK(bits_equal_value(y, yref, c.xdt, i), "combine (with p: %d) y[%lld] = %.9g, reference %.9g", with_p,
-               (long long)i, fz_load(y, c.xdt, i), fz_load(yref, c.xdt, i));
+      CHECK(bits_equal_value(y, yref, c.xdt, i), "combine (with p: %d) y[%lld] = %.9g, reference %.9g", with_p,
+               (long long)i, smoe_load_f64(y, c.xdt, i), smoe_load_f64(yref, c.xdt, i));
     ca.y = y2;
-    FZ_CHECK(smoe_combine_rows(&ca, 0, tok_split) == SMOE_OK && smoe_combine_rows(&ca, tok_split, c.T) == SMOE_OK,
+    CHECK(smoe_combine_rows(&ca, 0, tok_split) == SMOE_OK && smoe_combine_rows(&ca, tok_split, c.T) == SMOE_OK,
              "split combine status");
-    FZ_CHECK(memcmp(y, y2, (size_t)(c.T * c.d) * xe) == 0, "combine differs when split at token %lld",
+    CHECK(memcmp(y, y2, (size_t)(c.T * c.d) * xe) == 0, "combine differs when split at token %lld",
              (long long)tok_split);
     /* over the routed prefix only (slots = N, the eager layer's trimmed buffers): the same bytes */
     ca.slots = N;
-    FZ_CHECK(smoe_combine_rows(&ca, 0, c.T) == SMOE_OK, "combine status over the routed prefix");
-    FZ_CHECK(memcmp(y, y2, (size_t)(c.T * c.d) * xe) == 0, "combine over the routed prefix differs (with p: %d)",
+    CHECK(smoe_combine_rows(&ca, 0, c.T) == SMOE_OK, "combine status over the routed prefix");
+    CHECK(memcmp(y, y2, (size_t)(c.T * c.d) * xe) == 0, "combine over the routed prefix differs (with p: %d)",
              with_p);
   }
   {
-    const size_t pe = fz_elem(c.pdt);
-    void *gys = fz_alloc((size_t)(c.P * c.d) * xe), *gp = fz_alloc((size_t)(c.T * c.E) * pe);
-    void *gys2 = fz_alloc((size_t)(c.P * c.d) * xe), *gp2 = fz_alloc((size_t)(c.T * c.E) * pe);
+    const size_t pe = smoe_dtype_size(c.pdt);
+    void *gys = harness_alloc((size_t)(c.P * c.d) * xe), *gp = harness_alloc((size_t)(c.T * c.E) * pe);
+    void *gys2 = harness_alloc((size_t)(c.P * c.d) * xe), *gp2 = harness_alloc((size_t)(c.T * c.E) * pe);
     memset(gys, 0x5a, (size_t)(c.P * c.d) * xe); /* poison: every element must be written */
     memset(gp, 0x5a, (size_t)(c.T * c.E) * pe);
     smoe_combine_bwd_args ba = {c.T,  c.E, c.M,          c.d,            c.xdt,          gy, ys,
                                 c.pdt, p,   pl.pair_token, pl.pair_expert, pl.token_pairs, gys, gp, c.P};
-    FZ_CHECK(smoe_combine_bwd(&ba, 0, c.T) == SMOE_OK, "combine backward status");
+    CHECK(smoe_combine_bwd(&ba, 0, c.T) == SMOE_OK, "combine backward status");
     const int f64 = c.xdt == SMOE_F64 || c.pdt == SMOE_F64;
-    char *routed = (char *)fz_calloc((size_t)(c.T * c.E));
+    char *routed = (char *)harness_calloc((size_t)(c.T * c.E));
     for (int64_t s = 0; s < c.P; ++s) {
       const int64_t t = pl.pair_token[s];
       if (t < 0) {
         static const uint8_t zero[8] = {0};
         for (int64_t f = 0; f < c.d; ++f)
-          FZ_CHECK(memcmp((char *)gys + (size_t)(s * c.d + f) * xe, zero, xe) == 0,
+          CHECK(memcmp((char *)gys + (size_t)(s * c.d + f) * xe, zero, xe) == 0,
                    "padding row %lld of grad_ys is not +0", (long long)s);
         continue;
       }
       const int64_t e = pl.pair_expert[s];
       routed[t * c.E + e] = 1;
-      const double w = math_round(f64, fz_load(p, c.pdt, t * c.E + e));
+      const double w = math_round(f64, smoe_load_f64(p, c.pdt, t * c.E + e));
       double one[1]; /* one element of any storage dtype, rounded as the kernels store it */
       for (int64_t f = 0; f < c.d; ++f) {
-        const double want = math_round(f64, w * math_round(f64, fz_load(gy, c.xdt, t * c.d + f)));
-        fz_store(one, c.xdt, 0, want);
-        FZ_CHECK(fz_same_value(fz_load(gys, c.xdt, s * c.d + f), fz_load(one, c.xdt, 0)),
+        const double want = math_round(f64, w * math_round(f64, smoe_load_f64(gy, c.xdt, t * c.d + f)));
+        smoe_store_f64(one, c.xdt, 0, want);
+        CHECK(fz_same_value(smoe_load_f64(gys, c.xdt, s * c.d + f), smoe_load_f64(one, c.xdt, 0)),
                  "grad_ys[%lld, %lld] = %.9g, reference %.9g", (long long)s, (long long)f,
-                 fz_load(gys, c.xdt, s * c.d + f), fz_load(one, c.xdt, 0));
+                 smoe_load_f64(gys, c.xdt, s * c.d + f), smoe_load_f64(one, c.xdt, 0));
       }
       const double dot = ref_dot(f64, gy, ys, c.xdt, t * c.d, s * c.d, c.d);
-      fz_store(one, c.pdt, 0, dot);
-      FZ_CHECK(fz_same_value(fz_load(gp, c.pdt, t * c.E + e), fz_load(one, c.pdt, 0)),
-               "grad_p[%lld, %lld] = %.9g, reference %.9g", (long long)t, (long long)e, fz_load(gp, c.pdt, t * c.E + e),
-               fz_load(one, c.pdt, 0));
+      smoe_store_f64(one, c.pdt, 0, dot);
+      CHECK(fz_same_value(smoe_load_f64(gp, c.pdt, t * c.E + e), smoe_load_f64(one, c.pdt, 0)),
+               "grad_p[%lld, %lld] = %.9g, reference %.9g", (long long)t, (long long)e, smoe_load_f64(gp, c.pdt, t * c.E + e),
+               smoe_load_f64(one, c.pdt, 0));
     }
     for (int64_t i = 0; i < c.T * c.E; ++i) {
       if (routed[i]) continue;
       static const uint8_t zero[8] = {0};
-      FZ_CHECK(memcmp((char *)gp + (size_t)i * pe, zero, pe) == 0, "grad_p[%lld, %lld] is not +0 off the plan",
+      CHECK(memcmp((char *)gp + (size_t)i * pe, zero, pe) == 0, "grad_p[%lld, %lld] is not +0 off the plan",
                (long long)(i / c.E), (long long)(i % c.E));
     }
     ba.grad_ys = gys2;
     ba.grad_p = gp2;
-    FZ_CHECK(smoe_combine_bwd(&ba, 0, tok_split) == SMOE_OK && smoe_combine_bwd(&ba, tok_split, c.T) == SMOE_OK,
+    CHECK(smoe_combine_bwd(&ba, 0, tok_split) == SMOE_OK && smoe_combine_bwd(&ba, tok_split, c.T) == SMOE_OK,
              "split combine backward status");
-    FZ_CHECK(memcmp(gys, gys2, (size_t)(c.P * c.d) * xe) == 0 && memcmp(gp, gp2, (size_t)(c.T * c.E) * pe) == 0,
+    CHECK(memcmp(gys, gys2, (size_t)(c.P * c.d) * xe) == 0 && memcmp(gp, gp2, (size_t)(c.T * c.E) * pe) == 0,
              "combine backward differs when split at token %lld", (long long)tok_split);
     memset(gys2, 0x5a, (size_t)(c.P * c.d) * xe);
     ba.slots = N;
-    FZ_CHECK(smoe_combine_bwd(&ba, 0, c.T) == SMOE_OK, "combine backward status over the routed prefix");
-    FZ_CHECK(memcmp(gys, gys2, (size_t)(N * c.d) * xe) == 0 && memcmp(gp, gp2, (size_t)(c.T * c.E) * pe) == 0,
+    CHECK(smoe_combine_bwd(&ba, 0, c.T) == SMOE_OK, "combine backward status over the routed prefix");
+    CHECK(memcmp(gys, gys2, (size_t)(N * c.d) * xe) == 0 && memcmp(gp, gp2, (size_t)(c.T * c.E) * pe) == 0,
              "combine backward over the routed prefix differs");
     free(routed);
     free(gys);

@@ -415,10 +415,10 @@ static void check_forward_row(const topk_case *c, const kernel *K, const row_inf
   const int f = c->f64;
   if (ri->expect_nan) {
     for (int64_t i = 0; i < n; ++i) {
-      const double p = fz_load(pbuf, c->dt, base + i);
-      FZ_CHECK(p != p, "row %lld: expected a NaN row (contract), p[%lld] = %g", (long long)row, (long long)i, p);
+      const double p = smoe_load_f64(pbuf, c->dt, base + i);
+      CHECK(p != p, "row %lld: expected a NaN row (contract), p[%lld] = %g", (long long)row, (long long)i, p);
     }
-    FZ_CHECK(threshold != threshold, "row %lld: expected threshold NaN, got %g", (long long)row, threshold);
+    CHECK(threshold != threshold, "row %lld: expected threshold NaN, got %g", (long long)row, threshold);
     return;
   }
   static char is_cand[MAX_E];
@@ -427,35 +427,35 @@ static void check_forward_row(const topk_case *c, const kernel *K, const row_inf
   int64_t nnz = 0;
   double sum = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const double p = fz_load(pbuf, c->dt, base + i);
-    FZ_CHECK(p >= 0 && p <= 1, "row %lld: p[%lld] = %g is outside [0, 1] (valid row)", (long long)row, (long long)i, p);
-    FZ_CHECK(is_cand[i] || p == 0, "row %lld: p[%lld] = %g but %lld is not a candidate", (long long)row, (long long)i,
+    const double p = smoe_load_f64(pbuf, c->dt, base + i);
+    CHECK(p >= 0 && p <= 1, "row %lld: p[%lld] = %g is outside [0, 1] (valid row)", (long long)row, (long long)i, p);
+    CHECK(is_cand[i] || p == 0, "row %lld: p[%lld] = %g but %lld is not a candidate", (long long)row, (long long)i,
              p, (long long)i);
     nnz += p != 0;
     sum += p;
   }
-  FZ_CHECK(nnz <= c->max_active, "row %lld: %lld nonzeros > max_active %lld", (long long)row, (long long)nnz,
+  CHECK(nnz <= c->max_active, "row %lld: %lld nonzeros > max_active %lld", (long long)row, (long long)nnz,
            (long long)c->max_active);
   if (ri->k == 0) {
-    FZ_CHECK(nnz == 0, "row %lld: k = 0 must give p = 0", (long long)row);
-    FZ_CHECK(threshold == INFINITY, "row %lld: k = 0 must give threshold +inf, got %g", (long long)row, threshold);
+    CHECK(nnz == 0, "row %lld: k = 0 must give p = 0", (long long)row);
+    CHECK(threshold == INFINITY, "row %lld: k = 0 must give threshold +inf, got %g", (long long)row, threshold);
     return;
   }
   if (ri->k == (double)ri->m) {
     for (int64_t j = 0; j < ri->m; ++j)
-      FZ_CHECK(fz_load(pbuf, c->dt, base + ri->cand[j]) == 1, "row %lld: k = m must give p = 1 on candidate %lld",
+      CHECK(smoe_load_f64(pbuf, c->dt, base + ri->cand[j]) == 1, "row %lld: k = m must give p = 1 on candidate %lld",
                (long long)row, (long long)ri->cand[j]);
-    FZ_CHECK(threshold == -INFINITY, "row %lld: k = m must give threshold -inf, got %g", (long long)row, threshold);
+    CHECK(threshold == -INFINITY, "row %lld: k = m must give threshold -inf, got %g", (long long)row, threshold);
     return;
   }
   /* 0 < k < m */
   ST_INC(st_rows, f);
-  FZ_CHECK(isfinite(threshold), "row %lld: 0 < k < m must give a finite threshold, got %g", (long long)row, threshold);
+  CHECK(isfinite(threshold), "row %lld: 0 < k < m must give a finite threshold, got %g", (long long)row, threshold);
   const double su = fz_storage_u(c->dt), tiny = fz_storage_tiny(c->dt);
   const double um = f ? 0x1p-53 : 0x1p-24, epsr = K->eps / (1.0 - K->eps);
   const double sum_unit = um * (fmax(1.0, ri->k) + (double)nnz * epsr);
   const double tol_sum = C_SUM * sum_unit + 2 * su * ri->k + (double)n * tiny;
-  FZ_CHECK(fabs(sum - ri->k) <= tol_sum, "row %lld: |sum p - k| = |%.17g - %.17g| = %.3g > %.3g", (long long)row, sum,
+  CHECK(fabs(sum - ri->k) <= tol_sum, "row %lld: |sum p - k| = |%.17g - %.17g| = %.3g > %.3g", (long long)row, sum,
            ri->k, fabs(sum - ri->k), tol_sum);
   ST_MAX(st_sum, f, fabs(sum - ri->k) / sum_unit * (c->dt == SMOE_F32 || c->dt == SMOE_F64));
 #ifdef FZ_DEBUG_DUMP
@@ -463,15 +463,15 @@ static void check_forward_row(const topk_case *c, const kernel *K, const row_inf
           ri->alpha, (long long)ri->m, threshold);
   for (int64_t j = 0; j < ri->m; ++j)
     fprintf(stderr, "  cand %lld: score %.9g p %.9g\n", (long long)ri->cand[j], ri->cval[j],
-            fz_load(pbuf, c->dt, base + ri->cand[j]));
+            smoe_load_f64(pbuf, c->dt, base + ri->cand[j]));
 #endif
   /* monotone in the score among candidates (exact: every step of the kernel is monotone) */
   for (int64_t j = 1; j < ri->m; ++j) {
-    const double pa = fz_load(pbuf, c->dt, base + ri->cand[j - 1]), pb = fz_load(pbuf, c->dt, base + ri->cand[j]);
-    FZ_CHECK(pa >= pb, "row %lld: p not monotone in the score: p[%lld] = %.9g < p[%lld] = %.9g", (long long)row,
+    const double pa = smoe_load_f64(pbuf, c->dt, base + ri->cand[j - 1]), pb = smoe_load_f64(pbuf, c->dt, base + ri->cand[j]);
+    CHECK(pa >= pb, "row %lld: p not monotone in the score: p[%lld] = %.9g < p[%lld] = %.9g", (long long)row,
              (long long)ri->cand[j - 1], pa, (long long)ri->cand[j], pb);
     if (ri->cval[j - 1] == ri->cval[j])
-      FZ_CHECK(pa == pb, "row %lld: tied candidates %lld and %lld get different p", (long long)row,
+      CHECK(pa == pb, "row %lld: tied candidates %lld and %lld get different p", (long long)row,
                (long long)ri->cand[j - 1], (long long)ri->cand[j]);
   }
   /* exact zeros where the truncated kernel is 0, judged by the kernel's own threshold b: x_j =
@@ -488,9 +488,9 @@ static void check_forward_row(const topk_case *c, const kernel *K, const row_inf
     const double tb = above < INFINITY && below < INFINITY ? fmax(above, below) : fmin(above, below);
     const double slack = 16 * um * (1.0 + K->cut + 2 * tb) + 4 * 0x1p-53 * fabs(threshold) / ri->alpha;
     for (int64_t j = 0; j < ri->m; ++j) {
-      const double p = fz_load(pbuf, c->dt, base + ri->cand[j]);
+      const double p = smoe_load_f64(pbuf, c->dt, base + ri->cand[j]);
       const double x = (ri->cval[j] - threshold) / ri->alpha;
-      FZ_CHECK(!(x <= -K->cut - slack) || p == 0,
+      CHECK(!(x <= -K->cut - slack) || p == 0,
                "row %lld: p[%lld] = %.9g but x = %.9g is below the cut -c = %.9g (must be exactly 0)", (long long)row,
                (long long)ri->cand[j], p, x, -K->cut);
     }
@@ -502,14 +502,14 @@ static void check_forward_row(const topk_case *c, const kernel *K, const row_inf
           ri->k, ri->alpha, (long long)ri->m, threshold, K->cut, ri->ref_xunc);
   for (int64_t j = 0; j < ri->m; ++j)
     fprintf(stderr, "  cand %lld: score %.9g p %.9g p_ref %.9g x_ref %.9g\n", (long long)ri->cand[j], ri->cval[j],
-            fz_load(pbuf, c->dt, base + ri->cand[j]), ri->pref[j], ri->x[j]);
+            smoe_load_f64(pbuf, c->dt, base + ri->cand[j]), ri->pref[j], ri->x[j]);
 #endif
   /* an ill-conditioned reference (a flat count: an integer k in a wide gap) pins p only through
    * the sum check above */
   if (!(ri->ref_xunc < 1e-3)) return;
   ST_INC(st_ref_good, f);
   for (int64_t j = 0; j < ri->m; ++j) {
-    const double p = fz_load(pbuf, c->dt, base + ri->cand[j]);
+    const double p = smoe_load_f64(pbuf, c->dt, base + ri->cand[j]);
     const double err = fabs(p - ri->pref[j]);
     const double on = !K->truncated || ri->x[j] > -K->cut, phi = 0.5 * exp(-fabs(ri->x[j])) / (1.0 - K->eps);
     const double p_unit =
@@ -518,7 +518,7 @@ static void check_forward_row(const topk_case *c, const kernel *K, const row_inf
     /* the reference's own threshold uncertainty (its count is known to ~2^-53 (k + m)) moves p_ref
      * along the density */
     const double tol_p = C_P * p_unit + ri->ref_unc + mul0(phi, ri->ref_xunc) + floor_;
-    FZ_CHECK(err <= tol_p + 2 * su * ri->pref[j] + tiny,
+    CHECK(err <= tol_p + 2 * su * ri->pref[j] + tiny,
              "row %lld: p[%lld] = %.9g but the reference gives %.9g (x = %.9g), error %.3g", (long long)row,
              (long long)ri->cand[j], p, ri->pref[j], ri->x[j], err);
     ST_MAX(st_p, f, fmax(0.0, err - ri->ref_unc - mul0(phi, ri->ref_xunc) - floor_) / p_unit * (c->dt == SMOE_F32 || c->dt == SMOE_F64));
@@ -532,26 +532,26 @@ static void check_backward_row(const topk_case *c, const kernel *K, const row_in
   const int f = c->f64;
   if (threshold != threshold) {
     for (int64_t i = 0; i < n; ++i)
-      FZ_CHECK(fz_load(gbuf, c->dt, base + i) != fz_load(gbuf, c->dt, base + i),
+      CHECK(smoe_load_f64(gbuf, c->dt, base + i) != smoe_load_f64(gbuf, c->dt, base + i),
                "row %lld: NaN row must get NaN gradients", (long long)row);
-    FZ_CHECK(gk != gk && ga != ga, "row %lld: NaN row must get NaN grad_k / grad_alpha", (long long)row);
+    CHECK(gk != gk && ga != ga, "row %lld: NaN row must get NaN grad_k / grad_alpha", (long long)row);
     return;
   }
   if (threshold == INFINITY || threshold == -INFINITY) {
     for (int64_t i = 0; i < n; ++i)
-      FZ_CHECK(fz_load(gbuf, c->dt, base + i) == 0, "row %lld: a row at a limit (k = 0 or m) must get zero gradients",
+      CHECK(smoe_load_f64(gbuf, c->dt, base + i) == 0, "row %lld: a row at a limit (k = 0 or m) must get zero gradients",
                (long long)row);
-    FZ_CHECK(gk == 0 && ga == 0, "row %lld: a row at a limit must get grad_k = grad_alpha = 0", (long long)row);
+    CHECK(gk == 0 && ga == 0, "row %lld: a row at a limit must get grad_k = grad_alpha = 0", (long long)row);
     return;
   }
   ST_INC(st_bwd_rows, f);
   const int every_finite = c->eps == 0 && c->max_active >= n;
   double gmin = INFINITY, gmax = -INFINITY, gabs = 0, sum = 0, sum_abs = 0, terms = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const double r = fz_load(sbuf, c->dt, base + i);
-    const int active = every_finite ? (r > -INFINITY && r < INFINITY) : fz_load(pbuf, c->dt, base + i) != 0;
-    const double g = fz_load(gbuf, c->dt, base + i);
-    FZ_CHECK(active || g == 0, "row %lld: grad_scores[%lld] = %g on an inactive entry", (long long)row, (long long)i, g);
+    const double r = smoe_load_f64(sbuf, c->dt, base + i);
+    const int active = every_finite ? (r > -INFINITY && r < INFINITY) : smoe_load_f64(pbuf, c->dt, base + i) != 0;
+    const double g = smoe_load_f64(gbuf, c->dt, base + i);
+    CHECK(active || g == 0, "row %lld: grad_scores[%lld] = %g on an inactive entry", (long long)row, (long long)i, g);
     if (!active) continue;
     gmin = fmin(gmin, gp[base + i]);
     gmax = fmax(gmax, gp[base + i]);
@@ -568,20 +568,20 @@ static void check_backward_row(const topk_case *c, const kernel *K, const row_in
   const double limit = fmin(fz_storage_max(c->dt), f ? DBL_MAX : (double)FLT_MAX) / 4;
   if (bound < limit) {
     for (int64_t i = 0; i < n; ++i)
-      FZ_CHECK(isfinite(fz_load(gbuf, c->dt, base + i)), "row %lld: grad_scores[%lld] = %g is not finite",
-               (long long)row, (long long)i, fz_load(gbuf, c->dt, base + i));
-    FZ_CHECK(isfinite(gk), "row %lld: grad_k = %g is not finite", (long long)row, gk);
-    FZ_CHECK(isfinite(ga), "row %lld: grad_alpha = %g is not finite (grad_scores finite)", (long long)row, ga);
+      CHECK(isfinite(smoe_load_f64(gbuf, c->dt, base + i)), "row %lld: grad_scores[%lld] = %g is not finite",
+               (long long)row, (long long)i, smoe_load_f64(gbuf, c->dt, base + i));
+    CHECK(isfinite(gk), "row %lld: grad_k = %g is not finite", (long long)row, gk);
+    CHECK(isfinite(ga), "row %lld: grad_alpha = %g is not finite (grad_scores finite)", (long long)row, ga);
     const double su = fz_storage_u(c->dt), tiny = fz_storage_tiny(c->dt);
     const double um = f ? 0x1p-53 : 0x1p-24;
     const double sub = 64 * (f ? 0x1p-1074 : 0x1p-149) * (1.0 + 2 * gabs) * (1.0 + 1.0 / ((1.0 - K->eps) * ri->alpha));
     const double tol = C_GSUM * um * terms + 2 * su * sum_abs + (double)n * (tiny + sub);
-    FZ_CHECK(fabs(sum) <= tol, "row %lld: sum of grad_scores = %.3g, size of its terms %.3g (must be ~0)",
+    CHECK(fabs(sum) <= tol, "row %lld: sum of grad_scores = %.3g, size of its terms %.3g (must be ~0)",
              (long long)row, sum, terms);
     if (um * terms > 1e3 * (double)n * (tiny + sub)) ST_MAX(st_gsum, f, fabs(sum) / (um * terms) * (c->dt == SMOE_F32 || c->dt == SMOE_F64));
     if (gmax >= gmin) {
       const double slack = (f ? 1e-12 : 1e-5) * gabs;
-      FZ_CHECK(gk >= gmin - slack && gk <= gmax + slack,
+      CHECK(gk >= gmin - slack && gk <= gmax + slack,
                "row %lld: grad_k = %.9g is not a weighted mean of the active grad_p in [%.9g, %.9g]", (long long)row,
                gk, gmin, gmax);
     }
@@ -595,8 +595,8 @@ static void check_backward_row(const topk_case *c, const kernel *K, const row_in
   /* the reference's x by score index (non-candidates: from the threshold; they are only active in
    * the every-finite mode, where their x is far below the threshold) */
   for (int64_t i = 0; i < n; ++i) {
-    const double r = fz_load(sbuf, c->dt, base + i);
-    const int active = every_finite ? (r > -INFINITY && r < INFINITY) : fz_load(pbuf, c->dt, base + i) != 0;
+    const double r = smoe_load_f64(sbuf, c->dt, base + i);
+    const int active = every_finite ? (r > -INFINITY && r < INFINITY) : smoe_load_f64(pbuf, c->dt, base + i) != 0;
     if (!active) continue;
     double x = (r - threshold) / ri->alpha;
     for (int64_t j = 0; j < ri->m; ++j)
@@ -632,7 +632,7 @@ static void check_backward_row(const topk_case *c, const kernel *K, const row_in
   /* x is known to ~1e-7 (float) from the double threshold; phi'/phi = 1, so a relative error ~1e-6 */
   const double um = f ? 0x1p-53 : 0x1p-24;
   for (int64_t j = 0; j < count; ++j) {
-    const double g = fz_load(gbuf, c->dt, base + idx[j]);
+    const double g = smoe_load_f64(gbuf, c->dt, base + idx[j]);
     const double err = fabs(g - gg[j]);
     const double gj = scale0 * phi[j] * (fabs(gp[base + idx[j]]) + fabs(s));
     const double cond = mul0(phi[j] / Z, ri->keff * (fabs(gp[base + idx[j]]) + fabs(s)) / ((1.0 - K->eps) * ri->alpha));
@@ -644,14 +644,14 @@ static void check_backward_row(const topk_case *c, const kernel *K, const row_in
     const double floor_ = 64 * (f ? 0x1p-1074 : 0x1p-149) * (1.0 + fabs(gp[base + idx[j]]) + fabs(s)) *
                           (1.0 + 1.0 / ((1.0 - K->eps) * ri->alpha));
     const double tol = C_G * unit + floor_;
-    FZ_CHECK(err <= tol + 2 * su * fabs(gg[j]) + tiny,
+    CHECK(err <= tol + 2 * su * fabs(gg[j]) + tiny,
              "row %lld: grad_scores[%lld] = %.9g but the reference gives %.9g (scale %.3g)", (long long)row,
              (long long)idx[j], g, gg[j], gscale);
     if (unit > 0) ST_MAX(st_g, f, fmax(0.0, err - floor_) / unit * (c->dt == SMOE_F32 || c->dt == SMOE_F64));
   }
   /* grad_k is the mean of grad_p under the weights e^-|x_j|: a threshold off by dx reweights it by
    * e^(+-dx), moving it by up to 2 gabs dx */
-  FZ_CHECK(fabs(gk - s) <= (f ? 1e-9 : 1e-4) * gabs + (4 * ri->ref_xunc + C_G * ri->kxunc) * gabs + 1e-30,
+  CHECK(fabs(gk - s) <= (f ? 1e-9 : 1e-4) * gabs + (4 * ri->ref_xunc + C_G * ri->kxunc) * gabs + 1e-30,
            "row %lld: grad_k = %.9g but the reference gives %.9g",
            (long long)row, gk, s);
 }
@@ -671,11 +671,11 @@ static void check_bad_arguments(const smoe_topk_fwd_args *good, const smoe_topk_
     case 6: a.k_stride = -1, b.alpha_stride = -1; break;
     default: a.p = NULL, b.grad_scores = NULL; break;
   }
-  FZ_CHECK(smoe_topk_fwd(&a, 0, 1) == SMOE_ERR_ARG,
+  CHECK(smoe_topk_fwd(&a, 0, 1) == SMOE_ERR_ARG,
            "forward accepted bad argument set %d", which % 8);
-  FZ_CHECK(smoe_topk_bwd(&b, 0, 1) == SMOE_ERR_ARG, "backward accepted bad argument set %d", which % 8);
-  FZ_CHECK(smoe_topk_fwd(good, 1, 0) == SMOE_ERR_ARG, "forward accepted row_begin > row_end");
-  FZ_CHECK(smoe_topk_fwd(good, 0, good->rows + 1) == SMOE_ERR_ARG, "forward accepted row_end > rows");
+  CHECK(smoe_topk_bwd(&b, 0, 1) == SMOE_ERR_ARG, "backward accepted bad argument set %d", which % 8);
+  CHECK(smoe_topk_fwd(good, 1, 0) == SMOE_ERR_ARG, "forward accepted row_begin > row_end");
+  CHECK(smoe_topk_fwd(good, 0, good->rows + 1) == SMOE_ERR_ARG, "forward accepted row_end > rows");
 }
 
 /* ---- the target --------------------------------------------------------------------------------- */
@@ -703,13 +703,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   c.split = fz_u8(r) % (c.rows + 1);
 
   const int64_t total = c.rows * c.n;
-  double *sv_in = (double *)fz_alloc((size_t)total * sizeof(double));
+  double *sv_in = (double *)harness_alloc((size_t)total * sizeof(double));
   for (int64_t row = 0; row < c.rows; ++row) decode_row_scores(r, &c, sv_in + row * c.n);
-  void *sbuf = fz_alloc((size_t)total * fz_elem(c.dt));
-  double *sv = (double *)fz_alloc((size_t)total * sizeof(double)); /* the stored (= math) values */
+  void *sbuf = harness_alloc((size_t)total * smoe_dtype_size(c.dt));
+  double *sv = (double *)harness_alloc((size_t)total * sizeof(double)); /* the stored (= math) values */
   for (int64_t i = 0; i < total; ++i) {
-    fz_store(sbuf, c.dt, i, sv_in[i]);
-    sv[i] = fz_load(sbuf, c.dt, i);
+    smoe_store_f64(sbuf, c.dt, i, sv_in[i]);
+    sv[i] = smoe_load_f64(sbuf, c.dt, i);
   }
 
   kernel K;
@@ -731,7 +731,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   for (int64_t i = 0; i < na; ++i) av[i] = to_math(&c, decode_alpha(r));
   double *gp = NULL;
   if (c.backward) {
-    gp = (double *)fz_alloc((size_t)total * sizeof(double));
+    gp = (double *)harness_alloc((size_t)total * sizeof(double));
     for (int64_t row = 0; row < c.rows; ++row) decode_grad_row(r, c.n, gp + row * c.n);
   }
   const uint8_t bad_arg_set = fz_u8(r);
@@ -743,7 +743,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
   /* math-type parameter buffers */
   const size_t mw = c.f64 ? sizeof(double) : sizeof(float);
-  void *kbuf = fz_alloc((size_t)nk * mw), *abuf = fz_alloc((size_t)na * mw);
+  void *kbuf = harness_alloc((size_t)nk * mw), *abuf = harness_alloc((size_t)na * mw);
   for (int64_t i = 0; i < nk; ++i) {
     if (c.f64) ((double *)kbuf)[i] = kv[i];
     else ((float *)kbuf)[i] = (float)kv[i];
@@ -754,10 +754,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   }
 
   /* ---- forward: whole range, then split at c.split, then row by row: bit-identical ---- */
-  void *p = fz_alloc((size_t)total * fz_elem(c.dt));
-  void *p2 = fz_alloc((size_t)total * fz_elem(c.dt));
-  double *thr = (double *)fz_alloc((size_t)c.rows * sizeof(double));
-  double *thr2 = (double *)fz_alloc((size_t)c.rows * sizeof(double));
+  void *p = harness_alloc((size_t)total * smoe_dtype_size(c.dt));
+  void *p2 = harness_alloc((size_t)total * smoe_dtype_size(c.dt));
+  double *thr = (double *)harness_alloc((size_t)c.rows * sizeof(double));
+  double *thr2 = (double *)harness_alloc((size_t)c.rows * sizeof(double));
   smoe_topk_fwd_args fa;
   memset(&fa, 0, sizeof fa);
   fa.rows = c.rows;
@@ -772,13 +772,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   fa.max_active = c.max_active;
   fa.p = p;
   fa.threshold = thr;
-  FZ_CHECK(smoe_topk_fwd(&fa, 0, c.rows) == SMOE_OK, "forward status");
+  CHECK(smoe_topk_fwd(&fa, 0, c.rows) == SMOE_OK, "forward status");
   smoe_topk_fwd_args fb = fa;
   fb.p = p2;
   fb.threshold = thr2;
-  FZ_CHECK(smoe_topk_fwd(&fb, 0, c.split) == SMOE_OK && smoe_topk_fwd(&fb, c.split, c.rows) == SMOE_OK,
+  CHECK(smoe_topk_fwd(&fb, 0, c.split) == SMOE_OK && smoe_topk_fwd(&fb, c.split, c.rows) == SMOE_OK,
            "split forward status");
-  FZ_CHECK(memcmp(p, p2, (size_t)total * fz_elem(c.dt)) == 0 && memcmp(thr, thr2, (size_t)c.rows * 8) == 0,
+  CHECK(memcmp(p, p2, (size_t)total * smoe_dtype_size(c.dt)) == 0 && memcmp(thr, thr2, (size_t)c.rows * 8) == 0,
            "forward differs when the rows are split at %lld", (long long)c.split);
 
   for (int64_t row = 0; row < c.rows; ++row) {
@@ -788,15 +788,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
   /* ---- backward ---- */
   if (c.backward) {
-    void *gpbuf = fz_alloc((size_t)total * fz_elem(c.dt));
-    double *gpv = (double *)fz_alloc((size_t)total * sizeof(double));
+    void *gpbuf = harness_alloc((size_t)total * smoe_dtype_size(c.dt));
+    double *gpv = (double *)harness_alloc((size_t)total * sizeof(double));
     for (int64_t i = 0; i < total; ++i) {
-      fz_store(gpbuf, c.dt, i, gp[i]);
-      gpv[i] = fz_load(gpbuf, c.dt, i);
+      smoe_store_f64(gpbuf, c.dt, i, gp[i]);
+      gpv[i] = smoe_load_f64(gpbuf, c.dt, i);
     }
-    void *gs = fz_alloc((size_t)total * fz_elem(c.dt)), *gs2 = fz_alloc((size_t)total * fz_elem(c.dt));
-    void *gk = fz_alloc((size_t)c.rows * mw), *ga = fz_alloc((size_t)c.rows * mw);
-    void *gk2 = fz_alloc((size_t)c.rows * mw), *ga2 = fz_alloc((size_t)c.rows * mw);
+    void *gs = harness_alloc((size_t)total * smoe_dtype_size(c.dt)), *gs2 = harness_alloc((size_t)total * smoe_dtype_size(c.dt));
+    void *gk = harness_alloc((size_t)c.rows * mw), *ga = harness_alloc((size_t)c.rows * mw);
+    void *gk2 = harness_alloc((size_t)c.rows * mw), *ga2 = harness_alloc((size_t)c.rows * mw);
     smoe_topk_bwd_args ba;
     memset(&ba, 0, sizeof ba);
     ba.rows = c.rows;
@@ -813,14 +813,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     ba.grad_scores = gs;
     ba.grad_k_rows = gk;
     ba.grad_alpha_rows = ga;
-    FZ_CHECK(smoe_topk_bwd(&ba, 0, c.rows) == SMOE_OK, "backward status");
+    CHECK(smoe_topk_bwd(&ba, 0, c.rows) == SMOE_OK, "backward status");
     smoe_topk_bwd_args bb = ba;
     bb.grad_scores = gs2;
     bb.grad_k_rows = gk2;
     bb.grad_alpha_rows = ga2;
-    FZ_CHECK(smoe_topk_bwd(&bb, 0, c.split) == SMOE_OK && smoe_topk_bwd(&bb, c.split, c.rows) == SMOE_OK,
+    CHECK(smoe_topk_bwd(&bb, 0, c.split) == SMOE_OK && smoe_topk_bwd(&bb, c.split, c.rows) == SMOE_OK,
              "split backward status");
-    FZ_CHECK(memcmp(gs, gs2, (size_t)total * fz_elem(c.dt)) == 0 && memcmp(gk, gk2, (size_t)c.rows * mw) == 0 &&
+    CHECK(memcmp(gs, gs2, (size_t)total * smoe_dtype_size(c.dt)) == 0 && memcmp(gk, gk2, (size_t)c.rows * mw) == 0 &&
                  memcmp(ga, ga2, (size_t)c.rows * mw) == 0,
              "backward differs when the rows are split at %lld", (long long)c.split);
     for (int64_t row = 0; row < c.rows; ++row) {
@@ -830,9 +830,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       fprintf(stderr, "row %lld: threshold %.17g k %.9g alpha %.9g m %lld grad_k %.9g grad_alpha %.9g\n",
               (long long)row, thr[row], info[row].k, info[row].alpha, (long long)info[row].m, gkr, gar);
       for (int64_t i = 0; i < c.n; ++i)
-        if (fz_load(p, c.dt, row * c.n + i) != 0 || fz_load(gs, c.dt, row * c.n + i) != 0)
+        if (smoe_load_f64(p, c.dt, row * c.n + i) != 0 || smoe_load_f64(gs, c.dt, row * c.n + i) != 0)
           fprintf(stderr, "  [%lld] score %.9g p %.9g grad_p %.9g grad %.9g\n", (long long)i, sv[row * c.n + i],
-                  fz_load(p, c.dt, row * c.n + i), gpv[row * c.n + i], fz_load(gs, c.dt, row * c.n + i));
+                  smoe_load_f64(p, c.dt, row * c.n + i), gpv[row * c.n + i], smoe_load_f64(gs, c.dt, row * c.n + i));
 #endif
       check_backward_row(&c, &K, &info[row], sbuf, p, gpv, gs, row, thr[row], gkr, gar);
     }

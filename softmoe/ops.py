@@ -4,13 +4,9 @@ The schemas and the CPU/CUDA kernels live in csrc/bindings.cpp; importing this m
 """
 import torch
 
-try:
-    from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
-except ImportError as exc:  # pragma: no cover - only without a build
-    raise ImportError(
-        "softmoe's compiled extension is missing; build it with "
-        "`pip install --no-build-isolation -e .` after installing torch"
-    ) from exc
+from . import _extension
+
+_extension.load()  # softmoe._C: runs the TORCH_LIBRARY registrations
 
 
 def _lead_shape(scores: torch.Tensor) -> torch.Size:

@@ -1,21 +1,27 @@
 # Shortcuts. `make test` and `make demo` are the README's two commands: each installs what it
 # needs (idempotently) and then runs.
 #
-# The interpreter: PYTHON if given (a virtual environment's python); else the active virtual
-# environment's ($VIRTUAL_ENV); else the project's own .venv, which the set-up creates with
-# BASE_PYTHON. Everything is installed into that environment, never into a system Python (Debian's
-# and Ubuntu's refuse `pip install` there: PEP 668, "externally-managed-environment").
+# The interpreter: PYTHON if given on the command line (a virtual environment's python); else the
+# active virtual environment's ($VIRTUAL_ENV); else the project's own .venv, which the set-up creates
+# with BASE_PYTHON. Everything is installed into that environment, never into a system Python
+# (Debian's and Ubuntu's refuse `pip install` there: PEP 668, "externally-managed-environment").
+# A PYTHON or VENV in the environment is not taken: CI systems export such names for their own uses.
 BASE_PYTHON ?= python3
-VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
-PYTHON ?= $(VENV)/bin/python
+ifneq ($(origin VENV),command line)
+VENV := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+endif
+ifneq ($(origin PYTHON),command line)
+PYTHON := $(VENV)/bin/python
+endif
 PIP = $(PYTHON) -m pip
 # The torch that pyproject.toml builds against (one place to change it).
 TORCH_VERSION := $(shell sed -n 's/^requires = .*"torch==\([^"]*\)".*/\1/p' pyproject.toml)
 # The environment PYTHON runs in (its sys.prefix; "-" outside a virtual environment, empty while .venv
 # does not exist yet). The set-up stamp lives there, so it belongs to that interpreter: a new or
-# another environment gets its own set-up.
+# another environment gets its own set-up. Its name holds a checksum of this checkout's path, so
+# that two checkouts sharing one environment each install themselves.
 PYTHON_ENV := $(shell $(PYTHON) -c 'import sys; print(sys.prefix if sys.prefix != sys.base_prefix else "-")' 2>/dev/null)
-STAMP = $(if $(PYTHON_ENV),$(PYTHON_ENV),$(VENV))/softmoe-setup.stamp
+STAMP := $(if $(PYTHON_ENV),$(PYTHON_ENV),$(VENV))/softmoe-setup-$(firstword $(shell echo '$(CURDIR)' | cksum)).stamp
 CC ?= cc
 NVCC ?= nvcc
 SANITIZE = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer

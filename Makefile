@@ -1,8 +1,27 @@
 # Shortcuts. `make test` and `make demo` are the README's two commands: each installs what it
 # needs (idempotently) and then runs.
-PYTHON ?= python3
+#
+# The interpreter: PYTHON if given on the command line (a virtual environment's python); else the
+# active virtual environment's ($VIRTUAL_ENV); else the project's own .venv, which the set-up creates
+# with BASE_PYTHON. Everything is installed into that environment, never into a system Python
+# (Debian's and Ubuntu's refuse `pip install` there: PEP 668, "externally-managed-environment").
+# A PYTHON or VENV in the environment is not taken: CI systems export such names for their own uses.
+BASE_PYTHON ?= python3
+ifneq ($(origin VENV),command line)
+VENV := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+endif
+ifneq ($(origin PYTHON),command line)
+PYTHON := $(VENV)/bin/python
+endif
 PIP = $(PYTHON) -m pip
-TORCH_VERSION = 2.13.0
+# The torch that pyproject.toml builds against (one place to change it).
+TORCH_VERSION := $(shell sed -n 's/^requires = .*"torch==\([^"]*\)".*/\1/p' pyproject.toml)
+# The environment PYTHON runs in (its sys.prefix; "-" outside a virtual environment, empty while .venv
+# does not exist yet). The set-up stamp lives there, so it belongs to that interpreter: a new or
+# another environment gets its own set-up. Its name holds a checksum of this checkout's path, so
+# that two checkouts sharing one environment each install themselves.
+PYTHON_ENV := $(shell $(PYTHON) -c 'import sys; print(sys.prefix if sys.prefix != sys.base_prefix else "-")' 2>/dev/null)
+STAMP := $(if $(PYTHON_ENV),$(PYTHON_ENV),$(VENV))/softmoe-setup-$(firstword $(shell echo '$(CURDIR)' | cksum)).stamp
 CC ?= cc
 NVCC ?= nvcc
 SANITIZE = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
@@ -17,20 +36,31 @@ CUDA_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=s
 
 .PHONY: setup test pytest ctest cuda-check demo bench clean
 
-# Installs torch (CPU build), the build/test tools and softmoe itself (editable). The stamp makes a
-# re-run free unless a source file changed.
-setup: .stamp-install
-.stamp-install: setup.py pyproject.toml $(wildcard csrc/torch/*) $(CORE_SRC) $(CORE_HDR) $(wildcard csrc/cuda/*)
+# Installs torch, the build/test tools and softmoe itself (editable, built against that torch) into
+# the environment. The stamp makes a re-run free unless a source file changed.
+CSRC = $(shell find csrc -type f \( -name '*.c' -o -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' \))
+setup: $(STAMP)
+$(STAMP): setup.py pyproject.toml $(CSRC) | $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
+	@test "$(PYTHON_ENV)" != "-" || { echo "make: $(PYTHON) is not a virtual environment's python, and make installs"\
+	  "packages: leave PYTHON unset (make creates .venv) or give a venv's python"; exit 1; }
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q "setuptools>=64" wheel ninja pytest numpy hypothesis tqdm matplotlib "transformers==5.23.0"
+	$(PIP) install -q "setuptools>=77" ninja pytest numpy hypothesis tqdm matplotlib "transformers==5.23.0"
 	$(PIP) install -q --no-deps entmax
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	@touch $@
 
+# The project's virtual environment (a failed attempt leaves nothing behind: Debian needs python3-venv).
+$(VENV)/bin/python:
+	$(BASE_PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "make: could not create $(VENV) with $(BASE_PYTHON)"\
+	  "(on Debian/Ubuntu: apt-get install python3-venv)"; exit 1; }
+
+# -rs: pytest prints the reason of every skipped test (no GPU, no valgrind, ...).
+PYTEST = $(PYTHON) -m pytest -q -rs
+
 # The fuzz smoke needs clang with libFuzzer (.ci/run installs it); without it `make test` says so and
 # goes on, unless REQUIRE_FUZZ=1 (CI), where a missing clang is an error.
 test: setup ctest fuzz-smoke-if-clang
-	$(PYTHON) -m pytest -q tests
+	$(PYTEST) tests
 
 .PHONY: fuzz-smoke-if-clang
 fuzz-smoke-if-clang:
@@ -39,7 +69,7 @@ fuzz-smoke-if-clang:
 	else echo "fuzz smoke skipped: $(FUZZ_CC) not found (apt-get install clang libclang-rt-14-dev)"; fi
 
 pytest: setup
-	$(PYTHON) -m pytest -q tests
+	$(PYTEST) tests
 
 # The C core alone, as strict C11, under AddressSanitizer and UndefinedBehaviorSanitizer.
 ctest: $(C_TESTS) fuzz-regress
@@ -63,14 +93,15 @@ cuda-check:
 	    -Xcompiler -Wall,-Wextra,-fsyntax-only --Werror all-warnings -c $$f -o /dev/null || exit 1; done
 
 # The README demo: trains a small SoftMoE LM on the bundled text (under 4 minutes on 2 cores).
+# DEMO_ARGS: options of examples/train_lm.py (e.g. DEMO_ARGS="--steps 50" for a short run).
 demo: setup
-	$(PYTHON) examples/train_lm.py
+	$(PYTHON) examples/train_lm.py $(DEMO_ARGS)
 
 bench: setup
 	$(PYTHON) benchmarks/bench_router.py
 
 clean:
-	rm -rf build $(BUILD_DIR) softmoe/*.so .stamp-install *.egg-info
+	rm -rf build $(BUILD_DIR) softmoe/*.so $(STAMP) *.egg-info
 
 # ==== Fuzzing the C core (tests/fuzz/README.md) ===============================================
 # `make fuzz` runs each libFuzzer target for FUZZ_SECONDS (needs clang with libFuzzer: on Debian

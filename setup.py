@@ -1,8 +1,10 @@
 """Build of the softmoe extension: the C core plus the torch binding (csrc/torch), and the CUDA
 kernels with the binding's CUDA implementations (csrc/torch/*_cuda.cpp) when torch is a CUDA build
-and nvcc is found. Build without isolation, after installing torch:
-
-    pip install torch==2.13.0 && pip install --no-build-isolation -e .
+and nvcc is found. The extension compiles against the torch of the build environment: pip's
+default isolated build installs the one pyproject.toml's build-system names;
+`pip install --no-build-isolation ...` uses the environment's own. Either way the package then
+requires exactly that torch version at run time (a build only loads with the torch it was compiled
+against).
 
 SOFTMOE_CUDA=0|1|auto (default auto) forces the CUDA part off or on.
 """
@@ -10,11 +12,24 @@ import glob
 import os
 
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-import torch
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:
+    raise SystemExit(
+        f"softmoe's build needs torch in the build environment ({exc}). pip's default (isolated) build "
+        "installs it from pyproject.toml's build-system.requires; with --no-build-isolation install torch "
+        "into this environment first (e.g. pip install torch==2.13.0)."
+    ) from None
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def torch_requirement() -> str:
+    """The run-time requirement: the torch release this build compiles against (its public version,
+    without a local label such as +cpu or +cu128: those builds of one release share the C++ ABI)."""
+    return "torch==" + torch.__version__.split("+")[0]
 
 
 def with_cuda() -> bool:
@@ -50,4 +65,4 @@ def extensions():
     ]
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension})
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtension}, install_requires=[torch_requirement()])

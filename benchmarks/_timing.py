@@ -317,9 +317,20 @@ def _json_default(o: Any) -> Any:
 
 
 def progress(iterable, **kw: Any):
-    """tqdm if it is installed, else the iterable itself."""
+    """tqdm if it is installed, else the iterable itself.
+
+    A terminal that reports no size (0 rows or columns: a pseudo-terminal nobody sized, as under
+    ``script``, some CI runners and container consoles) would make tqdm hide every bar (it takes the
+    -1 rows it computes for a full screen) and print only the newline of its close, a blank line per
+    bar: such a terminal gets a fixed 80 x 24 instead."""
     try:
         from tqdm import tqdm  # type: ignore
     except Exception:
         return iterable
+    try:
+        columns, rows = os.get_terminal_size(kw.get("file", sys.stderr).fileno())
+    except (AttributeError, OSError, ValueError):  # not a terminal: tqdm does not ask for its size
+        columns = rows = None
+    if columns == 0 or rows == 0:
+        kw.update(dynamic_ncols=False, ncols=(columns or 80) - 1, nrows=(rows or 24) - 1)
     return tqdm(iterable, **kw)

@@ -2,7 +2,7 @@
 """Expert-parallel training step on the CPU (gloo over loopback): step time and bytes exchanged for
 1, 2 and 4 processes.
 
-Model: the README demo's TinyLM (examples/tiny_lm.py: 4 layers, d_model 128, 8 experts x 128 hidden,
+Model: the README demo's TinyLM (softmoe/tiny_lm.py: 4 layers, d_model 128, 8 experts x 128 hidden,
 SwiGLU, GlobalBudget mean k 1.5, max_active 4, float32), global batch 16 x 128 tokens, split over the
 W processes (each runs batch / W rows: strong scaling; the same global batch as 1 process). W = 1 is
 the plain single-process step (no exchange); W > 1 has every layer's experts split over the W

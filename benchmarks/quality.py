@@ -2,7 +2,7 @@
 """Quality benchmark (DESIGN.md section 7): train the same small byte-level transformer LM with
 different FFNs on the same text, for the same steps and seeds, and compare held-out bits per byte.
 
-Methods (all on the same experts code, examples/tiny_lm.py's TinyLM):
+Methods (all on the same experts code, softmoe/tiny_lm.py's TinyLM):
   dense              a SwiGLU FFN with the parameters of ONE expert (d_hidden = expert width)
   topk1, topk2       softmoe.baselines.TopKMoE, top-1 (Switch) / top-2 (Mixtral), with the
                      load-balancing + router z loss added to the training loss

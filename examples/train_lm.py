@@ -39,7 +39,9 @@ except ImportError:  # pragma: no cover - tqdm is installed by `make demo`
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=DEFAULT_DATA, help="UTF-8 text file (.gz ok); default: bundled Python docs")
-    ap.add_argument("--out", default="runs/train_lm", help="folder for checkpoint, log and plot")
+    ap.add_argument("--out", default=None,
+                    help="folder for checkpoint, log and plot (default: runs/train_lm, or runs/train_lm_<N>proc "
+                         "for N > 1 processes, so that a parallel run never overwrites the demo's)")
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=128)
@@ -64,7 +66,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.nproc < 1:
         ap.error(f"--nproc must be >= 1, got {args.nproc}")
+    if args.out is None:
+        args.out = default_out(max(args.nproc, int(os.environ.get("WORLD_SIZE", "1"))))
     return args
+
+
+def default_out(processes: int) -> str:
+    """--out's default: the single-process demo's folder, or one per process count (a torchrun
+    launch, direct or through --nproc, sees WORLD_SIZE)."""
+    return "runs/train_lm" if processes == 1 else f"runs/train_lm_{processes}proc"
 
 
 class Distributed:

@@ -9,15 +9,9 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from . import _checks
+from . import _checks, _extension
 
-try:
-    from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
-except ImportError as exc:  # pragma: no cover - only without a build
-    raise ImportError(
-        "softmoe's compiled extension is missing; build it with "
-        "`pip install --no-build-isolation -e .` after installing torch"
-    ) from exc
+_extension.load()  # softmoe._C: runs the TORCH_LIBRARY registrations
 
 
 def _lead_shape(scores: torch.Tensor) -> torch.Size:
@@ -33,6 +27,28 @@ def _check_same_device(op: str, *tensors: torch.Tensor) -> None:
         lambda: f"softmoe: {op}: all tensor arguments must be on one device, got "
         + ", ".join(str(t.device) for t in tensors),
     )
+
+
+# Every backward op has an autograd kernel too, so that a backward taken with create_graph=True never
+# meets torch's fallback for ops without one (it warns that this "may lead to silently incorrect
+# behavior", then runs the kernel under autograd, where its out= matmuls fail). The linear backward
+# ops (gather_rows_backward, combine_rows_backward, grouped_mm_weight_grad) are differentiated with
+# the forward ops; the two whose second derivative would need kernels of its own (soft_topk_backward,
+# expert_ffn_backward) raise when a second backward reaches them.
+
+
+def _differentiable_once(forward: str, backward_op: str):
+    """The autograd kernel of ``backward_op``: raises a NotImplementedError naming both ops when a second
+    backward reaches it."""
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"softmoe: {forward} can be differentiated once, not twice: a second backward (after "
+            f"torch.autograd.grad(..., create_graph=True), e.g. for a gradient penalty or a Hessian-vector "
+            f"product) reached its backward op softmoe::{backward_op}, which has no derivative"
+        )
+
+    return backward
 
 
 @torch.library.register_fake("softmoe::soft_topk")
@@ -69,6 +85,9 @@ def _soft_topk_backward(ctx, grad_p, grad_threshold):
 
 torch.library.register_autograd(
     "softmoe::soft_topk", _soft_topk_backward, setup_context=_soft_topk_setup_context
+)
+torch.library.register_autograd(
+    "softmoe::soft_topk_backward", _differentiable_once("soft_topk", "soft_topk_backward")
 )
 
 
@@ -245,6 +264,35 @@ torch.library.register_autograd(
 )
 
 
+def _slot_tokens(token_pairs: torch.Tensor, slots: int) -> torch.Tensor:
+    """A plan's ``pair_token`` ``[slots]`` rebuilt from its ``token_pairs`` ``[T, M]`` (each routed slot
+    appears there once; the others are padding, -1). Shapes depend on (T, M, slots) only: the padding
+    entries of token_pairs write to one extra slot that is dropped."""
+    tokens, width = token_pairs.shape
+    owner = torch.arange(tokens, dtype=torch.int64, device=token_pairs.device).unsqueeze(1).expand(tokens, width)
+    target = torch.where(token_pairs >= 0, token_pairs, slots)
+    pair_token = torch.full((slots + 1,), -1, dtype=torch.int64, device=token_pairs.device)
+    return pair_token.scatter_(0, target.reshape(-1), owner.reshape(-1))[:slots]
+
+
+def _gather_rows_backward_setup_context(ctx, inputs, output):
+    grad_xs, token_pairs = inputs
+    ctx.save_for_backward(token_pairs)
+    ctx.slots = grad_xs.shape[0]
+
+
+def _gather_rows_backward_backward(ctx, grad_grad_x):
+    # gather_rows_backward sums each token's slots: its adjoint copies the token's row to its slots.
+    (token_pairs,) = ctx.saved_tensors
+    pair_token = _slot_tokens(token_pairs, ctx.slots)
+    return torch.ops.softmoe.gather_rows(grad_grad_x, pair_token, token_pairs), None
+
+
+torch.library.register_autograd(
+    "softmoe::gather_rows_backward", _gather_rows_backward_backward, setup_context=_gather_rows_backward_setup_context
+)
+
+
 def _combine_rows_setup_context(ctx, inputs, output):
     ys, p, pair_token, pair_expert, token_pairs = inputs
     ctx.save_for_backward(ys, p, pair_token, pair_expert, token_pairs)
@@ -266,6 +314,36 @@ def _combine_rows_backward(ctx, grad_y):
 
 torch.library.register_autograd(
     "softmoe::combine_rows", _combine_rows_backward, setup_context=_combine_rows_setup_context
+)
+
+
+def _combine_rows_backward_setup_context(ctx, inputs, output):
+    grad_y, ys, p, pair_token, pair_expert, token_pairs = inputs
+    ctx.save_for_backward(grad_y, ys, p, pair_token, pair_expert, token_pairs)
+
+
+def _combine_rows_backward_backward(ctx, grad_grad_ys, grad_grad_p):
+    # combine_rows_backward is bilinear: grad_ys[s] = p[t, e] * grad_y[t] and grad_p[t, e] =
+    # <grad_y[t], ys[s]> over the plan's pairs (s, t, e); each term of its derivative is one of the
+    # two combine ops again.
+    grad_y, ys, p, pair_token, pair_expert, token_pairs = ctx.saved_tensors
+    plan = (pair_token, pair_expert, token_pairs)
+    need_grad_y, need_ys, need_p = ctx.needs_input_grad[:3]
+    d_grad_y = d_ys = d_p = None
+    if need_grad_y:
+        d_grad_y = torch.ops.softmoe.combine_rows(grad_grad_ys, p, *plan) + torch.ops.softmoe.combine_rows(
+            ys, grad_grad_p, *plan
+        )
+        d_grad_y = d_grad_y.to(grad_y.dtype)
+    if need_ys:
+        d_ys = torch.ops.softmoe.combine_rows_backward(grad_y, ys, grad_grad_p, *plan)[0]
+    if need_p:
+        d_p = torch.ops.softmoe.combine_rows_backward(grad_y, grad_grad_ys, p, *plan)[1]
+    return d_grad_y, d_ys, d_p, None, None, None
+
+
+torch.library.register_autograd(
+    "softmoe::combine_rows_backward", _combine_rows_backward_backward, setup_context=_combine_rows_backward_setup_context
 )
 
 
@@ -476,6 +554,29 @@ def _grouped_mm_backward(ctx, grad_y):
 torch.library.register_autograd("softmoe::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup_context)
 
 
+def _grouped_mm_weight_grad_setup_context(ctx, inputs, output):
+    x, grad_y, offsets, experts = inputs
+    ctx.save_for_backward(x, grad_y, offsets)
+
+
+def _grouped_mm_weight_grad_backward(ctx, grad_grad_w):
+    # grad_w[e] = x[seg_e]^T grad_y[seg_e], bilinear: its derivatives are grouped matmuls.
+    x, grad_y, offsets = ctx.saved_tensors
+    grad_grad_w = grad_grad_w.contiguous()
+    d_x = d_grad_y = None
+    if ctx.needs_input_grad[0]:
+        d_x = torch.ops.softmoe.grouped_mm(grad_y.contiguous(), grad_grad_w.transpose(1, 2), offsets)
+    if ctx.needs_input_grad[1]:
+        d_grad_y = torch.ops.softmoe.grouped_mm(x, grad_grad_w, offsets)
+    return d_x, d_grad_y, None, None
+
+
+torch.library.register_autograd(
+    "softmoe::grouped_mm_weight_grad", _grouped_mm_weight_grad_backward,
+    setup_context=_grouped_mm_weight_grad_setup_context,
+)
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Per-expert matmul over expert-contiguous row segments.
 
@@ -546,6 +647,9 @@ def _expert_ffn_backward(ctx, grad_y, _grad_hidden):
 
 
 torch.library.register_autograd("softmoe::expert_ffn", _expert_ffn_backward, setup_context=_expert_ffn_setup_context)
+torch.library.register_autograd(
+    "softmoe::expert_ffn_backward", _differentiable_once("expert_ffn", "expert_ffn_backward")
+)
 
 
 def expert_ffn(

@@ -2,6 +2,10 @@
 JSON (and plots) it promises."""
 import json
 import math
+import os
+import pty
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -110,3 +114,34 @@ def test_collapse_makes_the_benchmark_fail(tmp_path, capsys, monkeypatch):
     assert "SAFEGUARD CHECKS FAILED" in out and "collapsed" in out
     result = json.loads((tmp_path / "quality.json").read_text())
     assert result["checks"]["passed"] is False and result["checks"]["diversity_min"] == 1.0
+
+
+def test_progress_bars_show_on_an_unsized_terminal(tmp_path):
+    """On a pseudo-terminal that reports 0 x 0 (as `script` and some CI runners give), every run's
+    progress bar is shown and no blank line is left where it was (tqdm alone prints only newlines)."""
+    bench = os.path.dirname(os.path.abspath(quality.__file__))
+    argv = ["--quick", "--steps", "2", "--seeds", "0", "--methods", "dense", "topk1", "--threads", "1",
+            "--no-plot", "--no-step-timing", "--out", str(tmp_path)]
+    leader, follower = pty.openpty()  # a new pty: 0 rows, 0 columns
+    assert os.get_terminal_size(follower) == (0, 0)
+    proc = subprocess.Popen([sys.executable, os.path.join(bench, "quality.py"), *argv],
+                            stdout=follower, stderr=follower, cwd=os.path.dirname(bench))
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0
+    text = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+    lines = text.split("\n")
+    table = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
+    before = [line.rsplit("\r", 1)[-1] for line in lines[:table - 1]]  # what the terminal shows
+    assert "" not in before, before
+    for run in ("[1/2] dense seed 0", "[2/2] topk1 seed 0"):
+        assert any(line.startswith(run) and "2/2" in line for line in before), (run, before)

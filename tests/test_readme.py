@@ -8,6 +8,8 @@ import re
 import pytest
 import torch
 
+import softmoe
+
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
@@ -38,9 +40,15 @@ def test_soft_topk_example():
     exec(compile(block("`soft_topk`"), "README.md soft_topk", "exec"), scope)
     p, k, scores = scope["p"], scope["k"], scope["scores"]
     torch.testing.assert_close(p.sum(-1).detach(), torch.full((p.shape[0],), 2.0), rtol=0, atol=1e-4)
+    # what the comments say it prints
     active = (p > 0).sum(-1)
-    assert int(active.min()) >= 2 and int(active.max()) <= 8
+    assert active[:3].tolist() == [4, 3, 4] and active[-3:].tolist() == [7, 3, 6]
+    assert int(active.min()) == 3 and int(active.max()) == 8 and round(float(active.float().mean()), 1) == 5.0
+    assert int((p == 0).sum(-1).min()) == 56
     assert scores.grad is not None and k.grad is not None
+    # and what the paragraph after it says: at alpha = 0.5 nothing is truncated
+    wide = softmoe.soft_topk(scores.detach(), 2.0, alpha=0.5, eps=1e-2, max_active=8)
+    assert bool(((wide > 0).sum(-1) == 8).all())
 
 
 def test_layer_in_a_transformer_block_example():

@@ -39,3 +39,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert run(tmp_path, "--steps", "6", "--eval-every", "3", "--resume") == 1
     assert "the loss became nan" in capsys.readouterr().err
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
+
+
+def test_parallel_runs_do_not_overwrite_the_demo(monkeypatch):
+    """--nproc N (and torchrun's relaunched processes, which see WORLD_SIZE) default to their own
+    --out, so the demo's checkpoint and plot survive a parallel run; an explicit --out is kept."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    demo = train_lm.parse_args([]).out
+    assert demo == "runs/train_lm"
+    assert train_lm.parse_args(["--nproc", "2"]).out == "runs/train_lm_2proc"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_lm.parse_args([]).out == "runs/train_lm_2proc"
+    assert train_lm.parse_args(["--out", "mine"]).out == "mine"

@@ -169,7 +169,7 @@ def main() -> int:
     soft_topk_ops()
     dispatch_ops()
     expert_ffn_ops()
-    print(f"memcheck loop: ok (softmoe._C from {softmoe.ops._C.__file__})", flush=True)
+    print(f"memcheck loop: ok (softmoe._C from {softmoe._C.__file__})", flush=True)
     return 0
 
 

@@ -20,7 +20,7 @@ CUDA_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=s
 setup: .stamp-install
 .stamp-install: setup.py pyproject.toml csrc/bindings.cpp $(CORE_SRC) $(CORE_HDR) $(wildcard csrc/cuda/*)
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q "setuptools>=64" wheel ninja pytest numpy hypothesis tqdm matplotlib "transformers==5.23.0"
+	$(PIP) install -q "setuptools>=64" wheel ninja pytest numpy hypothesis tqdm matplotlib "transformers==5.23.0" "peft==0.21.2"
 	$(PIP) install -q --no-deps entmax
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	@touch $@

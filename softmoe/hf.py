@@ -99,11 +99,16 @@ _COMBINES = ("normalized", "sum", "gate")
 #: tie (measured: the active set and weights of 2e5 tokens x 8 to 256 experts, logits of standard
 #: deviation 1 to 40, agree with the hard top-k; soft_topk stays finite and sums to k).
 SHARP_ALPHA = 1e-8
-#: The default ``mean_k`` is the router's top-k times ``1 - LOSSLESS_MARGIN``: with an integer k
-#: the exact solution keeps a (k+1)-th expert at the truncation edge with a weight of float
-#: rounding (an extra expert per token); just below k the k-th expert gets ``1 - margin`` and the
-#: next is exactly 0, so the weights move by a relative 1e-6.
+#: An integral ``mean_k`` K is used as ``K * (1 - LOSSLESS_MARGIN)``: with an integer k the
+#: exact soft top-k keeps a (K+1)-th expert at the truncation edge with a weight of float rounding
+#: (an extra expert per token, whatever alpha); just below K the K-th expert gets ``1 - margin``
+#: and the next is exactly 0, so the weights move by a relative 1e-6.
 LOSSLESS_MARGIN = 1e-6
+
+
+def _soft_count(mean_k: float) -> float:
+    """The soft count the layers and the budget use for ``mean_k`` (see :data:`LOSSLESS_MARGIN`)."""
+    return mean_k * (1.0 - LOSSLESS_MARGIN) if float(mean_k).is_integer() else mean_k
 
 
 # ---- modules ------------------------------------------------------------------------------------
@@ -394,7 +399,7 @@ class SoftMoEBudget(GlobalBudget):
 
 def _make_budget(layers: list[SoftMoELayer], spec: dict) -> GlobalBudget:
     """The one place a converted model's expert budget is created from its routing ``spec``."""
-    return SoftMoEBudget(layers, spec["mean_k"], k_min=spec["k_min"])
+    return SoftMoEBudget(layers, _soft_count(spec["mean_k"]), k_min=spec["k_min"])
 
 
 # ---- building ------------------------------------------------------------------------------------
@@ -559,7 +564,7 @@ def _block(fn: str, name: str, parts: BlockParts, spec: dict, noise: float = 0.0
             shared_expert=parts.shared_expert, shared_expert_gate=parts.shared_expert_gate,
             shared_combine=parts.shared_combine, post_norm=parts.post_norm,
             returns_pair=parts.returns_pair, jitter_noise=parts.jitter_noise, dropout=parts.dropout,
-            k=spec["mean_k"], alpha=spec["alpha"], eps=spec["eps"], max_active=max_active,
+            k=_soft_count(spec["mean_k"]), alpha=spec["alpha"], eps=spec["eps"], max_active=max_active,
             combine=spec["combine"], learn_k=spec["learn_k"], learn_alpha=spec["learn_alpha"], k_min=spec["k_min"],
             **factory,
         )
@@ -644,8 +649,8 @@ def convert(model: PreTrainedModel, mean_k: float | None = None, **routing) -> P
     ``sum_l k_l = L * mean_k``). Dense layers (e.g. Qwen2-MoE's ``mlp_only_layers``) are left as
     they are. The model is modified in place and returned.
 
-    **Lossless by default**: with ``mean_k`` the model's top-k (less a relative
-    :data:`LOSSLESS_MARGIN`), ``alpha =`` :data:`SHARP_ALPHA` and ``combine="gate"``, every
+    **Lossless by default**: with ``mean_k`` the model's top-k (used as top-k times
+    ``1 - LOSSLESS_MARGIN``), ``alpha =`` :data:`SHARP_ALPHA` and ``combine="gate"``, every
     token's active experts are its top-k and their weights are the model's gate, so the
     converted model computes the same logits (tested on every supported family in float32 with
     router logits spread like trained ones: within 1e-3 relative, KL below 1e-5 nats per token,
@@ -656,7 +661,8 @@ def convert(model: PreTrainedModel, mean_k: float | None = None, **routing) -> P
         model: a transformers MoE model whose ``config.model_type`` is in :data:`MOE_ADAPTERS`.
         mean_k: mean soft number of experts per token and layer, ``k_min < mean_k < num_experts``
             (and below each layer's ``max_active - 1``); default the model's top-k
-            (``num_experts_per_tok``) times ``1 - LOSSLESS_MARGIN``.
+            (``num_experts_per_tok``). An integral ``mean_k`` K is used as
+            ``K * (1 - LOSSLESS_MARGIN)`` (see :data:`LOSSLESS_MARGIN`).
         **routing: ``alpha`` (LapSum temperature in units of what the router ranks, default
             :data:`SHARP_ALPHA`), ``eps`` (truncation, default 1e-2), ``max_active`` (cap on
             active experts per token, default ``min(E, ceil(mean_k) + 2)``, within the groups a
@@ -678,7 +684,7 @@ def convert(model: PreTrainedModel, mean_k: float | None = None, **routing) -> P
     _check_model(fn, model)
     adapter = _moe_adapter(fn, model)
     if mean_k is None:
-        mean_k = top_k_of(_text_config(model), adapter) * (1.0 - LOSSLESS_MARGIN)
+        mean_k = top_k_of(_text_config(model), adapter)
     return _apply(fn, model, "convert", _routing(fn, mean_k, routing, {"alpha": SHARP_ALPHA, "combine": "gate"}))
 
 

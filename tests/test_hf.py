@@ -559,9 +559,17 @@ def test_missing_transformers_names_the_extra(monkeypatch):
 def test_example_script_runs(tmp_path, capsys):
     import hf_convert
 
-    assert hf_convert.main(["--steps", "2", "--sample", "8", "--batch", "2", "--context", "32",
-                            "--out", str(tmp_path)]) == 0
+    args = ["--pretrain-steps", "3", "--steps", "2", "--sample", "8", "--batch", "2", "--context", "32", "--out", str(tmp_path)]
+    assert hf_convert.main(args + ["--no-baseline"]) == 0
     out = capsys.readouterr().out
-    assert "learned per-layer allocation" in out and "sum k_l = 8.0000" in out and "--- sample" in out
+    assert "pretrained a top-2 Mixtral for 3 steps" in out
+    lossless = next(line for line in out.splitlines() if line.startswith("converted with the defaults"))
+    original = next(line for line in out.splitlines() if line.startswith("original top-2 Mixtral: held-out"))
+    assert original.split("held-out ")[1].split()[0] == lossless.split("held-out ")[1].split()[0]  # the same loss
+    assert "converted, budget, step 2" in out and "original top-2, step 2" not in out
+    assert "learned per-layer allocation" in out and "--- sample" in out
     assert "max |logits difference| = 0" in out
-    assert (tmp_path / "config.json").exists()
+    assert (tmp_path / "pretrained" / "config.json").exists() and (tmp_path / "converted" / "config.json").exists()
+    assert hf_convert.main(args + ["--steps", "1"]) == 0  # reuses the pretrained model, fine-tunes the baseline too
+    out = capsys.readouterr().out
+    assert "reusing the pretrained top-2 Mixtral" in out and "original top-2, step 1" in out

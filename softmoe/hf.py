@@ -94,10 +94,11 @@ _ROUTING_KEYS = ("alpha", "eps", "max_active", "combine", "k_min", "learn_k", "l
 _COMBINES = ("normalized", "sum", "gate")
 
 #: The temperature :func:`convert` starts from, in units of what the router ranks (logits, or
-#: probabilities for routers with a selection bias): far below any gap float32 resolves between
-#: two scores, so the soft top-k is the top-k indicator wherever the router's top-k is not an exact
-#: tie (measured: the active set and weights of 2e5 tokens x 8 to 256 experts, logits of standard
-#: deviation 1 to 40, agree with the hard top-k; soft_topk stays finite and sums to k).
+#: probabilities for routers with a selection bias): below the gaps float32 resolves between two
+#: scores, so the soft top-k is the top-k indicator (measured on 1e5 tokens for each of 8, 16, 64
+#: and 256 experts, logits of standard deviation 1, 4 and 40 and biased sigmoid probabilities:
+#: the active set is the hard top-k, with weights within 2e-5 of 1, for all but 3 of the 2e6
+#: tokens, those whose k-th and (k+1)-th scores are within 2e-7; soft_topk stays finite).
 SHARP_ALPHA = 1e-8
 #: An integral ``mean_k`` K is used as ``K * (1 - LOSSLESS_MARGIN)``: with an integer k the
 #: exact soft top-k keeps a (K+1)-th expert at the truncation edge with a weight of float rounding

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal
 
 import torch
@@ -396,7 +396,7 @@ _SIGMOID_BIASED = MoEAdapter(score="sigmoid", choose_by="scores", bias="gate.e_s
                              normalize=Attr("norm_topk_prob", False), scale=Attr("routed_scaling_factor", 1.0),
                              denominator_eps=1e-20, router_float32=True)
 #: ... with group-limited choice (the best ``topk_group`` of ``n_group`` groups, scored by their top 2).
-_SIGMOID_BIASED_GROUPS = MoEAdapter(**{**_SIGMOID_BIASED.__dict__, "groups": True})
+_SIGMOID_BIASED_GROUPS = replace(_SIGMOID_BIASED, groups=True)
 
 #: MoE families :func:`softmoe.hf.convert` reproduces, keyed by ``config.model_type``.
 MOE_ADAPTERS: dict[str, MoEAdapter] = {
@@ -430,9 +430,8 @@ MOE_ADAPTERS: dict[str, MoEAdapter] = {
     "exaone_moe": _SIGMOID_BIASED_GROUPS,
     "kimi_linear": _SIGMOID_BIASED_GROUPS,
     "bailing_hybrid": _SIGMOID_BIASED_GROUPS,
-    "axk1": MoEAdapter(**{**_SIGMOID_BIASED_GROUPS.__dict__, "post_norm": "post_mlp_layernorm"}),
-    "nemotron_h": MoEAdapter(**{**_SIGMOID_BIASED_GROUPS.__dict__,
-                                "must_be_identity": ("fc1_latent_proj", "fc2_latent_proj")}),
+    "axk1": replace(_SIGMOID_BIASED_GROUPS, post_norm="post_mlp_layernorm"),
+    "nemotron_h": replace(_SIGMOID_BIASED_GROUPS, must_be_identity=("fc1_latent_proj", "fc2_latent_proj")),
     "deepseek_v32": _SIGMOID_BIASED_GROUPS,
     "glm4_moe_lite": _SIGMOID_BIASED_GROUPS,
     "glm_moe_dsa": _SIGMOID_BIASED_GROUPS,
@@ -442,7 +441,7 @@ MOE_ADAPTERS: dict[str, MoEAdapter] = {
     "dots3_note_text": _SIGMOID_BIASED_GROUPS,
     "beam": _SIGMOID_BIASED_GROUPS,  # its scaling factor is on the block, applied after the experts
     "flint": MoEAdapter(score="sigmoid", normalize=Attr("norm_topk_prob", False), router_float32=True),
-    "axk2": MoEAdapter(**{**_SIGMOID_BIASED.__dict__, "hook": _axk2}),
+    "axk2": replace(_SIGMOID_BIASED, hook=_axk2),
     "minimax_m3_vl_text": MoEAdapter(score="sigmoid", choose_by="scores", bias="gate.e_score_correction_bias",
                                      scale=Attr("routed_scaling_factor", 1.0)),
     "inkling2_text": MoEAdapter(score=Attr("scoring_func", "sigmoid"), choose_by="scores", bias="gate.e_score_correction_bias",

@@ -19,7 +19,6 @@ fails when it is stale).
 import copy
 import functools
 import inspect
-import math
 import os
 import sys
 import warnings

@@ -44,7 +44,7 @@ $(STAMP): setup.py pyproject.toml $(CSRC) | $(if $(filter $(VENV)/bin/python,$(P
 	@test "$(PYTHON_ENV)" != "-" || { echo "make: $(PYTHON) is not a virtual environment's python, and make installs"\
 	  "packages: leave PYTHON unset (make creates .venv) or give a venv's python"; exit 1; }
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q "setuptools>=77" ninja pytest numpy hypothesis tqdm matplotlib "transformers==5.23.0"
+	$(PIP) install -q "setuptools>=77" ninja pytest numpy hypothesis tqdm matplotlib "transformers==5.23.0" "peft==0.21.2"
 	$(PIP) install -q --no-deps entmax
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	@touch $@

@@ -11,15 +11,13 @@ Methods (one model's weights: the converted models start from a copy of the orig
                    transformers' default experts backend (reported: "grouped_mm" on this torch).
   topk_eager       the same model with experts_implementation="eager" (transformers' per-expert
                    Python loop), for reference.
-  softmoe          softmoe.hf.convert(model) with the defaults: mean_k = 2 (the model's top-k), alpha 1,
-                   eps 1e-2, max_active 4, router weights copied. The random router's logits are
-                   small, so routing is nearly uniform and every token uses max_active = 4 experts
-                   (reported as "active"): twice top-2's expert work.
-  softmoe_matched  softmoe.hf.convert(model, mean_k=1.0, max_active=3) with the router weights scaled
-                   (bisection on one factor s, as benchmarks/bench_layer.py does) so that the realised
-                   mean number of active experts per token, over layers, is 2.0 on the benchmark input:
-                   the same expert FLOPs as top-2. (For mean_k > 1 every token uses >= 2 experts, so
-                   a mean of exactly 2 needs mean_k <= 1: tokens then use 1, 2 or 3 experts.)
+  softmoe          softmoe.hf.convert(model) with the defaults: the lossless conversion (k = the
+                   model's top-k, sharp soft top-k, the model's gate as combine weights), so every
+                   token uses its 2 top experts: the same expert FLOPs as top-2 and the same logits.
+  softmoe_soft     softmoe.hf.convert(model, alpha=1.0, combine="normalized"), convert's defaults before
+                   the lossless conversion: the random router's logits are small, so routing is
+                   nearly uniform and every token uses max_active = 4 experts (reported as
+                   "active"): twice top-2's expert work.
 
 Timing: loss = cross_entropy(model(x).logits, y); loss.backward(), gradients set to None before each
 step (untimed); train mode. Medians over --repeats timed repeats after warm-up, methods interleaved
@@ -35,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import sys
 
@@ -70,29 +67,6 @@ def mean_active(model, x) -> float:
     return sum(r["active"] for r in softmoe.hf.stats(model)) / len(softmoe.hf.layers(model))
 
 
-def match_active(model, x, target: float, iters: int = 30) -> tuple[float, float]:
-    """Scales every router weight by one factor s so the realised mean active experts is ~target."""
-    import softmoe.hf
-
-    base = [layer.router.weight.detach().clone() for layer in softmoe.hf.layers(model)]
-
-    def at(s: float) -> float:
-        with torch.no_grad():
-            for layer, w in zip(softmoe.hf.layers(model), base):
-                layer.router.weight.copy_(w * s)
-        return mean_active(model, x)
-
-    lo, hi = math.log(1e-2), math.log(1e5)  # active decreases with s
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if at(math.exp(mid)) > target:
-            lo = mid
-        else:
-            hi = mid
-    s = math.exp(hi)
-    return s, at(s)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=4)
@@ -103,7 +77,6 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--target-active", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 layers, hidden 64, 3 repeats")
@@ -126,12 +99,12 @@ def main(argv=None) -> int:
     eager.set_experts_implementation("eager")
     converted = softmoe.hf.convert(copy.deepcopy(original))
     active_default = mean_active(converted, x)
-    matched = softmoe.hf.convert(copy.deepcopy(original), mean_k=1.0, max_active=3)
-    scale, active_matched = match_active(matched, x, args.target_active)
+    soft = softmoe.hf.convert(copy.deepcopy(original), alpha=1.0, combine="normalized")
+    active_soft = mean_active(soft, x)
     print(f"transformers {transformers.__version__}, experts backend of the original: {backend}; "
-          f"softmoe active experts/token: default {active_default:.3f}, matched {active_matched:.3f} (router x{scale:.4g})")
+          f"softmoe active experts/token: default {active_default:.3f}, soft {active_soft:.3f}")
 
-    models = {"topk": original, "topk_eager": eager, "softmoe": converted, "softmoe_matched": matched}
+    models = {"topk": original, "topk_eager": eager, "softmoe": converted, "softmoe_soft": soft}
 
     def step_case(name, model):
         def setup():
@@ -143,17 +116,17 @@ def main(argv=None) -> int:
 
         return _timing.Case(name, fn, setup)
 
-    # the same loss from the same weights for the two top-k backends (a check, not timed)
+    # the same loss from the same weights for the two top-k backends and the lossless conversion
+    # (a check, not timed)
     with torch.no_grad():
-        a = F.cross_entropy(original(x).logits.reshape(-1, 256), y.reshape(-1)).item()
-        b = F.cross_entropy(eager(x).logits.reshape(-1, 256), y.reshape(-1)).item()
-    assert abs(a - b) < 1e-4, (a, b)
+        a, b, c = (F.cross_entropy(m(x).logits.reshape(-1, 256), y.reshape(-1)).item() for m in (original, eager, converted))
+    assert abs(a - b) < 1e-4 and abs(a - c) < 1e-4, (a, b, c)
 
     info = _timing.machine_info()
     info["transformers"] = transformers.__version__
     stats = _timing.measure([step_case(n, m) for n, m in models.items()], repeats=args.repeats, warmup=2)
     base = stats["topk"]
-    active = {"topk": 2.0, "topk_eager": 2.0, "softmoe": active_default, "softmoe_matched": active_matched}
+    active = {"topk": 2.0, "topk_eager": 2.0, "softmoe": active_default, "softmoe_soft": active_soft}
     results = {}
     lines = ["| method | median ms | x topk | paired | active experts/token |", "|---|---:|---:|---:|---:|"]
     for name, s in stats.items():
@@ -167,14 +140,13 @@ def main(argv=None) -> int:
         "benchmark": "bench_hf: forward+backward step, converted Mixtral (softmoe.hf.convert) vs original top-2",
         "machine": info,
         "settings": dict(vars(args), tokens=args.batch * args.context, dtype="float32", device="cpu",
-                         original_experts_implementation=backend, softmoe_matched_router_scale=scale,
-                         softmoe_matched_routing={"mean_k": 1.0, "max_active": 3},
-                         softmoe_default_routing=converted.config.softmoe),
+                         original_experts_implementation=backend,
+                         softmoe_default_routing=converted.config.softmoe, softmoe_soft_routing=soft.config.softmoe),
         "notes": [
             "topk is the ratio denominator; ratios come from the same interleaved run",
-            "softmoe (defaults) routes every token to max_active = 4 experts here: the random router's logits are "
-            "nearly uniform, so it does twice top-2's expert work",
-            "softmoe_matched scales the router so that the realised mean active experts per token equals top-2's 2.0",
+            "softmoe (defaults) is the lossless conversion: each token's top-2 experts, the model's gate, the same loss",
+            "softmoe_soft (alpha 1, p / k combine) routes every token to max_active = 4 experts here: the random "
+            "router's logits are nearly uniform, so it does twice top-2's expert work",
         ],
         "results": results,
         "table_markdown": table,

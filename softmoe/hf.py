@@ -1,37 +1,37 @@
 """Hugging Face transformers integration: SoftMoE routing in existing causal LMs.
 
-- :func:`convert` swaps the top-k routing of a transformers MoE model (Mixtral, Qwen2-MoE,
-  Qwen3-MoE, OLMoE) for truncated LapSum routing with a learned per-layer expert count under one
-  :class:`~softmoe.GlobalBudget`, keeping the model's pretrained experts, router and shared experts.
+- :func:`convert` swaps the top-k routing of a transformers MoE model for truncated LapSum
+  routing with a learned per-layer expert count under one :class:`~softmoe.GlobalBudget`,
+  keeping the model's experts, router, gate and shared experts. By default the converted model
+  is the same model (lossless at step 0): the soft top-k starts sharp enough to choose each
+  token's top-k, and the ``"gate"`` combine weights the experts by the model's own gate.
+  Supported families: :data:`MOE_ADAPTERS` (Mixtral, Qwen2/3-MoE, Qwen3-Next, OLMoE,
+  DeepSeek-V2/V3, GLM-4-MoE, gpt-oss, Granite-MoE, PhiMoE, Llama 4, ...).
 - :func:`upcycle` turns a dense model's MLPs (Llama, Qwen2, GPT-2) into SoftMoE layers whose
   experts start as copies of the MLP (sparse upcycling).
 - :func:`from_pretrained` loads what ``model.save_pretrained(path)`` wrote for such a model.
+- :func:`train_routing_only` / :func:`routing_parameters`: fine-tune the routing alone.
 - :func:`stats`, :func:`allocation`, :func:`budget`, :func:`layers` read the routing back.
 
 Needs transformers 5.x (the fused 3-D expert weights and hook-recorded router logits), installed
 with ``pip install 'softmoe[hf]'``; tested with transformers 5.23.0.
 
     >>> import softmoe.hf
-    >>> model = softmoe.hf.convert(model, mean_k=2.0)   # e.g. a MixtralForCausalLM
+    >>> model = softmoe.hf.convert(model)               # e.g. a MixtralForCausalLM: same logits
     >>> model.save_pretrained("out")
     >>> model = softmoe.hf.from_pretrained("out")
 
 Each converted block is a :class:`SoftMoEBlock` (a :class:`~softmoe.SoftMoELayer`) at the block's
 place (``model.model.layers[i].mlp``); the budget is ``model.softmoe_budget`` (its ``theta`` is a
 parameter of the model, so optimizers and ``state_dict`` see it); the routing configuration is
-``model.config.softmoe`` and is saved with the model.
-
-To support another architecture, add an adapter to :data:`MOE_ADAPTERS` (MoE models, keyed by
-``config.model_type``) or :data:`DENSE_ADAPTERS` (dense models), e.g.
-``softmoe.hf.DENSE_ADAPTERS["mistral"] = softmoe.hf.DenseAdapter("MistralMLP", "gated")``.
+``model.config.softmoe`` and is saved with the model. How a model is read:
+:mod:`softmoe.hf_adapters`; the routers' gates: :mod:`softmoe.hf_gates`.
 """
 from __future__ import annotations
 
 import copy
 import math
 import os
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
@@ -50,6 +50,12 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
 from . import _checks, ops
 from .budget import GlobalBudget
 from .experts import GroupedExperts
+from .functional import soft_topk
+from .hf_adapters import (
+    DENSE_ADAPTERS, MOE_ADAPTERS, MOE_UNSUPPORTED, BlockParts, DenseAdapter, MoEAdapter, find_moe_blocks,
+    fused_activation, read_block, top_k_of,
+)
+from .hf_gates import Gate
 from .layer import SoftMoELayer
 
 TESTED_TRANSFORMERS = "5.23.0"
@@ -65,7 +71,10 @@ __all__ = [
     "DenseAdapter",
     "HFExperts",
     "MOE_ADAPTERS",
+    "MOE_UNSUPPORTED",
     "MoEAdapter",
+    "LOSSLESS_MARGIN",
+    "SHARP_ALPHA",
     "SoftMoEBlock",
     "SoftMoEBudget",
     "allocation",
@@ -74,86 +83,123 @@ __all__ = [
     "format_stats",
     "from_pretrained",
     "layers",
+    "routing_parameters",
     "stats",
+    "train_routing_only",
     "upcycle",
 ]
 
-FORMAT = 1  # version of the config.softmoe record
+FORMAT = 2  # version of the config.softmoe record (2: the "gate" combine and the routers' gates)
 _ROUTING_KEYS = ("alpha", "eps", "max_active", "combine", "k_min", "learn_k", "learn_alpha")
-_COMBINES = ("normalized", "sum")
+_COMBINES = ("normalized", "sum", "gate")
+
+#: The temperature :func:`convert` starts from, in units of what the router ranks (logits, or
+#: probabilities for routers with a selection bias): below the gaps float32 resolves between two
+#: scores, so the soft top-k is the top-k indicator (measured on 1e5 tokens for each of 8, 16, 64
+#: and 256 experts, logits of standard deviation 1, 4 and 40 and biased sigmoid probabilities:
+#: the active set is the hard top-k, with weights within 2e-5 of 1, for all but 3 of the 2e6
+#: tokens, those whose k-th and (k+1)-th scores are within 2e-7; soft_topk stays finite).
+SHARP_ALPHA = 1e-8
+#: An integral ``mean_k`` K is used as ``K * (1 - LOSSLESS_MARGIN)``: with an integer k the
+#: exact soft top-k keeps a (K+1)-th expert at the truncation edge with a weight of float rounding
+#: (an extra expert per token, whatever alpha); just below K the K-th expert gets ``1 - margin``
+#: and the next is exactly 0, so the weights move by a relative 1e-6.
+LOSSLESS_MARGIN = 1e-6
+
+
+def _soft_count(mean_k: float) -> float:
+    """The soft count the layers and the budget use for ``mean_k`` (see :data:`LOSSLESS_MARGIN`)."""
+    return mean_k * (1.0 - LOSSLESS_MARGIN) if float(mean_k).is_integer() else mean_k
 
 
 # ---- modules ------------------------------------------------------------------------------------
 
 
 class _RawLogitRouter(nn.Module):
-    """Router of a converted block: ``forward(x[N, H]) -> raw logits [N, E]`` (``x @ weight.T``).
+    """Router of a converted block: ``forward(x[N, H]) -> raw logits [N, E]`` (``x @ weight.T + bias``).
 
-    For a converted MoE model it is built as a subclass of the model's own router class (e.g.
-    ``SoftMoEMixtralTopKRouter(MixtralTopKRouter)``), so transformers' ``output_router_logits``
-    hooks, which find routers by class, record its output: the raw logits ``[batch * seq, E]``,
-    in the model's dtype, one tensor per converted layer.
+    transformers' ``output_router_logits`` records its output (the raw logits ``[batch * seq, E]``,
+    one tensor per converted layer; :func:`convert` installs the recording hook). It is not an
+    instance of the model's router class, whose weight initialisation reads that class's buffers
+    (e.g. DeepSeek-V3's ``e_score_correction_bias``, here in the block's gate). ``float32``: the
+    logits are computed in float32 whatever the weights' dtype, as DeepSeek-style routers do.
     """
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        nn.Module.__init__(self)  # not the model router's __init__, which wants a config
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, float32: bool = False) -> None:
+        super().__init__()
         self.num_experts, self.hidden_dim = weight.shape
         self.in_features, self.out_features = self.hidden_dim, self.num_experts
         self.weight = nn.Parameter(weight)
-        self.bias = None
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.float32 = float32
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The logits without the forward hooks (``forward`` records them for transformers)."""
         # ops.matmul: the same bits for any thread count (see softmoe.layer.Router)
         flat = hidden_states.reshape(-1, self.hidden_dim)
-        return ops.matmul(flat, self.weight.t()).reshape(*hidden_states.shape[:-1], self.num_experts)
+        weight, bias = self.weight, self.bias
+        if self.float32:
+            flat, weight = flat.float(), weight.float()
+            bias = bias.float() if bias is not None else None
+        out = ops.matmul(flat, weight.t())
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*hidden_states.shape[:-1], self.num_experts)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.logits(hidden_states)
 
     def extra_repr(self) -> str:
-        return f"hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, returns=raw logits"
-
-
-_ROUTER_CLASSES: dict[type, type] = {}
-
-
-def _router_class(base: type) -> type:
-    """A :class:`_RawLogitRouter` that is also an instance of ``base`` (cached, module-level so it pickles)."""
-    if base is nn.Module or issubclass(base, _RawLogitRouter):
-        return _RawLogitRouter
-    cls = _ROUTER_CLASSES.get(base)
-    if cls is None:
-        name = f"SoftMoE{base.__name__}"
-        cls = type(name, (_RawLogitRouter, base), {"__module__": __name__, "__qualname__": name})
-        _ROUTER_CLASSES[base] = cls
-        globals().setdefault(name, cls)
-    return cls
+        return (f"hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, bias={self.bias is not None}, "
+                f"float32={self.float32}, returns=raw logits")
 
 
 class HFExperts(GroupedExperts):
-    """:class:`~softmoe.GroupedExperts` with any transformers activation (``ACT2FN`` name) and optional biases.
+    """:class:`~softmoe.GroupedExperts` with any transformers activation, optional biases, an
+    experts module's own gated activation, and optionally gated inputs.
 
     Gated (``gated=True``): ``y = (act(x W_gate + b_gate) * (x W_up + b_up)) W_down + b_down`` with
-    ``w_in`` ``[E, d_model, 2 * d_hidden]`` (gate columns first); otherwise
+    ``w_in`` ``[E, d_model, 2 * d_hidden]`` (gate columns first), or ``gate_fn(x W_in + b_in)``
+    (e.g. gpt-oss's clamped SwiGLU on interleaved columns) when given; otherwise
     ``y = act(x W_in + b_in) W_down + b_down`` (e.g. GPT-2's ``gelu_new`` MLP). Biases are
-    ``b_in`` ``[E, width]`` and ``b_out`` ``[E, d_model]`` (``None`` without bias).
+    ``b_in`` ``[E, width]`` and ``b_out`` ``[E, d_model]`` (``None`` without bias). SiLU-gated and
+    exact-GELU experts without biases run softmoe's fused ``expert_ffn`` op.
+
+    ``input_gate`` (Llama 4): each routed row is multiplied by ``sigmoid(x . w_e)`` with ``w_e``
+    its expert's row of the router weight before the expert runs (the router is attached by
+    :class:`SoftMoEBlock`; gradients reach it through these scores).
+
+    Weights are stored ``[E, in, out]`` (``is_transposed``, the flag PEFT's ``target_parameters``
+    LoRA reads to size its adapters).
     """
+
+    is_transposed = True
 
     def __init__(
         self,
         num_experts: int,
         d_model: int,
         d_hidden: int,
-        act: str,
+        act: str | object,
         gated: bool,
         bias: bool,
         *,
+        gate_fn=None,
+        input_gate: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(num_experts, d_model, d_hidden, "swiglu" if gated else "gelu", device=device, dtype=dtype)
-        if act not in ACT2FN:
-            raise ValueError(f"HFExperts: act must be a transformers activation name (ACT2FN), got {act!r}")
+        if isinstance(act, str) and act not in ACT2FN:
+            raise ValueError(f"HFExperts: act must be a transformers activation name (ACT2FN) or a callable, got {act!r}")
+        fused = fused_activation(act, gated) if not (bias or gate_fn is not None or input_gate) else None
+        super().__init__(num_experts, d_model, d_hidden, fused or ("swiglu" if gated else "gelu"), device=device, dtype=dtype)
         self.gated = gated
-        self.act = act
-        self.act_fn = ACT2FN[act]
+        self.act = act if isinstance(act, str) else type(act).__name__ if isinstance(act, nn.Module) else getattr(act, "__name__", repr(act))
+        self.act_fn = ACT2FN[act] if isinstance(act, str) else act
+        self.gate_fn = gate_fn
+        self.fused = fused is not None
+        self.input_gate = bool(input_gate)
+        self._router: nn.Module | None = None
         factory = {"device": device, "dtype": dtype}
         if bias:
             self.b_in = nn.Parameter(torch.zeros(num_experts, self.w_in.shape[-1], **factory))
@@ -162,23 +208,50 @@ class HFExperts(GroupedExperts):
             self.register_parameter("b_in", None)
             self.register_parameter("b_out", None)
 
+    def attach_router(self, router: nn.Module) -> None:
+        """The router whose weight rows gate the inputs (``input_gate``); referenced, not owned."""
+        object.__setattr__(self, "_router", router)
+
     def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        if self.gate_fn is not None:
+            return self.gate_fn(h)
         if self.gated:
             gate, up = h.split(self.d_hidden, dim=-1)
             return self.act_fn(gate) * up
         return self.act_fn(h)
 
+    @staticmethod
+    def _row_experts(xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        # Expert of each row (E for padding rows): no host sync.
+        return torch.bucketize(torch.arange(xs.shape[0], device=xs.device), offsets[1:], right=True)
+
+    def _gate_inputs(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        router = self._router
+        if router is None:
+            raise RuntimeError("HFExperts: input_gate needs a router (SoftMoEBlock attaches it)")
+        rows = self._row_experts(xs, offsets)
+        w = F.pad(router.weight, (0, 0, 0, 1))[rows]
+        logit = (xs.float() * w.float()).sum(-1)
+        if router.bias is not None:
+            logit = logit + F.pad(router.bias, (0, 1))[rows].float()
+        return xs * torch.sigmoid(logit).to(xs.dtype).unsqueeze(-1)
+
     def forward(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        if self.b_in is None:
+        if self.input_gate:
+            xs = self._gate_inputs(xs, offsets)
+        if self.fused:
             return super().forward(xs, offsets)
-        # Expert of each row (E for padding rows, whose bias row is zero): no host sync.
-        rows = torch.bucketize(torch.arange(xs.shape[0], device=xs.device), offsets[1:], right=True)
-        b_in = F.pad(self.b_in, (0, 0, 0, 1))[rows]
-        b_out = F.pad(self.b_out, (0, 0, 0, 1))[rows]
-        h = ops.grouped_mm(xs, self.w_in, offsets) + b_in
-        return ops.grouped_mm(self._activate(h), self.w_out, offsets) + b_out
+        h = ops.grouped_mm(xs, self.w_in, offsets)
+        if self.b_in is not None:
+            rows = self._row_experts(xs, offsets)  # the padding rows' bias row (E) is zero
+            h = h + F.pad(self.b_in, (0, 0, 0, 1))[rows]
+        y = ops.grouped_mm(self._activate(h), self.w_out, offsets)
+        if self.b_out is not None:
+            y = y + F.pad(self.b_out, (0, 0, 0, 1))[rows]
+        return y
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row ``[T, d_model] -> [E, T, d_model]`` (without the input gate)."""
         h = torch.einsum("td,edh->eth", x, self.w_in)
         if self.b_in is not None:
             h = h + self.b_in[:, None]
@@ -186,17 +259,31 @@ class HFExperts(GroupedExperts):
         return y + self.b_out[:, None] if self.b_out is not None else y
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", act={self.act!r}, gated={self.gated}, bias={self.b_in is not None}"
+        extra = f", act={self.act!r}, gated={self.gated}, bias={self.b_in is not None}, fused={self.fused}"
+        if self.gate_fn is not None:
+            extra += ", gate_fn=the experts' _apply_gate"
+        if self.input_gate:
+            extra += ", input_gate=True"
+        return super().extra_repr() + extra
 
 
 class SoftMoEBlock(SoftMoELayer):
     """A transformers MoE block (or dense MLP) with SoftMoE routing; ``forward(h[B, S, H]) -> [B, S, H]``.
 
-    A :class:`~softmoe.SoftMoELayer` plus what the replaced block did around its experts: the
-    shared expert and its sigmoid gate (Qwen2-MoE: ``y = moe(x) + sigmoid(gate(x)) * shared(x)``),
-    multiplicative router jitter in training (Mixtral's ``router_jitter_noise``) and output dropout
-    (GPT-2's ``resid_pdrop``). ``experts`` and ``router_weight`` replace the layer's freshly
-    initialised ones; ``router_class`` is the model's router class (see :class:`_RawLogitRouter`).
+    A :class:`~softmoe.SoftMoELayer` plus what the replaced block did around its experts:
+
+    - ``gate`` (:class:`~softmoe.hf_gates.Gate`): the pretrained router's choice and gate. The soft
+      top-k ranks ``gate.selection(logits)`` (selection bias, group-limited choice) and, with
+      ``combine="gate"``, the experts are weighted by ``gate.weights(logits, p)``; without a gate
+      the layer's own routing applies.
+    - shared experts with an optional sigmoid gate: ``y = moe(x) + sigmoid(g(x)) * shared(x)``
+      (``shared_combine="average"``: their mean), an output norm (``post_norm``),
+      multiplicative router jitter in training (Mixtral's ``router_jitter_noise``), output dropout
+      (GPT-2's ``resid_pdrop``), and ``(output, router_logits)`` returned where the replaced block
+      returned a pair (gpt-oss, Llama 4: their decoder layers keep the first).
+
+    ``experts`` and ``router_weight`` / ``router_bias`` replace the layer's freshly initialised
+    ones (the router is then a :class:`_RawLogitRouter`).
     """
 
     def __init__(
@@ -207,25 +294,52 @@ class SoftMoEBlock(SoftMoELayer):
         *,
         experts: GroupedExperts | None = None,
         router_weight: torch.Tensor | None = None,
-        router_class: type = nn.Module,
+        router_bias: torch.Tensor | None = None,
+        router_float32: bool = False,
+        gate: Gate | None = None,
         shared_expert: nn.Module | None = None,
         shared_expert_gate: nn.Module | None = None,
+        shared_combine: str = "sum",
+        post_norm: nn.Module | None = None,
+        returns_pair: bool = False,
         jitter_noise: float = 0.0,
         dropout: float = 0.0,
         **layer_kwargs,
     ) -> None:
         super().__init__(d_model, d_hidden, num_experts, **layer_kwargs)
+        if shared_combine not in ("sum", "average"):
+            raise ValueError(f"SoftMoEBlock: shared_combine must be 'sum' or 'average', got {shared_combine!r}")
         if experts is not None:
             self.experts = experts
-        if router_weight is not None or router_class is not nn.Module:
+        if router_weight is not None or router_bias is not None or router_float32:
             weight = router_weight if router_weight is not None else self.router.weight.detach()
-            self.router = _router_class(router_class)(weight)
+            self.router = _RawLogitRouter(weight, router_bias, router_float32)
+        if isinstance(self.experts, HFExperts) and self.experts.input_gate:
+            self.experts.attach_router(self.router)
+        self.gate = gate
         self.shared_expert = shared_expert
         self.shared_expert_gate = shared_expert_gate
+        self.shared_combine = shared_combine
+        self.post_norm = post_norm
+        self.returns_pair = bool(returns_pair)
         self.jitter_noise = float(jitter_noise)
         self.dropout = nn.Dropout(dropout) if dropout else None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits ``[T, E]`` (float32, soft-capped if the router does) and routing weights
+        ``p`` ``[T, E]``: the soft top-k of the gate's selection scores."""
+        if self.gate is None:
+            return super().route(x)
+        logits = self.gate.logits(self.router(x).to(torch.float64 if x.dtype == torch.float64 else torch.float32))
+        p = soft_topk(self.gate.selection(logits), self.k, self.alpha, eps=self.eps, max_active=self.max_active)
+        return logits, p
+
+    def combine_weights(self, logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        if self.gate is None or self.combine != "gate":
+            return super().combine_weights(logits, p)
+        return self.gate.weights(logits, p)
+
+    def forward(self, hidden_states: torch.Tensor):
         x = hidden_states
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
@@ -234,9 +348,13 @@ class SoftMoEBlock(SoftMoELayer):
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            y = y + shared
+            y = y + shared if self.shared_combine == "sum" else (y + shared) / 2
+        if self.post_norm is not None:
+            y = self.post_norm(y)
         if self.dropout is not None:
             y = self.dropout(y)
+        if self.returns_pair:
+            return y, self.router.logits(x.reshape(-1, self.d_model))
         return y
 
     # safetensors (save_pretrained) stores tensors only, so the routing configuration that
@@ -280,147 +398,9 @@ class SoftMoEBudget(GlobalBudget):
         return self
 
 
-# ---- adapters ------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Weights:
-    """What a SoftMoEBlock is built from (one replaced block)."""
-
-    w_in: torch.Tensor  # [E, H, W] (gated: gate columns, then up)
-    w_out: torch.Tensor  # [E, I, H]
-    b_in: torch.Tensor | None
-    b_out: torch.Tensor | None
-    act: str
-    gated: bool
-    router_weight: torch.Tensor | None = None  # [E, H]
-    router_class: type = nn.Module
-    shared_expert: nn.Module | None = None
-    shared_expert_gate: nn.Module | None = None
-    jitter_noise: float = 0.0
-    dropout: float = 0.0
-
-    @property
-    def num_experts(self) -> int:
-        return self.w_in.shape[0]
-
-    @property
-    def d_hidden(self) -> int:
-        return self.w_out.shape[1]
-
-
-def _find(model: nn.Module, class_name: str) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if type(m).__name__ == class_name and name]
-
-
-@dataclass(frozen=True)
-class MoEAdapter:
-    """How :func:`convert` reads one MoE architecture's sparse blocks (transformers 5.x layout).
-
-    The block (class name ``block``) holds a router ``router`` with ``weight`` ``[E, H]`` and fused
-    experts ``experts`` with ``gate_up_proj`` ``[E, 2I, H]`` (gate rows first; ``[E, H, 2I]`` if the
-    experts say ``is_transposed``; interleaved if not ``is_concatenated``), ``down_proj``
-    ``[E, H, I]`` and optional ``*_bias``; the activation is ``config.<act>``. Optional: a shared
-    expert added to the routed output, with a sigmoid gate; a config attribute of router jitter.
-    """
-
-    block: str
-    router: str = "gate"
-    experts: str = "experts"
-    top_k: str = "num_experts_per_tok"
-    act: str = "hidden_act"
-    shared_expert: str | None = None
-    shared_expert_gate: str | None = None
-    jitter: str | None = None
-
-    def find(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        return _find(model, self.block)
-
-    def read(self, block: nn.Module, config) -> _Weights:
-        cls = type(block).__name__
-        experts = getattr(block, self.experts)
-        gate = getattr(block, self.router)
-        try:
-            from transformers.integrations.moe import _default_apply_gate
-        except ImportError:  # pragma: no cover
-            _default_apply_gate = None
-        custom = getattr(type(experts), "_apply_gate", _default_apply_gate)
-        if _default_apply_gate is not None and custom is not _default_apply_gate:
-            raise NotImplementedError(f"softmoe.hf: {cls}'s experts use a custom gate activation ({type(experts).__name__}._apply_gate)")
-        if getattr(gate, "bias", None) is not None:
-            raise NotImplementedError(f"softmoe.hf: {cls}'s router has a bias, which SoftMoE routers do not")
-        has_gate = getattr(experts, "has_gate", True)
-        transposed = getattr(experts, "is_transposed", False)
-
-        def layout(w: torch.Tensor) -> torch.Tensor:  # -> [E, in, out]
-            return w if transposed else w.transpose(1, 2)
-
-        w_in = layout(experts.gate_up_proj if has_gate else experts.up_proj)
-        w_out = layout(experts.down_proj)
-        b_in = getattr(experts, "gate_up_proj_bias" if has_gate else "up_proj_bias", None)
-        b_out = getattr(experts, "down_proj_bias", None)
-        if has_gate and not getattr(experts, "is_concatenated", True):  # interleaved gate/up columns
-            w_in = torch.cat([w_in[..., 0::2], w_in[..., 1::2]], dim=-1)
-            b_in = torch.cat([b_in[..., 0::2], b_in[..., 1::2]], dim=-1) if b_in is not None else None
-        return _Weights(
-            w_in=w_in, w_out=w_out, b_in=b_in, b_out=b_out, act=getattr(config, self.act), gated=has_gate,
-            router_weight=gate.weight, router_class=type(gate),
-            shared_expert=getattr(block, self.shared_expert) if self.shared_expert else None,
-            shared_expert_gate=getattr(block, self.shared_expert_gate) if self.shared_expert_gate else None,
-            jitter_noise=float(getattr(config, self.jitter, 0.0) or 0.0) if self.jitter else 0.0,
-        )
-
-
-@dataclass(frozen=True)
-class DenseAdapter:
-    """How :func:`upcycle` reads one dense architecture's MLPs.
-
-    ``kind="gated"``: ``down_proj(act(gate_proj(x)) * up_proj(x))`` with ``nn.Linear`` projections
-    (Llama, Qwen2, Mistral, ...); ``kind="conv1d"``: GPT-2's ``c_proj(act(c_fc(x)))`` with
-    ``Conv1D`` weights ``[in, out]``. Biases are kept. ``act`` and ``dropout`` name config attributes
-    (the activation, and dropout applied to the MLP output in training).
-    """
-
-    mlp: str
-    kind: Literal["gated", "conv1d"]
-    act: str = "hidden_act"
-    dropout: str | None = None
-
-    def find(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        return _find(model, self.mlp)
-
-    def read(self, mlp: nn.Module, config) -> _Weights:
-        act = getattr(config, self.act)
-        dropout = float(getattr(config, self.dropout, 0.0) or 0.0) if self.dropout else 0.0
-        if self.kind == "gated":
-            gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-            for name, lin in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
-                if not isinstance(lin, nn.Linear):
-                    raise NotImplementedError(f"softmoe.hf: {type(mlp).__name__}.{name} is a {type(lin).__name__}, not nn.Linear")
-            w_in = torch.cat([gate.weight.t(), up.weight.t()], dim=-1)[None]
-            b_in = torch.cat([gate.bias, up.bias])[None] if gate.bias is not None else None
-            b_out = down.bias[None] if down.bias is not None else None
-            return _Weights(w_in, down.weight.t()[None], b_in, b_out, act, True, dropout=dropout)
-        if self.kind == "conv1d":
-            fc, proj = mlp.c_fc, mlp.c_proj
-            return _Weights(fc.weight[None], proj.weight[None], fc.bias[None], proj.bias[None], act, False, dropout=dropout)
-        raise ValueError(f"DenseAdapter: kind must be 'gated' or 'conv1d', got {self.kind!r}")
-
-
-#: MoE architectures :func:`convert` supports, keyed by ``config.model_type``.
-MOE_ADAPTERS: dict[str, MoEAdapter] = {
-    "mixtral": MoEAdapter("MixtralSparseMoeBlock", jitter="router_jitter_noise"),
-    "qwen2_moe": MoEAdapter("Qwen2MoeSparseMoeBlock", shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
-    "qwen3_moe": MoEAdapter("Qwen3MoeSparseMoeBlock"),
-    "olmoe": MoEAdapter("OlmoeSparseMoeBlock"),
-}
-
-#: Dense architectures :func:`upcycle` supports, keyed by ``config.model_type``.
-DENSE_ADAPTERS: dict[str, DenseAdapter] = {
-    "llama": DenseAdapter("LlamaMLP", "gated"),
-    "qwen2": DenseAdapter("Qwen2MLP", "gated"),
-    "gpt2": DenseAdapter("GPT2MLP", "conv1d", act="activation_function", dropout="resid_pdrop"),
-}
+def _make_budget(layers: list[SoftMoELayer], spec: dict) -> GlobalBudget:
+    """The one place a converted model's expert budget is created from its routing ``spec``."""
+    return SoftMoEBudget(layers, _soft_count(spec["mean_k"]), k_min=spec["k_min"])
 
 
 # ---- building ------------------------------------------------------------------------------------
@@ -440,25 +420,68 @@ def _check_module(fn: str, model: object) -> None:
         raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def _adapter(fn: str, model: PreTrainedModel, method: str) -> MoEAdapter | DenseAdapter:
-    """The registered adapter for ``model`` (``convert``: MoE, ``upcycle``: dense), or a clear error."""
-    registry, what, hint = {
-        "convert": (MOE_ADAPTERS, "MoE", "For a dense model use softmoe.hf.upcycle; to add an architecture, "
-                    "register a softmoe.hf.MoEAdapter in softmoe.hf.MOE_ADAPTERS."),
-        "upcycle": (DENSE_ADAPTERS, "dense", "For a MoE model use softmoe.hf.convert; to add an architecture, "
-                    "register a softmoe.hf.DenseAdapter in softmoe.hf.DENSE_ADAPTERS."),
-    }[method]
+def _text_config(model: PreTrainedModel):
+    config = model.config
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def _moe_adapter(fn: str, model: PreTrainedModel) -> MoEAdapter:
+    """The model's MoE routing hooks, or a NotImplementedError naming the class and the missing piece."""
     model_type = getattr(model.config, "model_type", None)
-    adapter = registry.get(model_type)
+    what = f"{type(model).__name__} (model_type {model_type!r})"
+    if model_type in MOE_UNSUPPORTED:
+        raise NotImplementedError(f"{fn}: {what} is not supported: {MOE_UNSUPPORTED[model_type]}")
+    adapter = MOE_ADAPTERS.get(model_type)
+    if adapter is not None:
+        return adapter
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        hint = (" For a dense model use softmoe.hf.upcycle." if model_type in DENSE_ADAPTERS else "")
+        raise NotImplementedError(
+            f"{fn}: {what} is not a supported MoE architecture: it has no MoE block with fused experts (an experts "
+            f"module holding 3-D gate_up_proj / up_proj and down_proj weights).{hint}")
+    block = blocks[0][1]
+    router = next((type(getattr(block, n)).__name__ for n in ("gate", "router") if isinstance(getattr(block, n, None), nn.Module)),
+                  "its router")
+    raise NotImplementedError(
+        f"{fn}: {what} is not a supported MoE architecture: its blocks ({type(block).__name__}) are recognised but how "
+        f"{router} chooses and weights experts is not registered; register a softmoe.hf.MoEAdapter in "
+        f"softmoe.hf.MOE_ADAPTERS[{model_type!r}] (supported: {', '.join(sorted(MOE_ADAPTERS))})")
+
+
+def _dense_adapter(fn: str, model: PreTrainedModel) -> DenseAdapter:
+    model_type = getattr(model.config, "model_type", None)
+    adapter = DENSE_ADAPTERS.get(model_type)
     if adapter is None:
         raise NotImplementedError(
-            f"{fn}: {type(model).__name__} (model_type {model_type!r}) is not a supported {what} architecture; "
-            f"supported model_types: {', '.join(sorted(registry))}. {hint}"
-        )
+            f"{fn}: {type(model).__name__} (model_type {model_type!r}) is not a supported dense architecture; "
+            f"supported model_types: {', '.join(sorted(DENSE_ADAPTERS))}. For a MoE model use softmoe.hf.convert; to "
+            f"add an architecture, register a softmoe.hf.DenseAdapter in softmoe.hf.DENSE_ADAPTERS.")
     return adapter
 
 
-def _routing(fn: str, mean_k: object, routing: dict) -> dict:
+def _read_all(fn: str, model: PreTrainedModel, method: str) -> list[tuple[str, BlockParts, nn.Module]]:
+    """``(name, parts, original module)`` of every block to replace, in model order."""
+    if method == "convert":
+        adapter = _moe_adapter(fn, model)
+        found = find_moe_blocks(model)
+        if not found:
+            raise ValueError(f"{fn}: found no MoE block (fused experts) in {type(model).__name__}")
+        config = _text_config(model)
+        try:
+            return [(name, read_block(block, config, adapter), block) for name, block in found]
+        except NotImplementedError as e:
+            raise NotImplementedError(f"{fn}: {type(model).__name__} (model_type {model.config.model_type!r}) is not "
+                                      f"supported: {str(e).removeprefix('softmoe.hf: ')}") from e
+    adapter = _dense_adapter(fn, model)
+    found = adapter.find(model)
+    if not found:
+        raise ValueError(f"{fn}: found no {adapter.mlp} module in {type(model).__name__}")
+    return [(name, adapter.read(module, model.config), module) for name, module in found]
+
+
+def _routing(fn: str, mean_k: object, routing: dict, defaults: dict) -> dict:
     unknown = sorted(set(routing) - set(_ROUTING_KEYS))
     if unknown:
         raise TypeError(f"{fn}: unexpected routing argument(s) {', '.join(unknown)}; allowed: {', '.join(_ROUTING_KEYS)}")
@@ -475,9 +498,9 @@ def _routing(fn: str, mean_k: object, routing: dict) -> dict:
         k_min = _checks.check_number(fn, "k_min", k_min)
         if not (math.isfinite(k_min) and k_min > 0):
             raise ValueError(f"{fn}: k_min must be a finite number > 0, got {k_min}")
-    combine = routing.get("combine", "normalized")
+    combine = routing.get("combine", defaults["combine"])
     if combine not in _COMBINES:
-        raise ValueError(f"{fn}: combine must be 'normalized' or 'sum', got {combine!r}")
+        raise ValueError(f"{fn}: combine must be 'normalized', 'sum' or 'gate', got {combine!r}")
     flags = {}
     for name, default in (("learn_k", True), ("learn_alpha", False)):
         flags[name] = routing.get(name, default)
@@ -486,7 +509,7 @@ def _routing(fn: str, mean_k: object, routing: dict) -> dict:
     return {
         "mean_k": mean_k,
         "k_min": k_min,
-        "alpha": routing.get("alpha", 1.0),
+        "alpha": routing.get("alpha", defaults["alpha"]),
         "eps": routing.get("eps", 1e-2),
         "max_active": routing.get("max_active"),
         "combine": combine,
@@ -494,13 +517,9 @@ def _routing(fn: str, mean_k: object, routing: dict) -> dict:
     }
 
 
-def _block(fn: str, name: str, w: _Weights, spec: dict, noise: float = 0.0) -> SoftMoEBlock:
-    """A SoftMoEBlock from ``w`` (its tensors are copied; ``w.w_in`` etc. with E = 1 are repeated to
-    ``spec["num_experts"]`` experts, with relative Gaussian ``noise``)."""
-    num_experts = spec.get("num_experts", w.num_experts)
-    d_model, d_hidden = w.w_in.shape[1], w.d_hidden
-    ref = w.w_in
-    factory = {"device": ref.device, "dtype": ref.dtype}
+def _experts(parts: BlockParts, num_experts: int, noise: float, factory: dict) -> HFExperts:
+    """:class:`HFExperts` holding copies of ``parts``' weights (E = 1 weights repeated to
+    ``num_experts`` experts with relative Gaussian ``noise``)."""
 
     def expand(t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None:
@@ -514,27 +533,39 @@ def _block(fn: str, name: str, w: _Weights, spec: dict, noise: float = 0.0) -> S
             t = t + (noise * scale * torch.randn(t.shape, device=t.device)).to(t.dtype)
         return t
 
-    plain = w.b_in is None and w.b_out is None and (
-        (w.gated and w.act in ("silu", "swish")) or (not w.gated and w.act == "gelu")
-    )
-    if plain:
-        experts = GroupedExperts(num_experts, d_model, d_hidden, "swiglu" if w.gated else "gelu", **factory)
-    else:
-        experts = HFExperts(num_experts, d_model, d_hidden, w.act, w.gated, w.b_in is not None, **factory)
+    experts = HFExperts(num_experts, parts.w_in.shape[1], parts.d_hidden, parts.act, parts.gated, parts.b_in is not None,
+                        gate_fn=parts.gate_fn, input_gate=parts.gate is not None and parts.gate.on_input, **factory)
     with torch.no_grad():
-        experts.w_in.copy_(expand(w.w_in))
-        experts.w_out.copy_(expand(w.w_out))
-        if w.b_in is not None:
-            experts.b_in.copy_(expand(w.b_in))
-        if w.b_out is not None:
-            experts.b_out.copy_(expand(w.b_out))
-    router_weight = w.router_weight.detach().clone() if w.router_weight is not None else None
+        experts.w_in.copy_(expand(parts.w_in))
+        experts.w_out.copy_(expand(parts.w_out))
+        if parts.b_in is not None:
+            experts.b_in.copy_(expand(parts.b_in))
+        if parts.b_out is not None:
+            experts.b_out.copy_(expand(parts.b_out))
+    return experts
+
+
+def _block(fn: str, name: str, parts: BlockParts, spec: dict, noise: float = 0.0) -> SoftMoEBlock:
+    """A SoftMoEBlock from ``parts`` (its tensors are copied)."""
+    num_experts = spec.get("num_experts", parts.num_experts)
+    factory = {"device": parts.w_in.device, "dtype": parts.w_in.dtype}
+    max_active = spec["max_active"]
+    if max_active is None:  # the layer's default, within the experts a token can choose from
+        max_active = min(parts.eligible if spec.get("num_experts") is None else num_experts, math.ceil(spec["mean_k"]) + 2)
+    elif parts.eligible < parts.num_experts and max_active > parts.eligible and spec.get("num_experts") is None:
+        raise ValueError(f"{fn}: max_active must be <= {parts.eligible}, the experts a token of {name} can choose "
+                         f"from (group-limited routing), got {max_active}")
+    clone = (lambda t: t.detach().clone() if t is not None else None)
+    gate = copy.deepcopy(parts.gate)
     try:
         return SoftMoEBlock(
-            d_model, d_hidden, num_experts, experts=experts, router_weight=router_weight,
-            router_class=w.router_class, shared_expert=w.shared_expert, shared_expert_gate=w.shared_expert_gate,
-            jitter_noise=w.jitter_noise, dropout=w.dropout,
-            k=spec["mean_k"], alpha=spec["alpha"], eps=spec["eps"], max_active=spec["max_active"],
+            parts.w_in.shape[1], parts.d_hidden, num_experts, experts=_experts(parts, num_experts, noise, factory),
+            router_weight=clone(parts.router_weight), router_bias=clone(parts.router_bias),
+            router_float32=parts.router_float32, gate=gate,
+            shared_expert=parts.shared_expert, shared_expert_gate=parts.shared_expert_gate,
+            shared_combine=parts.shared_combine, post_norm=parts.post_norm,
+            returns_pair=parts.returns_pair, jitter_noise=parts.jitter_noise, dropout=parts.dropout,
+            k=_soft_count(spec["mean_k"]), alpha=spec["alpha"], eps=spec["eps"], max_active=max_active,
             combine=spec["combine"], learn_k=spec["learn_k"], learn_alpha=spec["learn_alpha"], k_min=spec["k_min"],
             **factory,
         )
@@ -544,14 +575,11 @@ def _block(fn: str, name: str, w: _Weights, spec: dict, noise: float = 0.0) -> S
 
 def _apply(fn: str, model: PreTrainedModel, method: str, spec: dict, noise: float = 0.0, own_config: bool = True) -> PreTrainedModel:
     """Builds every block first (so a bad argument leaves the model untouched), then swaps them in."""
-    adapter = _adapter(fn, model, method)
-    found = adapter.find(model)
-    if not found:
-        wanted = adapter.block if isinstance(adapter, MoEAdapter) else adapter.mlp
-        raise ValueError(f"{fn}: found no {wanted} module in {type(model).__name__}")
-    if spec.get("layers") is not None and spec["layers"] != [name for name, _ in found]:
-        raise ValueError(f"{fn}: the saved SoftMoE layers {spec['layers']} are not this model's blocks {[n for n, _ in found]}")
-    num_experts = adapter.read(found[0][1], model.config).num_experts if method == "convert" else spec["num_experts"]
+    found = _read_all(fn, model, method)
+    if spec.get("layers") is not None and spec["layers"] != [name for name, _, _ in found]:
+        raise ValueError(f"{fn}: the saved SoftMoE layers {spec['layers']} are not this model's blocks "
+                         f"{[n for n, _, _ in found]}")
+    num_experts = found[0][1].num_experts if method == "convert" else spec["num_experts"]
     mean_k, k_min, max_active = spec["mean_k"], spec["k_min"], spec["max_active"]
     if not 0 < mean_k < num_experts:
         raise ValueError(f"{fn}: mean_k must satisfy 0 < mean_k < num_experts (= {num_experts}), got {mean_k}")
@@ -559,12 +587,11 @@ def _apply(fn: str, model: PreTrainedModel, method: str, spec: dict, noise: floa
         raise ValueError(f"{fn}: mean_k must be > k_min (= {k_min}, the floor of every layer's k), got {mean_k}")
     if isinstance(max_active, int) and not mean_k < max_active:
         raise ValueError(f"{fn}: mean_k must be < max_active (= {max_active}), got {mean_k}")
-    blocks = [(name, _block(fn, name, adapter.read(module, model.config), spec, noise).train(module.training))
-              for name, module in found]
+    blocks = [(name, _block(fn, name, parts, spec, noise).train(module.training)) for name, parts, module in found]
     new_budget = None
     if spec["learn_k"]:
         try:
-            new_budget = SoftMoEBudget([b for _, b in blocks], spec["mean_k"], k_min=spec["k_min"])
+            new_budget = _make_budget([b for _, b in blocks], spec)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{fn}: {e}") from e
     spec = dict(spec, max_active=blocks[0][1].max_active, layers=[name for name, _ in blocks])
@@ -586,24 +613,26 @@ def _apply(fn: str, model: PreTrainedModel, method: str, spec: dict, noise: floa
 
 
 def _hook_routers(model: PreTrainedModel, blocks: list[tuple[str, SoftMoEBlock]]) -> None:
-    """transformers installs its output-recording hooks once per model; if they are already in
-    (``output_router_logits`` was used before the conversion), hook the new routers too."""
+    """Makes transformers record every converted router's logits under ``output_router_logits``.
+
+    Its recording hooks are installed once per model, on the modules of the classes the model's
+    ``_can_record_outputs`` names: install them now (a no-op if a forward already did), then hook
+    each converted router of a model that records router logits."""
     try:
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, install_output_capuring_hook
+        from transformers.utils.output_capturing import (
+            _CAN_RECORD_REGISTRY, install_output_capuring_hook, maybe_install_capturing_hooks,
+        )
     except ImportError:  # pragma: no cover
         return
     owners = [(name, m) for name, m in model.named_modules() if isinstance(m, PreTrainedModel)]
     for name, block in blocks:
         candidates = [(n, m) for n, m in owners if n == "" or name.startswith(n + ".")]
         owner = max(candidates, key=lambda c: len(c[0]))[1]
-        if not getattr(owner, "_output_capturing_hooks_installed", False):
+        if not _CAN_RECORD_REGISTRY.get(owner).get("router_logits"):
             continue
-        specs = _CAN_RECORD_REGISTRY.get(owner).get("router_logits")
-        for spec in specs if isinstance(specs, list) else [specs]:
-            target = getattr(spec, "target_class", None)
-            if isinstance(target, type) and isinstance(block.router, target):
-                install_output_capuring_hook(block.router, "router_logits", getattr(spec, "index", 0))
-                break
+        maybe_install_capturing_hooks(owner)
+        if not any(getattr(h, "__name__", "") == "output_capturing_hook" for h in block.router._forward_hooks.values()):
+            install_output_capuring_hook(block.router, "router_logits", 0)  # the output is the logits tensor
 
 
 # ---- public API ----------------------------------------------------------------------------------
@@ -614,40 +643,50 @@ def convert(model: PreTrainedModel, mean_k: float | None = None, **routing) -> P
 
     Each sparse block becomes a :class:`SoftMoEBlock` holding the block's own experts (the fused
     ``gate_up_proj`` / ``down_proj`` copied into the :class:`~softmoe.GroupedExperts` layout, same
-    activation), its router weight (copied) and its shared expert and gate (the same modules,
-    added as the original block does), so fine-tuning starts from the pretrained model. The
-    layers' soft expert counts ``k_l`` are learned under one :class:`SoftMoEBudget`
-    (``model.softmoe_budget``, with ``sum_l k_l = L * mean_k``). Dense layers (Qwen2-MoE's
-    ``mlp_only_layers``) are left as they are. The model is modified in place and returned.
+    activation), its router weight (and bias) copied, its gate (:class:`~softmoe.hf_gates.Gate`:
+    softmax or sigmoid scores, selection bias, group-limited choice, renormalisation, routed
+    scaling factor) and its shared experts (the same modules, combined as the block does). The
+    layers' soft expert counts ``k_l`` are learned under one budget (``model.softmoe_budget``,
+    ``sum_l k_l = L * mean_k``). Dense layers (e.g. Qwen2-MoE's ``mlp_only_layers``) are left as
+    they are. The model is modified in place and returned.
+
+    **Lossless by default**: with ``mean_k`` the model's top-k (used as top-k times
+    ``1 - LOSSLESS_MARGIN``), ``alpha =`` :data:`SHARP_ALPHA` and ``combine="gate"``, every
+    token's active experts are its top-k and their weights are the model's gate, so the
+    converted model computes the same logits (tested on every supported family in float32 with
+    router logits spread like trained ones: within 1e-3 relative, KL below 1e-5 nats per token,
+    the same greedy generation). Training then moves the allocation (and, with ``learn_alpha``,
+    the temperature).
 
     Args:
-        model: a transformers MoE model whose ``config.model_type`` is in :data:`MOE_ADAPTERS`
-            (``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe``), e.g. ``MixtralForCausalLM``.
+        model: a transformers MoE model whose ``config.model_type`` is in :data:`MOE_ADAPTERS`.
         mean_k: mean soft number of experts per token and layer, ``k_min < mean_k < num_experts``
-            (and below each layer's ``max_active - 1``); default the model's ``num_experts_per_tok``.
-        **routing: ``alpha`` (LapSum temperature, default 1.0, in units of the router logits),
-            ``eps`` (truncation, default 1e-2), ``max_active`` (cap on active experts per token,
-            default ``min(E, ceil(mean_k) + 2)``), ``combine`` (``"normalized"``, default, or
-            ``"sum"``), ``k_min`` (floor of every ``k_l``, default ``min(1, mean_k / 2)``),
-            ``learn_k`` (default True; False gives every layer a fixed ``k = mean_k`` and no
-            budget), ``learn_alpha`` (default False).
+            (and below each layer's ``max_active - 1``); default the model's top-k
+            (``num_experts_per_tok``). An integral ``mean_k`` K is used as
+            ``K * (1 - LOSSLESS_MARGIN)`` (see :data:`LOSSLESS_MARGIN`).
+        **routing: ``alpha`` (LapSum temperature in units of what the router ranks, default
+            :data:`SHARP_ALPHA`), ``eps`` (truncation, default 1e-2), ``max_active`` (cap on
+            active experts per token, default ``min(E, ceil(mean_k) + 2)``, within the groups a
+            token can choose from), ``combine`` (``"gate"``, default: the model's gate modulated
+            by the soft top-k; ``"normalized"``: ``p / k``; ``"sum"``: ``p``), ``k_min`` (floor of
+            every ``k_l``, default ``min(1, mean_k / 2)``), ``learn_k`` (default True; False
+            gives every layer a fixed ``k = mean_k`` and no budget), ``learn_alpha`` (default False).
 
-    ``output_router_logits=True`` keeps working: each converted router is an instance of the
-    model's router class, so transformers records its output, the raw router logits
-    ``[batch * seq, E]`` per converted layer, and the model's own ``aux_loss`` (its top-k load
-    balancing loss on those logits) is computed from them as before. SoftMoE's own per-layer
-    statistics are in :func:`stats`.
+    ``output_router_logits=True`` keeps working: transformers records each converted router's
+    output, the raw router logits ``[batch * seq, E]`` per converted layer, and the model's own
+    ``aux_loss`` is computed from them as before. SoftMoE's own per-layer statistics are in :func:`stats`.
 
     Raises:
-        NotImplementedError: the architecture is not supported (the message names the model class).
+        NotImplementedError: the architecture is not supported (the message names the class and
+            what softmoe cannot reproduce).
         ValueError / TypeError: bad arguments (e.g. ``mean_k`` out of range), the model already converted.
     """
     fn = "softmoe.hf.convert"
     _check_model(fn, model)
-    adapter = _adapter(fn, model, "convert")
+    adapter = _moe_adapter(fn, model)
     if mean_k is None:
-        mean_k = getattr(model.config, adapter.top_k)
-    return _apply(fn, model, "convert", _routing(fn, mean_k, routing))
+        mean_k = top_k_of(_text_config(model), adapter)
+    return _apply(fn, model, "convert", _routing(fn, mean_k, routing, {"alpha": SHARP_ALPHA, "combine": "gate"}))
 
 
 def upcycle(model: PreTrainedModel, num_experts: int, mean_k: float = 2.0, noise: float = 0.0, **routing) -> PreTrainedModel:
@@ -667,7 +706,7 @@ def upcycle(model: PreTrainedModel, num_experts: int, mean_k: float = 2.0, noise
         mean_k: mean soft number of experts per token and layer, ``k_min < mean_k < num_experts``.
         noise: relative std of Gaussian noise added to each expert's copy (``noise * std(W)``),
             to break the symmetry between experts; 0 keeps exact copies.
-        **routing: as in :func:`convert`.
+        **routing: as in :func:`convert`, with defaults ``alpha=1.0`` and ``combine="normalized"``.
     """
     fn = "softmoe.hf.upcycle"
     _check_model(fn, model)
@@ -675,9 +714,46 @@ def upcycle(model: PreTrainedModel, num_experts: int, mean_k: float = 2.0, noise
     noise = _checks.check_number(fn, "noise", noise)
     if not (math.isfinite(noise) and noise >= 0):
         raise ValueError(f"{fn}: noise must be a finite float >= 0, got {noise!r}")
-    _adapter(fn, model, "upcycle")
-    spec = dict(_routing(fn, mean_k, routing), num_experts=num_experts)
+    _dense_adapter(fn, model)
+    spec = dict(_routing(fn, mean_k, routing, {"alpha": 1.0, "combine": "normalized"}), num_experts=num_experts)
     return _apply(fn, model, "upcycle", spec, float(noise))
+
+
+def routing_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that steer routing in a converted or upcycled model: every SoftMoE block's
+    router weight (and bias), its own ``k_logit`` when it is learned without a budget, its
+    ``log_alpha`` when learned (``learn_alpha=True``), and the budget's ``theta``. Shared experts'
+    gates are not included (they weight an always-active expert, not a choice)."""
+    _check_module("softmoe.hf.routing_parameters", model)
+    params: list[nn.Parameter] = []
+    for layer in layers(model):
+        params.append(layer.router.weight)
+        if layer.router.bias is not None:
+            params.append(layer.router.bias)
+        for name in ("k_logit", "log_alpha"):
+            value = getattr(layer, name)
+            if isinstance(value, nn.Parameter) and not (name == "k_logit" and layer._budget is not None):
+                params.append(value)
+    b = budget(model)
+    if b is not None:
+        params.extend(b.parameters())
+    return params
+
+
+def train_routing_only(model: nn.Module) -> list[nn.Parameter]:
+    """Freezes every parameter of ``model`` except :func:`routing_parameters` (experts, attention,
+    embeddings, shared experts and norms stop training) and returns those, for the optimizer.
+    Fine-tuning then costs the forward and the backward through the network, but no optimizer
+    state and no weight gradients for the experts."""
+    fn = "softmoe.hf.train_routing_only"
+    _check_module(fn, model)
+    keep = routing_parameters(model)
+    if not keep:
+        raise ValueError(f"{fn}: {type(model).__name__} has no SoftMoE layers (convert or upcycle it first)")
+    ids = {id(p) for p in keep}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    return keep
 
 
 def _rebuild_class(base: type) -> type:

@@ -12,7 +12,7 @@ from .ops import soft_topk
 if TYPE_CHECKING:  # pragma: no cover
     from .parallel import ExpertGroup, ExpertShard
 
-Combine = Literal["normalized", "sum"]
+Combine = Literal["normalized", "sum", "gate"]
 
 # Router logits start with this standard deviation, in units of alpha, for unit-variance inputs.
 # Measured (E = 8 / 64, k = 2, eps = 1e-2): at 1 the truncated routing is dense (all 8 / 52 of 64
@@ -40,7 +40,10 @@ class SoftMoELayer(nn.Module):
     Per token, ``p = soft_topk(router(x), k, alpha, eps, max_active)`` gives expert weights in
     [0, 1] that sum to ``k`` with exact zeros outside at most ``max_active`` experts; only active
     (token, expert) pairs are computed: ``y = sum_{i: p_i > 0} w_i * Expert_i(x)`` with
-    ``w = p / k`` (``combine="normalized"``, total weight 1) or ``w = p`` (``"sum"``, total k).
+    ``w = p / k`` (``combine="normalized"``, total weight 1), ``w = p`` (``"sum"``, total k) or
+    ``w_i = p_i g_i / sum_j p_j g_j`` with ``g = softmax(logits)`` (``"gate"``: the router's own
+    gate scores modulated by the soft top-k, total weight 1; as alpha -> 0 with an integer k this is
+    the softmax renormalised over the top-k, the gate of Mixtral-style routers).
     Routing uses no other token, so the layer is causal.
 
     Args:
@@ -52,7 +55,7 @@ class SoftMoELayer(nn.Module):
         eps: truncation level in ``(0, 0.5)``; smaller keeps more experts active.
         max_active: cap on active experts per token; default ``min(E, ceil(k) + 2)``.
         activation: ``"swiglu"`` or ``"gelu"`` experts.
-        combine: ``"normalized"`` or ``"sum"``.
+        combine: ``"normalized"``, ``"sum"`` or ``"gate"`` (see :meth:`combine_weights`).
         learn_k: make k a trained parameter (else a fixed buffer).
         learn_alpha: make alpha a trained parameter (kept positive: stored as log alpha). The
             operator depends on logits / alpha only, so with a trained router this is rarely needed.
@@ -92,8 +95,8 @@ class SoftMoELayer(nn.Module):
         fn = "SoftMoELayer"
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
             _checks.check_int(fn, name, value)
-        if combine not in ("normalized", "sum"):
-            raise ValueError(f"{fn}: combine must be 'normalized' or 'sum', got {combine!r}")
+        if combine not in ("normalized", "sum", "gate"):
+            raise ValueError(f"{fn}: combine must be 'normalized', 'sum' or 'gate', got {combine!r}")
         _checks.check_activation(fn, activation)
         _checks.check_module_dtype(fn, dtype)
         _checks.check_bool(fn, "learn_k", learn_k)
@@ -176,12 +179,27 @@ class SoftMoELayer(nn.Module):
         p = soft_topk(logits, self.k, self.alpha, eps=self.eps, max_active=self.max_active)
         return logits, p
 
+    def combine_weights(self, logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Combine weights ``[T, E]`` of the experts from router ``logits`` and routing weights ``p``
+        (both ``[T, E]``; only entries where ``p > 0`` are used).
+
+        ``"gate"`` multiplies p by the router's gate scores ``softmax(logits)`` and renormalises:
+        gradients reach the router through both factors and k / alpha through p, and where p is the
+        hard top-k indicator it is exactly the softmax renormalised over the top-k.
+        """
+        if self.combine == "normalized":
+            return p / self.k
+        if self.combine == "sum":
+            return p
+        gated = p * torch.softmax(logits, dim=-1)
+        return gated / gated.sum(-1, keepdim=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _checks.check_layer_input("SoftMoELayer", x, self.d_model, self.router.weight)
         shape = x.shape
         tokens = x.reshape(-1, self.d_model)
         logits, p = self.route(tokens)
-        weights = p / self.k if self.combine == "normalized" else p
+        weights = self.combine_weights(logits, p)
         plan = ops.dispatch_plan(p, self.max_active)
         if not torch.compiler.is_compiling() and p.device.type != "meta":
             # Eager code can afford to read the routed count: the expert buffers then hold N rows

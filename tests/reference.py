@@ -380,7 +380,8 @@ def reference_softmoe_layer(layer, x: torch.Tensor) -> torch.Tensor:
     """SoftMoELayer(x) by its definition, token by token (float64 result, shape of x).
 
     y_t = sum_{i : p_i > 0} w_i * Expert_i(x_t), in expert order, with p the per-token soft top-k
-    of the router logits and w_i = p_i / k (combine="normalized") or p_i (combine="sum").
+    of the router logits and w_i = p_i / k (combine="normalized"), p_i (combine="sum") or
+    p_i g_i / sum_{j : p_j > 0} p_j g_j with g the softmax of the logits (combine="gate").
     """
     d_model = layer.router.weight.shape[1]
     tokens = x.reshape(-1, d_model)
@@ -389,10 +390,18 @@ def reference_softmoe_layer(layer, x: torch.Tensor) -> torch.Tensor:
     for t in range(tokens.shape[0]):
         x_t = tokens[t]
         p = reference_softmoe_routing(layer, x_t)
+        if layer.combine == "gate":
+            logits = layer.router.weight.to(torch.float64) @ x_t.to(torch.float64)
+            g = torch.exp(logits - logits.max())
+            g = g / g.sum()
+            gated_total = sum(p[e] * g[e] for e in range(p.shape[0]) if p[e].item() > 0.0)
         acc = torch.zeros(d_model, dtype=torch.float64)
         for e in range(p.shape[0]):
             if p[e].item() > 0.0:
-                w = p[e] / k if layer.combine == "normalized" else p[e]
+                if layer.combine == "gate":
+                    w = p[e] * g[e] / gated_total
+                else:
+                    w = p[e] / k if layer.combine == "normalized" else p[e]
                 acc = acc + w * reference_expert(layer.experts, e, x_t)
         rows.append(acc)
     if not rows:

@@ -121,7 +121,7 @@ SETUP = textwrap.dedent(
     """
 )
 
-ST, L, LF, GB, DP, GR, CR, GM, EF, MM, TK, TKF, SL, SLF, HC, HU, HP, HR = (
+ST, L, LF, GB, DP, GR, CR, GM, EF, MM, TK, TKF, SL, SLF, HC, HU, HP, HR, HT = (
     "softmoe.soft_topk",
     "SoftMoELayer(...)",
     "SoftMoELayer.forward",
@@ -140,9 +140,10 @@ ST, L, LF, GB, DP, GR, CR, GM, EF, MM, TK, TKF, SL, SLF, HC, HU, HP, HR = (
     "softmoe.hf.upcycle",
     "softmoe.hf.from_pretrained",
     "softmoe.hf.layers / budget / allocation / stats / format_stats",
+    "softmoe.hf.routing_parameters / train_routing_only",
 )
-APIS = (ST, L, LF, GB, DP, GR, CR, GM, EF, MM, TK, TKF, SL, SLF, HC, HU, HP, HR)
-HF_APIS = (HC, HU, HP, HR)  # need transformers: skipped without it
+APIS = (ST, L, LF, GB, DP, GR, CR, GM, EF, MM, TK, TKF, SL, SLF, HC, HU, HP, HR, HT)
+HF_APIS = (HC, HU, HP, HR, HT)  # need transformers: skipped without it
 
 R, V, NA = Raises, Returns, NotApplicable
 FLOATS = "float32, float64, bfloat16 or float16"
@@ -288,7 +289,7 @@ CASES = [
     Case(L, "type", "k_max is a str", "layer(k_max='3')", R("TypeError", "SoftMoELayer: k_max must be a float, got str")),
     Case(L, "type", "learn_k is a str", "layer(learn_k='no')", R("TypeError", "SoftMoELayer: learn_k must be a bool, got str")),
     Case(L, "type", "unknown combine", "layer(combine='mean')",
-         R("ValueError", "SoftMoELayer: combine must be 'normalized' or 'sum', got 'mean'")),
+         R("ValueError", "SoftMoELayer: combine must be 'normalized', 'sum' or 'gate', got 'mean'")),
     Case(L, "type", "unknown activation", "layer(activation='relu')",
          R("ValueError", "SoftMoELayer: activation must be 'swiglu' or 'gelu', got 'relu'")),
     Case(L, "type", "activation is None", "layer(activation=None)",
@@ -735,7 +736,7 @@ CASES = [
     Case(HC, "type", "learn_k is a str", "hf().convert(tiny(), learn_k='no')",
          R("TypeError", "softmoe.hf.convert: learn_k must be a bool, got str")),
     Case(HC, "type", "unknown combine", "hf().convert(tiny(), combine='mean')",
-         R("ValueError", "softmoe.hf.convert: combine must be 'normalized' or 'sum', got 'mean'")),
+         R("ValueError", "softmoe.hf.convert: combine must be 'normalized', 'sum' or 'gate', got 'mean'")),
     Case(HC, "dtype", "a bfloat16 model", "hf().convert(tiny().to(torch.bfloat16))",
          V("bfloat16 blocks; the budget's theta stays float32",
            "out.model.layers[0].mlp.router.weight.dtype == torch.bfloat16 and out.softmoe_budget.theta.dtype == torch.float32")),
@@ -760,9 +761,9 @@ CASES = [
          R("ValueError", "softmoe.hf.convert: cannot build the SoftMoE layer for model.layers.0.mlp: SoftMoELayer: alpha "
                          "must be a finite number > 0, got inf")),
     Case(HC, "empty", "no MoE block (every layer dense)", "hf().convert(tiny('qwen2_moe', mlp_only_layers=[0]))",
-         R("ValueError", "softmoe.hf.convert: found no Qwen2MoeSparseMoeBlock module in Qwen2MoeForCausalLM")),
+         R("ValueError", "softmoe.hf.convert: found no MoE block (fused experts) in Qwen2MoeForCausalLM")),
     Case(HC, "empty", "no layers", "hf().convert(tiny(num_hidden_layers=0))",
-         R("ValueError", "softmoe.hf.convert: found no MixtralSparseMoeBlock module in MixtralForCausalLM")),
+         R("ValueError", "softmoe.hf.convert: found no MoE block (fused experts) in MixtralForCausalLM")),
     # ---- softmoe.hf.upcycle ------------------------------------------------------------------------
     Case(HU, "type", "model is None", "hf().upcycle(None, 4)",
          R("TypeError", "softmoe.hf.upcycle: model must be a transformers PreTrainedModel, got NoneType")),
@@ -820,14 +821,29 @@ CASES = [
     Case(HR, "device", "-", "None", NA("no tensor arguments")),
     Case(HR, "shape", "-", "None", NA("no tensor arguments")),
     Case(HR, "range", "stats before the first forward", "hf().stats(hf().convert(tiny()))",
-         V("`k` per layer; `active`, `tokens_per_expert` and `router_entropy` are None",
-           "out[0]['k'] == 2.0 and out[0]['active'] is None and out[0]['tokens_per_expert'] is None")),
+         V("`k` per layer (the model's top-k less a relative 1e-6); `active`, `tokens_per_expert` and `router_entropy` are None",
+           "abs(out[0]['k'] - 2.0) < 1e-5 and out[0]['active'] is None and out[0]['tokens_per_expert'] is None")),
     Case(HR, "range", "allocation without a budget (learn_k=False)", "hf().allocation(hf().convert(tiny(), learn_k=False))",
-         V("the fixed k of every layer (budget() is None)", "out.tolist() == [2.0]")),
+         V("the fixed k of every layer (budget() is None)", "abs(out[0].item() - 2.0) < 1e-5 and out.shape == (1,)")),
     Case(HR, "NaN/inf", "-", "None", NA("no float arguments")),
     Case(HR, "empty", "allocation of a model without SoftMoE layers", "hf().allocation(torch.nn.Linear(2, 2))",
          R("ValueError", "softmoe.hf.allocation: Linear has no SoftMoE layers")),
     Case(HR, "empty", "stats of a model without SoftMoE layers", "hf().stats(torch.nn.Linear(2, 2))", V("[]", "out == []")),
+    # ---- softmoe.hf.routing_parameters / train_routing_only ---------------------------------------------
+    Case(HT, "type", "routing_parameters(None)", "hf().routing_parameters(None)",
+         R("TypeError", "softmoe.hf.routing_parameters: model must be a torch.nn.Module, got NoneType")),
+    Case(HT, "type", "train_routing_only of a str", "hf().train_routing_only('model')",
+         R("TypeError", "softmoe.hf.train_routing_only: model must be a torch.nn.Module, got str")),
+    Case(HT, "dtype", "-", "None", NA("no tensor arguments")),
+    Case(HT, "device", "-", "None", NA("no tensor arguments")),
+    Case(HT, "shape", "-", "None", NA("no tensor arguments")),
+    Case(HT, "range", "a model converted with learn_k=False", "hf().routing_parameters(hf().convert(tiny(), learn_k=False))",
+         V("the router weight of every layer (k is fixed: no budget, no k_logit)", "len(out) == 1 and out[0].shape == (4, 16)")),
+    Case(HT, "NaN/inf", "-", "None", NA("no float arguments")),
+    Case(HT, "empty", "train_routing_only of a model without SoftMoE layers", "hf().train_routing_only(torch.nn.Linear(2, 2))",
+         R("ValueError", "softmoe.hf.train_routing_only: Linear has no SoftMoE layers (convert or upcycle it first)")),
+    Case(HT, "empty", "routing_parameters of a model without SoftMoE layers",
+         "hf().routing_parameters(torch.nn.Linear(2, 2))", V("[]", "out == []")),
 ]
 
 RUNNABLE = [c for c in CASES if not isinstance(c.expect, NotApplicable)]

@@ -1,8 +1,12 @@
 """softmoe.hf on tiny randomly initialised transformers models built from configs (no downloads):
-convert (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) and upcycle (Llama, Qwen2, GPT-2): the experts and
-router kept, forward, router-logit recording, generate with and without KV cache, backward to
-router / budget / experts, save_pretrained -> softmoe.hf.from_pretrained with identical logits, a
-few fine-tuning steps on the bundled text, the budget invariant, and argument errors."""
+convert (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; the routers' gates of DeepSeek-V3, gpt-oss, Llama 4,
+PhiMoE, MiniMax) and upcycle (Llama, Qwen2, GPT-2): the experts and router kept, forward,
+router-logit recording, generate with and without KV cache, backward to router / budget /
+experts, save_pretrained -> softmoe.hf.from_pretrained with identical logits, a few fine-tuning
+steps on the bundled text, the budget invariant, fine-tuning the routing alone, PEFT LoRA on the
+experts, gradient checkpointing, torch.compile, and argument errors. Losslessness across every
+architecture: tests/test_hf_architectures.py."""
+import copy
 import importlib
 import sys
 
@@ -15,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 import softmoe  # noqa: E402
 import softmoe.hf as H  # noqa: E402
 from softmoe import tiny_lm  # noqa: E402
+from test_hf_architectures import SMALL, _quiet, _spread_routers, tiny_config  # noqa: E402
 
 VOCAB = 256  # byte-level: the bundled text's bytes are the token ids
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
@@ -52,6 +57,8 @@ MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 DENSE = ["llama", "qwen2", "gpt2"]
 ALL = [("convert", a) for a in MOE] + [("upcycle", a) for a in DENSE]
 IDS = [a for _, a in ALL]
+BLOCKS = {"mixtral": "MixtralSparseMoeBlock", "qwen2_moe": "Qwen2MoeSparseMoeBlock", "qwen3_moe": "Qwen3MoeSparseMoeBlock",
+          "olmoe": "OlmoeSparseMoeBlock"}
 CONVERTED_LAYERS = {"mixtral": 2, "qwen2_moe": 2, "qwen3_moe": 2, "olmoe": 2, "llama": 2, "qwen2": 2, "gpt2": 2}
 
 
@@ -69,8 +76,8 @@ def build(method, arch, seed=0, **routing):
     return original, model
 
 
-def tokens(batch=2, length=12, seed=0):
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+def tokens(batch=2, length=12, seed=0, vocab=VOCAB):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -94,7 +101,7 @@ def text():
 @pytest.mark.parametrize("arch", MOE)
 def test_convert_keeps_experts_router_and_shared_experts(arch):
     original, model = build("convert", arch)
-    blocks = [(n, m) for n, m in original.named_modules() if type(m).__name__ == H.MOE_ADAPTERS[arch].block]
+    blocks = [(n, m) for n, m in original.named_modules() if type(m).__name__ == BLOCKS[arch]]
     converted = H.layers(model)
     assert len(converted) == len(blocks) == CONVERTED_LAYERS[arch]
     assert model.config.softmoe["layers"] == [n for n, _ in blocks]
@@ -102,7 +109,6 @@ def test_convert_keeps_experts_router_and_shared_experts(arch):
     for (name, block), layer in zip(blocks, converted):
         assert model.get_submodule(name) is layer and isinstance(layer, softmoe.SoftMoELayer)
         torch.testing.assert_close(layer.router.weight, block.gate.weight, rtol=0, atol=0)
-        assert isinstance(layer.router, type(block.gate))  # found by transformers' router-logit recorder
         ex = block.experts
         torch.testing.assert_close(layer.experts.w_in, ex.gate_up_proj.transpose(1, 2), rtol=0, atol=0)
         torch.testing.assert_close(layer.experts.w_out, ex.down_proj.transpose(1, 2), rtol=0, atol=0)
@@ -323,6 +329,174 @@ def test_bfloat16_keeps_budget_and_k_in_float32(tmp_path):
         assert torch.isfinite(m.softmoe_budget.theta.grad).all()
 
 
+# ---- pretrained gates: save / load, router logits, dtypes -------------------------------------------
+
+
+GATED = ["deepseek_v3", "gpt_oss", "llama4_text", "phimoe", "minimax"]
+
+
+def gated_pair(model_type):
+    """(original, converted) tiny model of another family, routers spread as trained ones are."""
+    _quiet()
+    config = tiny_config(model_type)
+    torch.manual_seed(0)
+    original = transformers.AutoModelForCausalLM.from_config(config).eval()
+    _spread_routers(original, tokens(length=16, vocab=SMALL['vocab_size']))
+    return original, H.convert(copy.deepcopy(original))
+
+
+@pytest.mark.parametrize("model_type", GATED)
+def test_gated_families_round_trip_and_record_router_logits(model_type, tmp_path):
+    original, model = gated_pair(model_type)
+    layer = H.layers(model)[0]
+    assert layer.combine == "gate" and layer.gate is not None
+    ids = tokens(vocab=SMALL['vocab_size'])
+    with torch.no_grad():
+        want = model(ids).logits
+        torch.testing.assert_close(want, original(ids).logits, rtol=1e-4, atol=1e-5)
+        out = model(ids, output_router_logits=True)
+    # every converted router is recorded (MiniMax's recorder also wants the module name mlp.gate)
+    assert len(out.router_logits) == len(H.layers(model))
+    assert all(t.shape == (ids.numel(), layer.num_experts) for t in out.router_logits)
+    model.save_pretrained(tmp_path)
+    loaded = H.from_pretrained(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=0)
+    if layer.gate.bias is not None:  # the selection bias travels with the checkpoint
+        torch.testing.assert_close(H.layers(loaded)[0].gate.bias, layer.gate.bias, rtol=0, atol=0)
+
+
+def test_deepseek_gate_in_bfloat16_keeps_its_selection_bias_float32():
+    _, model = gated_pair("deepseek_v3")
+    model.to(torch.bfloat16)
+    layer = H.layers(model)[0]
+    assert layer.gate.bias.dtype == torch.float32 and layer.router.weight.dtype == torch.bfloat16
+    ids = tokens(vocab=SMALL['vocab_size'])
+    out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+
+
+def test_lossless_without_a_budget():
+    """learn_k=False keeps each layer's k just below the top-k as well: the same function."""
+    original, _ = gated_pair("mixtral")
+    model = H.convert(copy.deepcopy(original), learn_k=False)
+    assert H.budget(model) is None and all(float(layer.k) < 2.0 for layer in H.layers(model))
+    ids = tokens(vocab=SMALL['vocab_size'])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+# ---- affordable fine-tuning ---------------------------------------------------------------------
+
+
+def _train(model, steps, params, ids, lr=1e-2):
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_train_routing_only_freezes_everything_else():
+    _, model = gated_pair("mixtral")
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = H.train_routing_only(model)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {n for n, p in model.named_parameters() if any(p is q for q in params)}
+    assert names == {"softmoe_budget.theta"} | {f"model.layers.{i}.mlp.router.weight" for i in range(2)}
+    losses = _train(model, 6, params, tokens(length=24, vocab=SMALL['vocab_size']))
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != (n in names), n  # the routing moved, nothing else did
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in names)
+    # with learn_alpha the temperature is part of the routing too; without a budget, each k
+    original, _ = gated_pair("qwen3_moe")
+    alpha_model = H.convert(copy.deepcopy(original), learn_alpha=True, learn_k=False)
+    got = {n for n, p in alpha_model.named_parameters() if any(p is q for q in H.routing_parameters(alpha_model))}
+    assert got == {f"model.layers.{i}.mlp.{x}" for i in range(2) for x in ("router.weight", "log_alpha")}
+    with pytest.raises(ValueError, match="train_routing_only: .* has no SoftMoE layers"):
+        H.train_routing_only(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="routing_parameters: model must be a torch.nn.Module"):
+        H.routing_parameters("model")
+
+
+def test_peft_lora_on_the_experts_trains_saves_and_reloads(tmp_path):
+    peft = pytest.importorskip("peft")
+    _, model = gated_pair("mixtral")
+    model.save_pretrained(tmp_path / "base")
+    ids = tokens(length=24, vocab=SMALL['vocab_size'])
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=["experts.w_in", "experts.w_out"])
+    lora = peft.get_peft_model(model, config)
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable) and len(trainable) == 2 * 2 * 2  # A, B x w_in, w_out x layers
+    with torch.no_grad():  # LoRA starts at zero: the converted model unchanged
+        torch.testing.assert_close(lora(ids).logits, base_logits, rtol=0, atol=0)
+    lora.train()
+    losses = _train(lora, 4, [p for p in lora.parameters() if p.requires_grad], ids)
+    assert losses[-1] < losses[0]
+    lora.eval()
+    with torch.no_grad():
+        tuned = lora(ids).logits
+    assert not torch.equal(tuned, base_logits)
+    lora.save_pretrained(tmp_path / "lora")
+    reloaded = peft.PeftModel.from_pretrained(H.from_pretrained(str(tmp_path / "base")), str(tmp_path / "lora")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, tuned, rtol=0, atol=0)
+        merged = reloaded.merge_and_unload()  # LoRA folded into the [E, in, out] expert weights
+        torch.testing.assert_close(merged(ids).logits, tuned, rtol=1e-5, atol=1e-5)
+    assert isinstance(H.layers(merged)[0].experts, H.HFExperts)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    _, model = gated_pair("deepseek_v3")
+    model.train()
+    ids = tokens(length=24, vocab=SMALL['vocab_size'])
+
+    def grads(m):
+        m.zero_grad()
+        m(ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    plain = grads(model)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable()
+    assert checkpointed.is_gradient_checkpointing
+    got = grads(checkpointed)
+    assert got.keys() == plain.keys() and "softmoe_budget.theta" in got
+    for n in plain:
+        torch.testing.assert_close(got[n], plain[n], rtol=0, atol=0, msg=n)
+
+
+def test_torch_compile_of_a_converted_model():
+    import torch._dynamo
+
+    _, model = gated_pair("mixtral")
+    model.train()
+    ids = tokens(length=24, vocab=SMALL['vocab_size'])
+    model.zero_grad()
+    eager = model(ids, labels=ids).loss
+    eager.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="aot_eager")
+        loss = compiled(ids, labels=ids).loss
+        loss.backward()
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(loss, eager, rtol=1e-6, atol=1e-6)
+    for n, g in want.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-5, atol=1e-6, msg=n)
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 
@@ -382,9 +556,17 @@ def test_missing_transformers_names_the_extra(monkeypatch):
 def test_example_script_runs(tmp_path, capsys):
     import hf_convert
 
-    assert hf_convert.main(["--steps", "2", "--sample", "8", "--batch", "2", "--context", "32",
-                            "--out", str(tmp_path)]) == 0
+    args = ["--pretrain-steps", "3", "--steps", "2", "--sample", "8", "--batch", "2", "--context", "32", "--out", str(tmp_path)]
+    assert hf_convert.main(args + ["--no-baseline"]) == 0
     out = capsys.readouterr().out
-    assert "learned per-layer allocation" in out and "sum k_l = 8.0000" in out and "--- sample" in out
+    assert "pretrained a top-2 Mixtral for 3 steps" in out
+    lossless = next(line for line in out.splitlines() if line.startswith("converted with the defaults"))
+    original = next(line for line in out.splitlines() if line.startswith("original top-2 Mixtral: held-out"))
+    assert original.split("held-out ")[1].split()[0] == lossless.split("held-out ")[1].split()[0]  # the same loss
+    assert "converted, budget, step 2" in out and "original top-2, step 2" not in out
+    assert "learned per-layer allocation" in out and "--- sample" in out
     assert "max |logits difference| = 0" in out
-    assert (tmp_path / "config.json").exists()
+    assert (tmp_path / "pretrained" / "config.json").exists() and (tmp_path / "converted" / "config.json").exists()
+    assert hf_convert.main(args + ["--steps", "1"]) == 0  # reuses the pretrained model, fine-tunes the baseline too
+    out = capsys.readouterr().out
+    assert "reusing the pretrained top-2 Mixtral" in out and "original top-2, step 1" in out

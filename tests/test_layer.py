@@ -97,6 +97,7 @@ GRADCHECK_CASES = [
     dict(activation="gelu", combine="sum", learn_alpha=True, max_active=3),
     dict(activation="swiglu", combine="sum", k=1.6, max_active=3, alpha=0.7, learn_alpha=True),
     dict(activation="gelu", combine="normalized", k=2.5, eps=0.05, learn_alpha=True),
+    dict(activation="swiglu", combine="gate", k=1.7, max_active=4, alpha=0.6, learn_alpha=True),
 ]
 
 
@@ -141,7 +142,7 @@ def test_k_and_alpha_receive_gradients():
 @pytest.mark.parametrize("shape", [(7, D_MODEL), (2, 3, D_MODEL)], ids=["T-d", "B-S-d"])
 @pytest.mark.parametrize("max_active", [None, 3], ids=["nocap", "cap3"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-@pytest.mark.parametrize("combine", ["normalized", "sum"])
+@pytest.mark.parametrize("combine", ["normalized", "sum", "gate"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_layer_matches_reference(dtype, combine, activation, max_active, shape, single_thread):
     layer = make_layer(7, k=1.7, max_active=max_active, activation=activation, combine=combine, dtype=dtype)
@@ -156,7 +157,7 @@ def test_layer_matches_reference(dtype, combine, activation, max_active, shape, 
     assert int(active.max()) <= layer.max_active and int(active.min()) >= math.ceil(float(layer.k.detach()))
 
 
-@pytest.mark.parametrize("combine", ["normalized", "sum"])
+@pytest.mark.parametrize("combine", ["normalized", "sum", "gate"])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_layer_gradients_match_reference(combine, activation, single_thread):
     """float64: the layer's gradients (x, router, experts, k_logit, log_alpha) equal those of the
@@ -169,6 +170,26 @@ def test_layer_gradients_match_reference(combine, activation, single_thread):
     want = torch.autograd.grad((reference_softmoe_layer(layer, x) * g).sum(), params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_gate_combine_in_the_sharp_limit_is_mixtral_routing(single_thread):
+    """combine="gate" with an integer k and a tiny alpha: the active set is each token's top-k and
+    the weights are the softmax renormalised over it, so the layer computes what TopKMoE (softmax,
+    top-k, renormalise) computes with the same router and experts. A larger alpha departs from it."""
+    layer = make_layer(4, d_model=16, d_hidden=12, num_experts=8, k=2.0, alpha=1e-5, max_active=4, combine="gate")
+    with torch.no_grad():  # logits with standard deviation 4, as trained routers have (not 4 * alpha)
+        layer.router.weight.normal_(0.0, 1.0)
+    topk = softmoe.baselines.TopKMoE(16, 12, 8, top_k=2)
+    topk.load_state_dict({"router.weight": layer.router.weight, **{f"experts.{n}": t for n, t in
+                                                                  layer.experts.state_dict().items()}})
+    x = make_x((64, 16), seed=21)
+    p = routing(layer, x)
+    top2 = torch.zeros_like(p, dtype=torch.bool).scatter_(1, layer.router(x).topk(2).indices, True)
+    assert torch.equal(p > 0, top2)
+    torch.testing.assert_close(layer(x), topk(x), rtol=1e-5, atol=1e-6)
+    soft = make_layer(4, d_model=16, d_hidden=12, num_experts=8, k=2.0, alpha=1.0, max_active=4, combine="gate")
+    soft.load_state_dict(layer.state_dict() | {"log_alpha": soft.log_alpha})
+    assert (soft(x) - topk(x)).abs().max() > 1e-3
 
 
 def test_single_vector_input():

@@ -251,11 +251,12 @@ SMOE_HD void smoe_key_merge(uint64_t *k, const uint64_t *b, int64_t w) {
  * key 0 below that) as candidate values and indices. */
 SMOE_HD int64_t SMOE_FN(smoe_unpack_keys)(const uint64_t *key, int64_t cap, R *val, int32_t *idx, int64_t ss) {
   int64_t m = 0;
-  for (; m < cap; ++m) {
-    const R v = smoe_order_key_value_f32(key[m]);
-    if (key[m] == 0 || !(v > -(R)INFINITY)) break;
-    SMOE_AT(val, m) = v;
-    SMOE_AT(idx, m) = smoe_order_key_index(key[m]);
+  SMOE_SIMD_REDUCE(+, m)
+  for (int64_t j = 0; j < cap; ++j) m += (key[j] >> 32) > 0x007fffffu; /* above -inf's high word */
+  SMOE_SIMD
+  for (int64_t j = 0; j < m; ++j) {
+    SMOE_AT(val, j) = smoe_order_key_value_f32(key[j]);
+    SMOE_AT(idx, j) = smoe_order_key_index(key[j]);
   }
   return m;
 }
@@ -282,6 +283,7 @@ SMOE_HD int64_t SMOE_FN(smoe_select_blocks)(const void *scores, smoe_dtype dtype
     }
     if (!enter) continue;
     uint64_t blk[SMOE_LANES];
+    SMOE_SIMD
     for (int l = 0; l < SMOE_LANES; ++l) blk[l] = smoe_order_key_f32(x[l], (int32_t)(i0 + l));
     smoe_key_sort(blk, 8);
     smoe_key_merge(top, blk, w);
@@ -299,18 +301,17 @@ SMOE_HD int64_t SMOE_FN(smoe_select_blocks)(const void *scores, smoe_dtype dtype
 SMOE_HD int64_t SMOE_FN(smoe_select_network)(const void *scores, smoe_dtype dtype, int64_t base, int64_t n,
                                              int64_t cap, R *val, int32_t *idx, int64_t ss) {
   const int64_t w = n <= 8 ? 8 : 16;
-  R x[16];
   uint64_t key[16];
   int bad = 0;
   for (int64_t i0 = 0; i0 < w; i0 += SMOE_LANES) {
     R buf[SMOE_LANES];
-    const R *b = SMOE_FN(smoe_block)(scores, dtype, base, i0, n, -(R)INFINITY, buf);
-    for (int l = 0; l < SMOE_LANES; ++l) x[i0 + l] = b[l];
+    const R *x = SMOE_FN(smoe_block)(scores, dtype, base, i0, n, -(R)INFINITY, buf);
+    SMOE_SIMD_REDUCE(|, bad)
+    for (int l = 0; l < SMOE_LANES; ++l) bad |= !(x[l] < (R)INFINITY);
+    SMOE_SIMD
+    for (int l = 0; l < SMOE_LANES; ++l) key[i0 + l] = i0 + l < n ? smoe_order_key_f32(x[l], (int32_t)(i0 + l)) : 0;
   }
-  SMOE_SIMD_REDUCE(|, bad)
-  for (int64_t i = 0; i < w; ++i) bad |= !(x[i] < (R)INFINITY);
   if (bad) return -1;
-  for (int64_t i = 0; i < w; ++i) key[i] = i < n ? smoe_order_key_f32(x[i], (int32_t)i) : 0;
   smoe_key_sort(key, n);
   return SMOE_FN(smoe_unpack_keys)(key, cap, val, idx, ss);
 }

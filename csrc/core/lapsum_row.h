@@ -293,6 +293,66 @@ SMOE_HD int64_t SMOE_FN(smoe_select_blocks)(const void *scores, smoe_dtype dtype
   return SMOE_FN(smoe_unpack_keys)(top, cap, val, idx, ss);
 }
 
+/* Candidates of a longer row (n > 16) with cap <= 8 (float math), in three passes of vector code:
+ * (1) the largest two scores of each lane (entries i = l mod 8), kept per lane over the blocks;
+ * these are 16 distinct entries, so the cap-th largest of them, the bar, is at most the cap-th
+ * largest score of the row; (2) every entry at or above the bar is collected (the candidates and
+ * a few more, few blocks hold one); (3) a sorting network orders the collected keys. Rows where
+ * more than 16 entries reach the bar (many ties, many -inf) take the block merge instead. With
+ * cap = 8 the whole forward then takes 2.5k instead of 3.2k instructions per row at E = 64, 4.4k
+ * instead of 6.8k at E = 256 (callgrind), and no branch depends on the data but the per-block
+ * ones. */
+SMOE_HD int64_t SMOE_FN(smoe_select_bar)(const void *scores, smoe_dtype dtype, int64_t base, int64_t n,
+                                         int64_t cap, R *val, int32_t *idx, int64_t ss) {
+  R top1[SMOE_LANES], top2[SMOE_LANES];
+  int bad = 0;
+  for (int l = 0; l < SMOE_LANES; ++l) top1[l] = top2[l] = -(R)INFINITY;
+  for (int64_t i0 = 0; i0 < n; i0 += SMOE_LANES) {
+    R buf[SMOE_LANES];
+    const R *x = SMOE_FN(smoe_block)(scores, dtype, base, i0, n, -(R)INFINITY, buf);
+    SMOE_SIMD_REDUCE(|, bad)
+    for (int l = 0; l < SMOE_LANES; ++l) {
+      bad |= !(x[l] < (R)INFINITY); /* NaN or +inf: checked once after the loop */
+      const int above = x[l] > top1[l];
+      top2[l] = SMOE_FN(smoe_where)(above, top1[l], SMOE_FN(smoe_where)(x[l] > top2[l], x[l], top2[l]));
+      top1[l] = SMOE_FN(smoe_where)(above, x[l], top1[l]);
+    }
+  }
+  if (bad) return -1;
+  uint64_t key[16 + SMOE_LANES];
+  SMOE_SIMD
+  for (int l = 0; l < SMOE_LANES; ++l) {
+    key[l] = smoe_order_key_f32(top1[l], l);
+    key[SMOE_LANES + l] = smoe_order_key_f32(top2[l], SMOE_LANES + l);
+  }
+  smoe_key_sort(key, 16);
+  const R bar = smoe_order_key_value_f32(key[cap - 1]);
+  int64_t got = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += SMOE_LANES) {
+    R buf[SMOE_LANES];
+    const R *x = SMOE_FN(smoe_block)(scores, dtype, base, i0, n, -(R)INFINITY, buf);
+    int reach = 0;
+    SMOE_SIMD_REDUCE(|, reach)
+    for (int l = 0; l < SMOE_LANES; ++l) reach |= (x[l] >= bar) & (x[l] > -(R)INFINITY);
+    if (!reach) continue;
+    uint64_t blk[SMOE_LANES];
+    int keep[SMOE_LANES];
+    SMOE_SIMD
+    for (int l = 0; l < SMOE_LANES; ++l) {
+      blk[l] = smoe_order_key_f32(x[l], (int32_t)(i0 + l));
+      keep[l] = (x[l] >= bar) & (x[l] > -(R)INFINITY);
+    }
+    for (int l = 0; l < SMOE_LANES; ++l) { /* written always, kept when at or above the bar */
+      key[got] = blk[l];
+      got += keep[l];
+    }
+    if (got > 16) return SMOE_FN(smoe_select_blocks)(scores, dtype, base, n, cap, val, idx, ss);
+  }
+  for (int64_t j = got; j < 16; ++j) key[j] = 0;
+  smoe_key_sort(key, got <= 8 ? 8 : 16);
+  return SMOE_FN(smoe_unpack_keys)(key, cap, val, idx, ss);
+}
+
 /* Candidates of a row of n <= 16 scores (float math): every score becomes an order key (padding
  * keys 0 sort last, after -inf), a sorting network orders them, and the first `cap` finite ones
  * are the candidates. Same order and same values as the general selection below; no branch
@@ -325,6 +385,7 @@ SMOE_HD int64_t SMOE_FN(smoe_select)(const void *scores, smoe_dtype dtype, int64
   int64_t m = 0;
 #if !SMOE_IS_F64
   if (n <= 16) return SMOE_FN(smoe_select_network)(scores, dtype, base, n, cap, val, idx, ss);
+  if (cap <= 8) return SMOE_FN(smoe_select_bar)(scores, dtype, base, n, cap, val, idx, ss);
   if (cap <= 16) return SMOE_FN(smoe_select_blocks)(scores, dtype, base, n, cap, val, idx, ss);
 #endif
   if (cap > SMOE_INSERTION_CAP && cap == n) { /* no cap: every finite score, merge-sorted */

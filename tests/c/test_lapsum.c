@@ -406,6 +406,85 @@ static void test_selection_paths_agree(void) {
   }
 }
 
+/* The candidates of a row, by the rule of softmoe.h (the `cap` largest finite scores, lower index
+ * first on ties), in index order. Returns their number. */
+static const double *cand_scores;
+static int cand_order(const void *x, const void *y) {
+  const int a = *(const int *)x, b = *(const int *)y;
+  const double va = cand_scores[a], vb = cand_scores[b];
+  if (va != vb) return va > vb ? -1 : 1;
+  return a - b;
+}
+static int int_order(const void *x, const void *y) { return *(const int *)x - *(const int *)y; }
+static int candidates_of(const double *r, int n, int cap, int *out) {
+  int *order = (int *)malloc(sizeof(int) * n), m = 0;
+  for (int i = 0; i < n; ++i) order[i] = i;
+  cand_scores = r;
+  qsort(order, n, sizeof(int), cand_order);
+  for (int j = 0; j < n && m < cap; ++j)
+    if (r[order[j]] > -INFINITY) out[m++] = order[j];
+  qsort(out, m, sizeof(int), int_order);
+  free(order);
+  return m;
+}
+
+/* Long rows (17 to 257 scores) take the bar-and-collect selection (cap <= 8, with the block merge
+ * behind it when many scores tie at the bar), the block merge (cap <= 16), sorted insertion or the
+ * heap. Their p and threshold must be those of the short row made of their candidates alone, bit
+ * for bit (the solve sees the same sorted candidates), and 0 elsewhere; with eps > 0 (the same
+ * active set by definition) the gradients too. */
+static void test_long_rows_match_their_candidates(void) {
+  unsigned seed = 4242u;
+  const int ns[6] = {17, 24, 40, 64, 100, 257}, caps[8] = {1, 2, 5, 8, 11, 16, 20, 60};
+  int tied = 0;
+  for (int f = 0; f < 2; ++f)
+    for (int ni = 0; ni < 6; ++ni)
+      for (int ci = 0; ci < 8; ++ci)
+        for (int kind = 0; kind < 5; ++kind) {
+          const int n = ns[ni], cap = caps[ci] < n ? caps[ci] : n;
+          const smoe_dtype dt = f ? SMOE_F64 : SMOE_F32;
+          const double eps = kind % 2 ? 1e-2 : 0.0;
+          double r[257], g[257], rs[257], gs[257];
+          int cand[257];
+          if (kind == 4) { /* a block of equal top scores: more than 16 reach any bar */
+            for (int i = 0; i < n; ++i) r[i] = i % 3 ? 1.5 : (double)(float)gauss(&seed);
+          } else {
+            random_scores(&seed, r, n, kind);
+          }
+          for (int i = 0; i < n; ++i) {
+            r[i] = f ? r[i] : (double)(float)r[i];
+            g[i] = gauss(&seed);
+          }
+          const int m = candidates_of(r, n, cap, cand);
+          if (m == 0) continue;
+          tied += kind == 4;
+          for (int j = 0; j < m; ++j) rs[j] = r[cand[j]], gs[j] = g[cand[j]];
+          const double k = (double)(float)(m * (0.05 + 0.9 * uniform(&seed)));
+          const double alpha = (double)(float)(0.05 + 2.0 * uniform(&seed));
+          rows_out wide, narrow;
+          CHECK(run_rows(dt, r, g, 1, n, &k, &alpha, eps, cap, SMOE_ISA_AUTO, &wide), "long row");
+          CHECK(run_rows(dt, rs, gs, 1, m, &k, &alpha, eps, m, SMOE_ISA_AUTO, &narrow), "its candidates");
+          const size_t es = f ? sizeof(double) : sizeof(float);
+          int bad = memcmp(wide.threshold, narrow.threshold, sizeof(double)) != 0, j = 0;
+          for (int i = 0; i < n; ++i) {
+            const char *pw = (const char *)wide.p + es * i, *gw = (const char *)wide.grad + es * i;
+            if (j < m && cand[j] == i) {
+              bad += memcmp(pw, (const char *)narrow.p + es * j, es) != 0;
+              if (eps > 0) bad += memcmp(gw, (const char *)narrow.grad + es * j, es) != 0;
+              ++j;
+            } else {
+              bad += f ? *(const double *)pw != 0 : *(const float *)pw != 0;
+            }
+          }
+          if (eps > 0) bad += memcmp(wide.gk, narrow.gk, es) != 0 || memcmp(wide.ga, narrow.ga, es) != 0;
+          CHECK(bad == 0, "%s n %d cap %d kind %d eps %g: the long row differs from its candidates in %d places",
+                f ? "f64" : "f32", n, cap, kind, eps, bad);
+          free_rows(&wide);
+          free_rows(&narrow);
+        }
+  CHECK(tied > 50, "rows with ties at the bar were exercised (%d)", tied);
+}
+
 /* The baseline and the AVX2 build of the row loops give the same bits (no FMA, fixed lane
  * sums), over every selection path, the plain and truncated kernels and both storage types. */
 static void test_instruction_sets_agree(void) {
@@ -631,6 +710,7 @@ static void test_half_conversions(void) {
 int main(void) {
   test_exp_polynomial();
   test_selection_paths_agree();
+  test_long_rows_match_their_candidates();
   test_instruction_sets_agree();
   test_truncated_rows();
   test_vectors();

@@ -520,18 +520,16 @@ SMOE_HD void SMOE_FN(smoe_lapsum_solve)(const R *s, int64_t a, R K, R alpha, R *
   }
   /* The bracket C_l < K <= C_{l+1}: l is the last i with C_i < K (C_0 < K <= C_{a-1} here, so
    * 0 <= l <= a - 2, and the bracket holds even where rounding broke the monotonicity of C). */
-  int32_t last[SMOE_LANES];
-  for (int l = 0; l < SMOE_LANES; ++l) last[l] = 0;
+  int32_t last = 0;
   for (int64_t i0 = 0; i0 < a; i0 += SMOE_LANES)
-    SMOE_SIMD
+    SMOE_SIMD_REDUCE(max, last)
     for (int32_t l = 0; l < SMOE_LANES; ++l) {
       const int32_t i = (int32_t)i0 + l; /* candidate indices are int32 */
       const int below = (SMOE_COUNT_AT(i) < K) & (i < a);
-      last[l] = below ? i : last[l];
+      last = below & (i > last) ? i : last;
     }
 #undef SMOE_COUNT_AT
-  int64_t l = 0;
-  for (int j = 0; j < SMOE_LANES; ++j) l = last[j] > l ? last[j] : l;
+  const int64_t l = last;
   const R gap_d = SMOE_AT(s, l) - SMOE_AT(s, l + 1);
   const R gap = SMOE_FABS(gap_d) <= SMOE_RMAX ? gap_d / alpha : SMOE_AT(s, l) / alpha - SMOE_AT(s, l + 1) / alpha;
   const R E = SMOE_FN(smoe_exp)(-gap);
@@ -636,6 +634,11 @@ SMOE_HD void SMOE_FN(smoe_topk_fwd_candidates)(const smoe_topk_fwd_args *a, int6
   int64_t active = m, piv = 0;
   R tau = 0, s_piv = 0;
   R *P = U; /* p of the active candidates, in U once the solve is done with it */
+  /* Every entry of the row active (a dense row: E <= 8 at max_active = E, and any row where
+   * nothing is truncated or capped): p is computed in the row's own order, a block at a time,
+   * straight into the output; otherwise in candidate order into P, then scattered. Both compute
+   * the same x = (r - s_piv) / alpha + tau from the same numbers, so the bits are the same. */
+  int dense = 0;
   for (int attempt = 0; attempt < 2; ++attempt) {
     R K = truncated ? k * (1 - eps) + (R)active * eps : k;
     /* K < active exactly (active > k), but k within an ulp of active can round K up to it, and the
@@ -643,22 +646,36 @@ SMOE_HD void SMOE_FN(smoe_topk_fwd_candidates)(const smoe_topk_fwd_args *a, int6
     if (!(K < (R)active)) K = SMOE_NEXTAFTER((R)active, (R)0);
     SMOE_FN(smoe_lapsum_solve)(s, active, K, alpha, U, V, ss, &piv, &tau);
     s_piv = SMOE_AT(s, piv);
+    dense = active == n;
+    int above_cut = 1; /* every active p > 0: the worst candidate is above the cut */
     for (int64_t j0 = 0; j0 < active; j0 += SMOE_LANES) {
-      R x[SMOE_LANES];
-      SMOE_FN(smoe_scaled_gap_block)(s + j0 * ss, ss, &s_piv, 0, inv_alpha, alpha, x);
+      R buf[SMOE_LANES], x[SMOE_LANES], p[SMOE_LANES];
+      if (dense) {
+        const R *r = SMOE_FN(smoe_block)(a->scores, a->dtype, base, j0, n, s_piv, buf);
+        SMOE_FN(smoe_scaled_gap_block)(r, 1, &s_piv, 0, inv_alpha, alpha, x);
+      } else {
+        SMOE_FN(smoe_scaled_gap_block)(s + j0 * ss, ss, &s_piv, 0, inv_alpha, alpha, x);
+      }
       if (!truncated) {
         SMOE_SIMD
-        for (int l = 0; l < SMOE_LANES; ++l) SMOE_AT(P, j0 + l) = SMOE_CDF(x[l] + tau);
+        for (int l = 0; l < SMOE_LANES; ++l) p[l] = SMOE_CDF(x[l] + tau);
       } else {
         /* 0 at and below the cut (F <= eps), where the kernel is 0 */
-        SMOE_SIMD
+        SMOE_SIMD_REDUCE(&, above_cut)
         for (int l = 0; l < SMOE_LANES; ++l) {
-          const R p = (SMOE_CDF(x[l] + tau) - eps) / (1 - eps);
-          SMOE_AT(P, j0 + l) = SMOE_FN(smoe_where)(p > 0, p, 0);
+          const R pl = (SMOE_CDF(x[l] + tau) - eps) / (1 - eps);
+          above_cut &= (pl > 0) | (j0 + l >= active);
+          p[l] = SMOE_FN(smoe_where)(pl > 0, pl, 0);
         }
       }
+      if (dense) {
+        SMOE_FN(smoe_store_block)(a->p, a->dtype, base, j0, n, p);
+      } else {
+        SMOE_SIMD
+        for (int l = 0; l < SMOE_LANES; ++l) SMOE_AT(P, j0 + l) = p[l];
+      }
     }
-    if (!truncated || attempt == 1 || SMOE_AT(P, active - 1) > 0) break;
+    if (!truncated || attempt == 1 || above_cut) break;
     const int64_t searched = SMOE_FN(smoe_active_count)(s, m, k, alpha, eps, (R)smoe_cut_from_eps(a->eps), ss);
     if (searched == m) break; /* rounding at the cut: the solve for all m stands */
     active = searched;
@@ -667,12 +684,16 @@ SMOE_HD void SMOE_FN(smoe_topk_fwd_candidates)(const smoe_topk_fwd_args *a, int6
    * k << eps (F = eps + k (1 - eps)): the usual case of a tiny k, where a second expert is active
    * only within ~k / eps * alpha of a tie. */
   if (active == 1) SMOE_AT(P, 0) = k;
-  if (active < n) SMOE_FN(smoe_fill_row)(a->p, a->dtype, base, n, 0);
-  if (a->dtype == (SMOE_IS_F64 ? SMOE_F64 : SMOE_F32)) {
-    R *out = (R *)a->p + base;
-    for (int64_t j = 0; j < active; ++j) out[SMOE_AT(idx, j)] = SMOE_AT(P, j);
+  if (dense) {
+    if (active == 1) SMOE_STORE(a->p, a->dtype, base + SMOE_AT(idx, 0), k);
   } else {
-    for (int64_t j = 0; j < active; ++j) SMOE_STORE(a->p, a->dtype, base + SMOE_AT(idx, j), SMOE_AT(P, j));
+    if (active < n) SMOE_FN(smoe_fill_row)(a->p, a->dtype, base, n, 0);
+    if (a->dtype == (SMOE_IS_F64 ? SMOE_F64 : SMOE_F32)) {
+      R *out = (R *)a->p + base;
+      for (int64_t j = 0; j < active; ++j) out[SMOE_AT(idx, j)] = SMOE_AT(P, j);
+    } else {
+      for (int64_t j = 0; j < active; ++j) SMOE_STORE(a->p, a->dtype, base + SMOE_AT(idx, j), SMOE_AT(P, j));
+    }
   }
   a->threshold[row] = (double)s_piv - (double)alpha * (double)tau;
 }

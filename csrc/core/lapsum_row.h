@@ -526,7 +526,7 @@ SMOE_HD void SMOE_FN(smoe_lapsum_solve)(const R *s, int64_t a, R K, R alpha, R *
     for (int32_t l = 0; l < SMOE_LANES; ++l) {
       const int32_t i = (int32_t)i0 + l; /* candidate indices are int32 */
       const int below = (SMOE_COUNT_AT(i) < K) & (i < a);
-      last = below & (i > last) ? i : last;
+      last = (below & (i > last)) ? i : last;
     }
 #undef SMOE_COUNT_AT
   const int64_t l = last;

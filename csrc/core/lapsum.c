@@ -105,6 +105,13 @@ static int pick_isa(int isa) {
   return -1;
 }
 
+/* The per-call scratch of the row loops: the reals, then the index words at *is (one free). */
+static void *alloc_scratch(smoe_dtype dtype, int64_t n, int64_t max_active, int32_t **is) {
+  char *scratch = (char *)malloc(smoe_topk_scratch_bytes(dtype, n, max_active));
+  if (scratch) *is = (int32_t *)(scratch + (size_t)real_words(n, max_active) * real_size(dtype));
+  return scratch;
+}
+
 smoe_status smoe_topk_fwd_isa(const smoe_topk_fwd_args *a, int64_t row_begin, int64_t row_end, int isa) {
   isa = pick_isa(isa);
   if (isa < 0 || !a || !valid_dtype(a->dtype) ||
@@ -113,9 +120,9 @@ smoe_status smoe_topk_fwd_isa(const smoe_topk_fwd_args *a, int64_t row_begin, in
   if (row_begin == row_end) return SMOE_OK;
   if (!a->scores || !a->k || !a->alpha || !a->p || !a->threshold) return SMOE_ERR_ARG;
   if (a->k_stride < 0 || a->alpha_stride < 0) return SMOE_ERR_ARG;
-  char *scratch = (char *)malloc(smoe_topk_scratch_bytes(a->dtype, a->n, a->max_active));
+  int32_t *is = 0;
+  void *scratch = alloc_scratch(a->dtype, a->n, a->max_active, &is);
   if (!scratch) return SMOE_ERR_ALLOC;
-  int32_t *is = (int32_t *)(scratch + (size_t)real_words(a->n, a->max_active) * real_size(a->dtype));
 #if SMOE_X86_DISPATCH
   if (isa == SMOE_ISA_AVX2)
     fwd_rows_avx2(a, row_begin, row_end, scratch, is);
@@ -135,9 +142,9 @@ smoe_status smoe_topk_bwd_isa(const smoe_topk_bwd_args *a, int64_t row_begin, in
   if (!a->grad_p || !a->scores || !a->p || !a->threshold || !a->alpha || !a->grad_scores ||
       !a->grad_k_rows || !a->grad_alpha_rows || a->alpha_stride < 0)
     return SMOE_ERR_ARG;
-  char *scratch = (char *)malloc(smoe_topk_scratch_bytes(a->dtype, a->n, a->max_active));
+  int32_t *is = 0;
+  void *scratch = alloc_scratch(a->dtype, a->n, a->max_active, &is);
   if (!scratch) return SMOE_ERR_ALLOC;
-  int32_t *is = (int32_t *)(scratch + (size_t)real_words(a->n, a->max_active) * real_size(a->dtype));
 #if SMOE_X86_DISPATCH
   if (isa == SMOE_ISA_AVX2)
     bwd_rows_avx2(a, row_begin, row_end, scratch, is);

@@ -186,6 +186,23 @@ SMOE_HD void SMOE_FN(smoe_fill_row)(void *out, smoe_dtype dtype, int64_t base, i
   for (int64_t i0 = 0; i0 < n; i0 += SMOE_LANES) SMOE_FN(smoe_store_block)(out, dtype, base, i0, n, block);
 }
 
+/* Block i0 of a row (smoe_block, -inf past the row's n entries) for the selections that keep the
+ * scores beating a bar: *enter is set when one of them does (one vector compare for the block),
+ * *bad accumulates NaN or +inf scores (checked once after the row). */
+SMOE_HD const R *SMOE_FN(smoe_block_above)(const void *scores, smoe_dtype dtype, int64_t base, int64_t i0, int64_t n,
+                                           R bar, R *buf, int *bad, int *enter) {
+  const R *x = SMOE_FN(smoe_block)(scores, dtype, base, i0, n, -(R)INFINITY, buf);
+  int b = 0, e = 0;
+  SMOE_SIMD_REDUCE(|, b, e)
+  for (int l = 0; l < SMOE_LANES; ++l) {
+    b |= !(x[l] < (R)INFINITY);
+    e |= x[l] > bar;
+  }
+  *bad |= b;
+  *enter = e;
+  return x;
+}
+
 #if !SMOE_IS_F64
 /* Compare-exchange of a sorting network on order keys, best (largest) first: a compare and two
  * conditional moves, whatever the data. */
@@ -274,13 +291,8 @@ SMOE_HD int64_t SMOE_FN(smoe_select_blocks)(const void *scores, smoe_dtype dtype
   int bad = 0;
   for (int64_t i0 = 0; i0 < n; i0 += SMOE_LANES) {
     R buf[SMOE_LANES];
-    const R *x = SMOE_FN(smoe_block)(scores, dtype, base, i0, n, -(R)INFINITY, buf);
-    int enter = 0;
-    SMOE_SIMD_REDUCE(|, bad, enter)
-    for (int l = 0; l < SMOE_LANES; ++l) {
-      bad |= !(x[l] < (R)INFINITY); /* NaN or +inf: checked once after the loop */
-      enter |= x[l] > bar;
-    }
+    int enter;
+    const R *x = SMOE_FN(smoe_block_above)(scores, dtype, base, i0, n, bar, buf, &bad, &enter);
     if (!enter) continue;
     uint64_t blk[SMOE_LANES];
     SMOE_SIMD
@@ -410,13 +422,8 @@ SMOE_HD int64_t SMOE_FN(smoe_select)(const void *scores, smoe_dtype dtype, int64
     R bar = -(R)INFINITY;
     for (int64_t i0 = 0; i0 < n; i0 += SMOE_LANES) {
       R buf[SMOE_LANES];
-      const R *x = SMOE_FN(smoe_block)(scores, dtype, base, i0, n, -(R)INFINITY, buf);
-      int enter = 0;
-      SMOE_SIMD_REDUCE(|, bad, enter)
-      for (int l = 0; l < SMOE_LANES; ++l) {
-        bad |= !(x[l] < (R)INFINITY); /* NaN or +inf: checked once after the loop */
-        enter |= x[l] > bar;
-      }
+      int enter;
+      const R *x = SMOE_FN(smoe_block_above)(scores, dtype, base, i0, n, bar, buf, &bad, &enter);
       if (!enter) continue;
       for (int l = 0; l < SMOE_LANES && i0 + l < n; ++l) {
         if (!(x[l] > bar)) continue;

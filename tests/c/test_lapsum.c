@@ -26,7 +26,90 @@ static void check_close(double got, double want, double tol, const char *what, i
   CHECK(fabs(got - want) <= tol, "%s[%d]: got %.15g want %.15g (tol %g)", what, i, got, want, tol);
 }
 
-/* One row forward + backward in double or float, returning p, threshold and the VJP. */
+/* Forward and backward of `rows` rows of n scores (f32 or f64 storage) with per-row k and alpha,
+ * through the chosen instruction set. Returns 0 when that instruction set is not available. */
+typedef struct {
+  void *p, *grad;
+  double *threshold;
+  void *gk, *ga;
+} rows_out;
+
+static int run_rows(smoe_dtype dtype, const double *scores, const double *g, int64_t rows, int64_t n, const double *k,
+                    const double *alpha, double eps, int64_t cap, int isa, rows_out *out) {
+  const int f64 = dtype == SMOE_F64;
+  const size_t es = f64 ? sizeof(double) : sizeof(float);
+  void *sv = malloc(es * rows * n), *gv = malloc(es * rows * n), *kv = malloc(es * rows), *av = malloc(es * rows);
+  for (int64_t i = 0; i < rows * n; ++i) {
+    if (f64) {
+      ((double *)sv)[i] = scores[i];
+      ((double *)gv)[i] = g[i];
+    } else {
+      ((float *)sv)[i] = (float)scores[i];
+      ((float *)gv)[i] = (float)g[i];
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    if (f64) {
+      ((double *)kv)[r] = k[r];
+      ((double *)av)[r] = alpha[r];
+    } else {
+      ((float *)kv)[r] = (float)k[r];
+      ((float *)av)[r] = (float)alpha[r];
+    }
+  }
+  out->p = calloc(rows * n, es);
+  out->grad = calloc(rows * n, es);
+  out->threshold = (double *)calloc(rows, sizeof(double));
+  out->gk = calloc(rows, es);
+  out->ga = calloc(rows, es);
+  smoe_topk_fwd_args fa;
+  memset(&fa, 0, sizeof fa);
+  fa.rows = rows;
+  fa.n = n;
+  fa.dtype = dtype;
+  fa.scores = sv;
+  fa.k = kv;
+  fa.k_stride = 1;
+  fa.alpha = av;
+  fa.alpha_stride = 1;
+  fa.eps = eps;
+  fa.max_active = cap;
+  fa.p = out->p;
+  fa.threshold = out->threshold;
+  smoe_topk_bwd_args ba;
+  memset(&ba, 0, sizeof ba);
+  ba.rows = rows;
+  ba.n = n;
+  ba.dtype = dtype;
+  ba.grad_p = gv;
+  ba.scores = sv;
+  ba.p = out->p;
+  ba.threshold = out->threshold;
+  ba.alpha = av;
+  ba.alpha_stride = 1;
+  ba.eps = eps;
+  ba.max_active = cap;
+  ba.grad_scores = out->grad;
+  ba.grad_k_rows = out->gk;
+  ba.grad_alpha_rows = out->ga;
+  int ok = smoe_topk_fwd_isa(&fa, 0, rows, isa) == SMOE_OK && smoe_topk_bwd_isa(&ba, 0, rows, isa) == SMOE_OK;
+  free(sv);
+  free(gv);
+  free(kv);
+  free(av);
+  return ok;
+}
+
+static void free_rows(rows_out *o) {
+  free(o->p);
+  free(o->grad);
+  free(o->threshold);
+  free(o->gk);
+  free(o->ga);
+}
+
+/* One row forward + backward in double or float, returning p, threshold and the VJP (g = NULL: a
+ * zero upstream gradient). */
 typedef struct {
   double p[512], grad[512], threshold, gk, ga;
 } row_result;
@@ -35,50 +118,18 @@ static row_result run_row(smoe_dtype dtype, const double *r, int n, double k, do
                           const double *g) {
   row_result out;
   memset(&out, 0, sizeof out);
-  float rf[512], pf[512], gf[512], grf[512], kf = (float)k, af = (float)alpha, gkf = 0, gaf = 0;
-  double rd[512], pd[512], gd[512], grd[512], gkd = 0, gad = 0;
-  for (int i = 0; i < n; ++i) {
-    rf[i] = (float)r[i];
-    rd[i] = r[i];
-    gf[i] = g ? (float)g[i] : 0.0f;
-    gd[i] = g ? g[i] : 0.0;
-  }
+  double zeros[512] = {0};
+  rows_out o;
+  CHECK(run_rows(dtype, r, g ? g : zeros, 1, n, &k, &alpha, eps, cap, SMOE_ISA_AUTO, &o), "forward and backward status");
   const int f64 = dtype == SMOE_F64;
-  smoe_topk_fwd_args fa;
-  memset(&fa, 0, sizeof fa);
-  fa.rows = 1;
-  fa.n = n;
-  fa.dtype = dtype;
-  fa.scores = f64 ? (const void *)rd : (const void *)rf;
-  fa.k = f64 ? (const void *)&k : (const void *)&kf;
-  fa.alpha = f64 ? (const void *)&alpha : (const void *)&af;
-  fa.eps = eps;
-  fa.max_active = cap;
-  fa.p = f64 ? (void *)pd : (void *)pf;
-  fa.threshold = &out.threshold;
-  CHECK(smoe_topk_fwd(&fa, 0, 1) == SMOE_OK, "forward status");
-  for (int i = 0; i < n; ++i) out.p[i] = f64 ? pd[i] : pf[i];
-  if (g) {
-    smoe_topk_bwd_args ba;
-    memset(&ba, 0, sizeof ba);
-    ba.rows = 1;
-    ba.n = n;
-    ba.dtype = dtype;
-    ba.grad_p = f64 ? (const void *)gd : (const void *)gf;
-    ba.scores = fa.scores;
-    ba.p = fa.p;
-    ba.threshold = &out.threshold;
-    ba.alpha = fa.alpha;
-    ba.eps = eps;
-    ba.max_active = cap;
-    ba.grad_scores = f64 ? (void *)grd : (void *)grf;
-    ba.grad_k_rows = f64 ? (void *)&gkd : (void *)&gkf;
-    ba.grad_alpha_rows = f64 ? (void *)&gad : (void *)&gaf;
-    CHECK(smoe_topk_bwd(&ba, 0, 1) == SMOE_OK, "backward status");
-    for (int i = 0; i < n; ++i) out.grad[i] = f64 ? grd[i] : grf[i];
-    out.gk = f64 ? gkd : gkf;
-    out.ga = f64 ? gad : gaf;
+  for (int i = 0; i < n; ++i) {
+    out.p[i] = f64 ? ((double *)o.p)[i] : ((float *)o.p)[i];
+    out.grad[i] = f64 ? ((double *)o.grad)[i] : ((float *)o.grad)[i];
   }
+  out.threshold = o.threshold[0];
+  out.gk = f64 ? *(double *)o.gk : *(float *)o.gk;
+  out.ga = f64 ? *(double *)o.ga : *(float *)o.ga;
+  free_rows(&o);
   return out;
 }
 
@@ -241,88 +292,6 @@ static void test_sums_e256(void) {
 }
 
 /* ---- the selection and storage paths give the same bits --------------------------------------- */
-
-/* Forward and backward of `rows` rows of n scores (f32 or f64 storage) with per-row k and alpha,
- * through the chosen instruction set. Returns 0 when that instruction set is not available. */
-typedef struct {
-  void *p, *grad;
-  double *threshold;
-  void *gk, *ga;
-} rows_out;
-
-static int run_rows(smoe_dtype dtype, const double *scores, const double *g, int64_t rows, int64_t n, const double *k,
-                    const double *alpha, double eps, int64_t cap, int isa, rows_out *out) {
-  const int f64 = dtype == SMOE_F64;
-  const size_t es = f64 ? sizeof(double) : sizeof(float);
-  void *sv = malloc(es * rows * n), *gv = malloc(es * rows * n), *kv = malloc(es * rows), *av = malloc(es * rows);
-  for (int64_t i = 0; i < rows * n; ++i) {
-    if (f64) {
-      ((double *)sv)[i] = scores[i];
-      ((double *)gv)[i] = g[i];
-    } else {
-      ((float *)sv)[i] = (float)scores[i];
-      ((float *)gv)[i] = (float)g[i];
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    if (f64) {
-      ((double *)kv)[r] = k[r];
-      ((double *)av)[r] = alpha[r];
-    } else {
-      ((float *)kv)[r] = (float)k[r];
-      ((float *)av)[r] = (float)alpha[r];
-    }
-  }
-  out->p = calloc(rows * n, es);
-  out->grad = calloc(rows * n, es);
-  out->threshold = (double *)calloc(rows, sizeof(double));
-  out->gk = calloc(rows, es);
-  out->ga = calloc(rows, es);
-  smoe_topk_fwd_args fa;
-  memset(&fa, 0, sizeof fa);
-  fa.rows = rows;
-  fa.n = n;
-  fa.dtype = dtype;
-  fa.scores = sv;
-  fa.k = kv;
-  fa.k_stride = 1;
-  fa.alpha = av;
-  fa.alpha_stride = 1;
-  fa.eps = eps;
-  fa.max_active = cap;
-  fa.p = out->p;
-  fa.threshold = out->threshold;
-  smoe_topk_bwd_args ba;
-  memset(&ba, 0, sizeof ba);
-  ba.rows = rows;
-  ba.n = n;
-  ba.dtype = dtype;
-  ba.grad_p = gv;
-  ba.scores = sv;
-  ba.p = out->p;
-  ba.threshold = out->threshold;
-  ba.alpha = av;
-  ba.alpha_stride = 1;
-  ba.eps = eps;
-  ba.max_active = cap;
-  ba.grad_scores = out->grad;
-  ba.grad_k_rows = out->gk;
-  ba.grad_alpha_rows = out->ga;
-  int ok = smoe_topk_fwd_isa(&fa, 0, rows, isa) == SMOE_OK && smoe_topk_bwd_isa(&ba, 0, rows, isa) == SMOE_OK;
-  free(sv);
-  free(gv);
-  free(kv);
-  free(av);
-  return ok;
-}
-
-static void free_rows(rows_out *o) {
-  free(o->p);
-  free(o->grad);
-  free(o->threshold);
-  free(o->gk);
-  free(o->ga);
-}
 
 /* Random scores with ties, signed zeros and -inf entries: most rows plain N(0, 2^2) draws, some
  * rounded to a coarse grid (many ties), some with a -inf. */

@@ -86,9 +86,9 @@ K_NEAR = 1e-3  # distance of k from 0 and from m in the two limit regimes
 # The documented bounds: bound(dtype, key, E) = const + per_expert * E over the grid above.
 # Why these values (docs/accuracy.md shows the measured maxima next to them):
 #  - float64 / float32 are the math type's own error. It grows with E: the threshold solve sums
-#    ~E exponentials (relative error ~E u in the sum, so ~E u in p); the scores gradient recovers
-#    the density from the saved p as min(p, 1 - p), and 1 - p of a p near 1 carries p's absolute
-#    rounding (this dominates at k near max_active). About 3x headroom over the measured maximum.
+#    ~E exponentials (relative error ~E u in the sum, so ~E u in p); near k = max_active the scores
+#    gradient carries the rounding of 1 - p for p near 1 (the solve works with m - k there), which
+#    dominates. About 3x headroom over the measured maximum.
 #  - bfloat16 / float16: p is returned in the input dtype, so rounding p in [0, 1] to it costs up
 #    to half an ulp of 1 (2^-9 for bfloat16, 2^-12 for float16): the bound is one ulp. The scores
 #    gradient is rounded to the input dtype as well; k and alpha gradients are float32 tensors.
@@ -375,8 +375,8 @@ What is measured per cell:
 
 Why the bounds: float64 and float32 are the math type's own error, with headroom over the
 measured maximum; it grows with E (the threshold solve sums ~E exponentials), and the scores
-gradient near k = max_active is limited by 1 − p of a p close to 1 (the backward recovers the
-density from the saved p as min(p, 1 − p), no exp). bfloat16 and float16 results are returned in
+gradient near k = max_active is limited by the rounding of 1 − p for p close to 1 (the solve works
+with m − k there). bfloat16 and float16 results are returned in
 the input dtype, so rounding p ∈ [0, 1] costs up to half an ulp of 1 (2^-9, 2^-12): the bound is
 one ulp; the scores gradient is rounded to the input dtype too.
 

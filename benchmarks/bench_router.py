@@ -18,6 +18,13 @@ ratios to hard_topk from the same run, because the machines are noisy: "ratio" i
 median(method)/median(hard_topk), "pratio" the median over repeats of the per-repeat ratio (each
 repeat of the two ran back to back, so slow drifts of the machine cancel).
 
+Next to each time: the bandwidth floor of the same run, one read of the logits and one write of
+p (a torch copy of the [rows, E] float32 scores into a preallocated tensor, timed interleaved
+with the methods), as ns per row, and each method's time in multiples of it ("x floor").
+--breakdown also times the forward alone (with and without autograd), the backward alone, and
+"step_overhead": the step with p = scores, i.e. what (p * g).sum().backward() and autograd cost
+around any method.
+
 Before timing, the pure-PyTorch LapSum is checked against a float64 bisection (values and the
 closed-form VJP), and softmoe.soft_topk (when built) against it to 1e-4 (float32).
 
@@ -403,6 +410,18 @@ def _step_cases(fns: Dict[str, Callable], x: torch.Tensor, g: torch.Tensor, mode
     return cases
 
 
+FLOOR = "bandwidth_floor"
+STEP_OVERHEAD = "step_overhead"
+
+
+def _floor_case(x: torch.Tensor) -> Case:
+    """One read of the logits and one write of p: a copy of the scores' bytes into a tensor of
+    the same shape, allocated once (the methods allocate p; the floor does not)."""
+    src = x.detach()
+    out = torch.empty_like(src)
+    return Case(FLOOR, lambda _s: out.copy_(src))
+
+
 def _active_stats(fns: Dict[str, Callable], x: torch.Tensor) -> Dict[str, float]:
     """Mean number of nonzero weights per row (realised active experts)."""
     out = {}
@@ -426,12 +445,22 @@ def bench_config(rows: int, E: int, methods: List[str], args: argparse.Namespace
                 (fn(x) * g).sum().backward()
             mem[name] = _timing.peak_memory_bytes(once)
     for mode in modes:
-        stats = _timing.measure(
-            _step_cases(fns, x, g, mode),
-            repeats=args.repeats, warmup=args.warmup, min_repeat_s=args.min_repeat_s,
-        )
+        cases = _step_cases(fns, x, g, mode)
+        names = list(methods)
+        if mode == "fwd_bwd" and args.breakdown:
+            cases += _step_cases({STEP_OVERHEAD: lambda t: t}, x, g, mode)
+            names.append(STEP_OVERHEAD)
+        cases.append(_floor_case(x))
+        stats = _timing.measure(cases, repeats=args.repeats, warmup=args.warmup, min_repeat_s=args.min_repeat_s)
         base = stats.get(BASELINE)
-        for name in methods:
+        floor = stats[FLOOR]
+        floor_ns = floor.median_ms * 1e6 / rows
+        records.append({
+            "method": FLOOR, "mode": mode, "E": E, "rows": rows, "threads": torch.get_num_threads(),
+            "dtype": "float32", **floor.as_dict(), "ms": floor.median_ms, "ns_per_row": floor_ns,
+            "bytes_per_row": 2 * 4 * E, "GB_per_s": 2 * 4 * E * rows / (floor.median_ms * 1e-3) / 1e9,
+        })
+        for name in names:
             rec: Dict[str, Any] = {
                 "method": name, "mode": mode, "E": E, "rows": rows,
                 "threads": torch.get_num_threads(), "dtype": "float32",
@@ -443,6 +472,8 @@ def bench_config(rows: int, E: int, methods: List[str], args: argparse.Namespace
                 rec.update(st.as_dict())
                 rec["ms"] = st.median_ms
                 rec["ns_per_row"] = st.median_ms * 1e6 / rows
+                rec["floor_ns_per_row"] = floor_ns
+                rec["x_floor"] = rec["ns_per_row"] / floor_ns
                 if base is not None:
                     rec["ratio_vs_hard_topk"] = _timing.ratio_of_medians(st, base)
                     rec["median_of_paired_ratios"] = _timing.median_of_ratios(st, base)
@@ -457,7 +488,7 @@ def bench_config(rows: int, E: int, methods: List[str], args: argparse.Namespace
 
 def _fmt_table(records: List[Dict[str, Any]]) -> str:
     head = (f"{'method':<15} {'mode':<10} {'E':>4} {'rows':>7} {'thr':>3} {'ms':>10} {'iqr':>8} {'min':>9} {'ratio':>7} "
-            f"{'pratio':>7} {'ns/row':>8} {'active':>6}")
+            f"{'pratio':>7} {'ns/row':>8} {'xfloor':>7} {'active':>6}")
     if any(r.get("peak_mem_MiB_approx") is not None for r in records):
         head += f" {'peakMiB~':>9}"
     lines = [head, "-" * len(head)]
@@ -473,7 +504,8 @@ def _fmt_table(records: List[Dict[str, Any]]) -> str:
             f"{r['method']:<15} {r['mode']:<10} {r['E']:>4} {r['rows']:>7} {r['threads']:>3} "
             f"{r['ms']:>10.3f} {r['iqr_ms']:>8.3f} {r['min_ms']:>9.3f} {('%.2f' % ratio) if ratio is not None else '-':>7} "
             f"{('%.2f' % pr) if pr is not None else '-':>7} "
-            f"{r['ns_per_row']:>8.1f} {('%.2f' % act) if act is not None else '-':>6}"
+            f"{r['ns_per_row']:>8.1f} {('%.1f' % r['x_floor']) if 'x_floor' in r else '-':>7} "
+            f"{('%.2f' % act) if act is not None else '-':>6}"
             + (f" {r['peak_mem_MiB_approx']:>9.1f}" if r.get("peak_mem_MiB_approx") is not None else "")
         )
     return "\n".join(lines)

@@ -2,8 +2,11 @@
  * the arguments they accept and the layout of a row's scratch.
  *
  * A row's scratch is `reals` words of the math type, then `indices` int32 words:
- *   reals   max(3 * max_active, 2 * n): the forward's sorted candidates and two exponential sums,
- *           the backward's x and softmax weights of the active entries;
+ *   reals   for the forward three arrays (sorted candidates and the two exponential sums) of
+ *           max_active words rounded up to whole SMOE_LANES blocks plus one block (lapsum_row.h's
+ *           blocked loops read up to a block past the candidates); for the backward three arrays
+ *           (scores then x, upstream gradients, weights then gradients of the active entries) of
+ *           n words rounded up to whole blocks; the larger of the two;
  *   indices max(2 * max_active, n): the forward's candidate indices and a merge buffer, the
  *           backward's active indices.
  * The CPU gives each call one row's scratch; the GPU interleaves `threads` rows' scratch word by
@@ -42,7 +45,8 @@ SMOE_HD int smoe_topk_bwd_pointers(const smoe_topk_bwd_args *a) {
 }
 
 SMOE_HD int64_t smoe_topk_scratch_reals(int64_t n, int64_t max_active) {
-  return 3 * max_active > 2 * n ? 3 * max_active : 2 * n;
+  const int64_t fwd = 3 * (smoe_pad_lanes(max_active) + SMOE_LANES), bwd = 3 * smoe_pad_lanes(n);
+  return fwd > bwd ? fwd : bwd;
 }
 
 SMOE_HD int64_t smoe_topk_scratch_indices(int64_t n, int64_t max_active) {

@@ -113,12 +113,265 @@ SMOE_HD void SMOE_FN(smoe_merge_sort)(R *val, int32_t *idx, R *tv, int32_t *ti, 
 }
 #undef SMOE_BETTER
 
+/* ---- blocks of SMOE_LANES entries (smoe_math.h: why, and why the bits never depend on it) ---- */
+
+#ifndef SMOE_TOPK_SMALL_CAP
+/* Up to this many candidates a row's candidates, their exponential sums and its weights live in
+ * arrays local to the row function (registers and the stack) rather than in the scratch. */
+#define SMOE_TOPK_SMALL_CAP 16
+#endif
+
+/* The fixed tree in which the per-lane partial sums of a row are added. */
+SMOE_HD R SMOE_FN(smoe_lane_sum)(const R *acc) {
+#if SMOE_LANES != 8
+#error "smoe_lane_sum adds 8 lanes"
+#endif
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* Entries [i0, i0 + SMOE_LANES) of a row (the row starts at element `base` of src) in the math
+ * type: a pointer into the row itself where it is stored in the math type and the block is whole
+ * (the lane loops then read it straight from memory), else buf, filled (`fill` past the row's n
+ * entries). */
+SMOE_HD const R *SMOE_FN(smoe_block)(const void *src, smoe_dtype dtype, int64_t base, int64_t i0, int64_t n, R fill,
+                                     R *buf) {
+  if (dtype == (SMOE_IS_F64 ? SMOE_F64 : SMOE_F32) && i0 + SMOE_LANES <= n) return (const R *)src + base + i0;
+  for (int l = 0; l < SMOE_LANES; ++l) buf[l] = i0 + l < n ? SMOE_LOAD(src, dtype, base + i0 + l) : fill;
+  return buf;
+}
+
+/* Stores the lanes of v that fall inside the row (entries i0 + l < n) to dst. */
+SMOE_HD void SMOE_FN(smoe_store_block)(void *dst, smoe_dtype dtype, int64_t base, int64_t i0, int64_t n,
+                                       const R *v) {
+  if (dtype == (SMOE_IS_F64 ? SMOE_F64 : SMOE_F32) && i0 + SMOE_LANES <= n) {
+    R *p = (R *)dst + base + i0;
+    SMOE_SIMD
+    for (int l = 0; l < SMOE_LANES; ++l) p[l] = v[l];
+  } else {
+    for (int l = 0; l < SMOE_LANES && i0 + l < n; ++l) SMOE_STORE(dst, dtype, base + i0 + l, v[l]);
+  }
+}
+
+SMOE_HD void SMOE_FN(smoe_fill_row)(void *out, smoe_dtype dtype, int64_t base, int64_t n, R v) {
+  R block[SMOE_LANES];
+  for (int l = 0; l < SMOE_LANES; ++l) block[l] = v;
+  for (int64_t i0 = 0; i0 < n; i0 += SMOE_LANES) SMOE_FN(smoe_store_block)(out, dtype, base, i0, n, block);
+}
+
+/* Block i0 of a row (smoe_block, -inf past the row's n entries) for the selections that keep the
+ * scores beating a bar: *enter is set when one of them does (one vector compare for the block),
+ * *bad accumulates NaN or +inf scores (checked once after the row). */
+SMOE_HD const R *SMOE_FN(smoe_block_above)(const void *scores, smoe_dtype dtype, int64_t base, int64_t i0, int64_t n,
+                                           R bar, R *buf, int *bad, int *enter) {
+  const R *x = SMOE_FN(smoe_block)(scores, dtype, base, i0, n, -(R)INFINITY, buf);
+  int b = 0, e = 0;
+  SMOE_SIMD_REDUCE(|, b, e)
+  for (int l = 0; l < SMOE_LANES; ++l) {
+    b |= !(x[l] < (R)INFINITY);
+    e |= x[l] > bar;
+  }
+  *bad |= b;
+  *enter = e;
+  return x;
+}
+
+#if !SMOE_IS_F64
+/* Compare-exchange of a sorting network on order keys, best (largest) first: a compare and two
+ * conditional moves, whatever the data. */
+SMOE_HD void smoe_key_cx(uint64_t *key, int a, int b) {
+  const uint64_t x = key[a], y = key[b];
+  key[a] = x > y ? x : y;
+  key[b] = x > y ? y : x;
+}
+
+/* Sorts the keys best first: the 19-comparator network for 8 inputs (n <= 8) or the
+ * 60-comparator one for 16 (Knuth, TAOCP vol. 3, 5.3.4; Green's network for 16). */
+SMOE_HD void smoe_key_sort(uint64_t *k, int64_t n) {
+  if (n <= 8) {
+    smoe_key_cx(k, 0, 2), smoe_key_cx(k, 1, 3), smoe_key_cx(k, 4, 6), smoe_key_cx(k, 5, 7);
+    smoe_key_cx(k, 0, 4), smoe_key_cx(k, 1, 5), smoe_key_cx(k, 2, 6), smoe_key_cx(k, 3, 7);
+    smoe_key_cx(k, 0, 1), smoe_key_cx(k, 2, 3), smoe_key_cx(k, 4, 5), smoe_key_cx(k, 6, 7);
+    smoe_key_cx(k, 2, 4), smoe_key_cx(k, 3, 5);
+    smoe_key_cx(k, 1, 4), smoe_key_cx(k, 3, 6);
+    smoe_key_cx(k, 1, 2), smoe_key_cx(k, 3, 4), smoe_key_cx(k, 5, 6);
+    return;
+  }
+  smoe_key_cx(k, 0, 13), smoe_key_cx(k, 1, 12), smoe_key_cx(k, 2, 15), smoe_key_cx(k, 3, 14);
+  smoe_key_cx(k, 4, 8), smoe_key_cx(k, 5, 6), smoe_key_cx(k, 7, 11), smoe_key_cx(k, 9, 10);
+  smoe_key_cx(k, 0, 5), smoe_key_cx(k, 1, 7), smoe_key_cx(k, 2, 9), smoe_key_cx(k, 3, 4);
+  smoe_key_cx(k, 6, 13), smoe_key_cx(k, 8, 14), smoe_key_cx(k, 10, 15), smoe_key_cx(k, 11, 12);
+  smoe_key_cx(k, 0, 1), smoe_key_cx(k, 2, 3), smoe_key_cx(k, 4, 5), smoe_key_cx(k, 6, 8);
+  smoe_key_cx(k, 7, 9), smoe_key_cx(k, 10, 11), smoe_key_cx(k, 12, 13), smoe_key_cx(k, 14, 15);
+  smoe_key_cx(k, 0, 2), smoe_key_cx(k, 1, 3), smoe_key_cx(k, 4, 10), smoe_key_cx(k, 5, 11);
+  smoe_key_cx(k, 6, 7), smoe_key_cx(k, 8, 9), smoe_key_cx(k, 12, 14), smoe_key_cx(k, 13, 15);
+  smoe_key_cx(k, 1, 2), smoe_key_cx(k, 3, 12), smoe_key_cx(k, 4, 6), smoe_key_cx(k, 5, 7);
+  smoe_key_cx(k, 8, 10), smoe_key_cx(k, 9, 11), smoe_key_cx(k, 13, 14);
+  smoe_key_cx(k, 1, 4), smoe_key_cx(k, 2, 6), smoe_key_cx(k, 5, 8), smoe_key_cx(k, 7, 10);
+  smoe_key_cx(k, 9, 13), smoe_key_cx(k, 11, 14);
+  smoe_key_cx(k, 2, 4), smoe_key_cx(k, 3, 6), smoe_key_cx(k, 9, 12), smoe_key_cx(k, 11, 13);
+  smoe_key_cx(k, 3, 5), smoe_key_cx(k, 6, 8), smoe_key_cx(k, 7, 9), smoe_key_cx(k, 10, 12);
+  smoe_key_cx(k, 3, 4), smoe_key_cx(k, 5, 6), smoe_key_cx(k, 7, 8), smoe_key_cx(k, 9, 10);
+  smoe_key_cx(k, 11, 12);
+  smoe_key_cx(k, 6, 7), smoe_key_cx(k, 8, 9);
+}
+
+/* Merges 8 sorted keys b into the w = 8 or 16 sorted keys k, keeping the best w: the maximum of k
+ * against b reversed is a bitonic sequence holding them, which Batcher's half-cleaners sort. */
+SMOE_HD void smoe_key_merge(uint64_t *k, const uint64_t *b, int64_t w) {
+  uint64_t *t = k + (w - 8);
+  for (int l = 0; l < 8; ++l) t[l] = t[l] > b[7 - l] ? t[l] : b[7 - l];
+  if (w == 16) {
+    smoe_key_cx(k, 0, 8), smoe_key_cx(k, 1, 9), smoe_key_cx(k, 2, 10), smoe_key_cx(k, 3, 11);
+    smoe_key_cx(k, 4, 12), smoe_key_cx(k, 5, 13), smoe_key_cx(k, 6, 14), smoe_key_cx(k, 7, 15);
+    for (int h = 0; h < 16; h += 8) {
+      uint64_t *q = k + h;
+      smoe_key_cx(q, 0, 4), smoe_key_cx(q, 1, 5), smoe_key_cx(q, 2, 6), smoe_key_cx(q, 3, 7);
+      smoe_key_cx(q, 0, 2), smoe_key_cx(q, 1, 3), smoe_key_cx(q, 4, 6), smoe_key_cx(q, 5, 7);
+      smoe_key_cx(q, 0, 1), smoe_key_cx(q, 2, 3), smoe_key_cx(q, 4, 5), smoe_key_cx(q, 6, 7);
+    }
+    return;
+  }
+  smoe_key_cx(k, 0, 4), smoe_key_cx(k, 1, 5), smoe_key_cx(k, 2, 6), smoe_key_cx(k, 3, 7);
+  smoe_key_cx(k, 0, 2), smoe_key_cx(k, 1, 3), smoe_key_cx(k, 4, 6), smoe_key_cx(k, 5, 7);
+  smoe_key_cx(k, 0, 1), smoe_key_cx(k, 2, 3), smoe_key_cx(k, 4, 5), smoe_key_cx(k, 6, 7);
+}
+
+/* The first m keys that stand for finite scores (-inf sorts below every finite score, the empty
+ * key 0 below that) as candidate values and indices. */
+SMOE_HD int64_t SMOE_FN(smoe_unpack_keys)(const uint64_t *key, int64_t cap, R *val, int32_t *idx, int64_t ss) {
+  int64_t m = 0;
+  SMOE_SIMD_REDUCE(+, m)
+  for (int64_t j = 0; j < cap; ++j) m += (key[j] >> 32) > 0x007fffffu; /* above -inf's high word */
+  SMOE_SIMD
+  for (int64_t j = 0; j < m; ++j) {
+    SMOE_AT(val, j) = smoe_order_key_value_f32(key[j]);
+    SMOE_AT(idx, j) = smoe_order_key_index(key[j]);
+  }
+  return m;
+}
+
+/* Candidates of a longer row with cap <= 16 (float math): the best 8 or 16 keys seen so far stay
+ * sorted in `top`; a block of 8 scores in which some score beats the kept cap-th one (one vector
+ * compare; most blocks of a long row fail it) is sorted by the 8-input network and merged in. No
+ * branch depends on the order of the scores within a block. */
+SMOE_HD int64_t SMOE_FN(smoe_select_blocks)(const void *scores, smoe_dtype dtype, int64_t base, int64_t n,
+                                            int64_t cap, R *val, int32_t *idx, int64_t ss) {
+  const int64_t w = cap <= 8 ? 8 : 16;
+  uint64_t top[16];
+  for (int i = 0; i < 16; ++i) top[i] = 0;
+  R bar = -(R)INFINITY; /* a score must beat this to enter: the cap-th kept one once there are cap */
+  int bad = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += SMOE_LANES) {
+    R buf[SMOE_LANES];
+    int enter;
+    const R *x = SMOE_FN(smoe_block_above)(scores, dtype, base, i0, n, bar, buf, &bad, &enter);
+    if (!enter) continue;
+    uint64_t blk[SMOE_LANES];
+    SMOE_SIMD
+    for (int l = 0; l < SMOE_LANES; ++l) blk[l] = smoe_order_key_f32(x[l], (int32_t)(i0 + l));
+    smoe_key_sort(blk, 8);
+    smoe_key_merge(top, blk, w);
+    if (top[cap - 1] != 0) bar = smoe_order_key_value_f32(top[cap - 1]);
+  }
+  if (bad) return -1;
+  return SMOE_FN(smoe_unpack_keys)(top, cap, val, idx, ss);
+}
+
+/* Candidates of a longer row (n > 16) with cap <= 8 (float math), in three passes of vector code:
+ * (1) the largest two scores of each lane (entries i = l mod 8), kept per lane over the blocks;
+ * these are 16 distinct entries, so the cap-th largest of them, the bar, is at most the cap-th
+ * largest score of the row; (2) every entry at or above the bar is collected (the candidates and
+ * a few more, few blocks hold one); (3) a sorting network orders the collected keys. Rows where
+ * more than 16 entries reach the bar (many ties, many -inf) take the block merge instead. With
+ * cap = 8 the whole forward then takes 2.5k instead of 3.2k instructions per row at E = 64, 4.4k
+ * instead of 6.8k at E = 256 (callgrind), and no branch depends on the data but the per-block
+ * ones. */
+SMOE_HD int64_t SMOE_FN(smoe_select_bar)(const void *scores, smoe_dtype dtype, int64_t base, int64_t n,
+                                         int64_t cap, R *val, int32_t *idx, int64_t ss) {
+  R top1[SMOE_LANES], top2[SMOE_LANES];
+  int bad = 0;
+  for (int l = 0; l < SMOE_LANES; ++l) top1[l] = top2[l] = -(R)INFINITY;
+  for (int64_t i0 = 0; i0 < n; i0 += SMOE_LANES) {
+    R buf[SMOE_LANES];
+    const R *x = SMOE_FN(smoe_block)(scores, dtype, base, i0, n, -(R)INFINITY, buf);
+    SMOE_SIMD_REDUCE(|, bad)
+    for (int l = 0; l < SMOE_LANES; ++l) {
+      bad |= !(x[l] < (R)INFINITY); /* NaN or +inf: checked once after the loop */
+      const int above = x[l] > top1[l];
+      top2[l] = SMOE_FN(smoe_where)(above, top1[l], SMOE_FN(smoe_where)(x[l] > top2[l], x[l], top2[l]));
+      top1[l] = SMOE_FN(smoe_where)(above, x[l], top1[l]);
+    }
+  }
+  if (bad) return -1;
+  uint64_t key[16 + SMOE_LANES];
+  SMOE_SIMD
+  for (int l = 0; l < SMOE_LANES; ++l) {
+    key[l] = smoe_order_key_f32(top1[l], l);
+    key[SMOE_LANES + l] = smoe_order_key_f32(top2[l], SMOE_LANES + l);
+  }
+  smoe_key_sort(key, 16);
+  const R bar = smoe_order_key_value_f32(key[cap - 1]);
+  int64_t got = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += SMOE_LANES) {
+    R buf[SMOE_LANES];
+    const R *x = SMOE_FN(smoe_block)(scores, dtype, base, i0, n, -(R)INFINITY, buf);
+    int reach = 0;
+    SMOE_SIMD_REDUCE(|, reach)
+    for (int l = 0; l < SMOE_LANES; ++l) reach |= (x[l] >= bar) & (x[l] > -(R)INFINITY);
+    if (!reach) continue;
+    uint64_t blk[SMOE_LANES];
+    int keep[SMOE_LANES];
+    SMOE_SIMD
+    for (int l = 0; l < SMOE_LANES; ++l) {
+      blk[l] = smoe_order_key_f32(x[l], (int32_t)(i0 + l));
+      keep[l] = (x[l] >= bar) & (x[l] > -(R)INFINITY);
+    }
+    for (int l = 0; l < SMOE_LANES; ++l) { /* written always, kept when at or above the bar */
+      key[got] = blk[l];
+      got += keep[l];
+    }
+    if (got > 16) return SMOE_FN(smoe_select_blocks)(scores, dtype, base, n, cap, val, idx, ss);
+  }
+  for (int64_t j = got; j < 16; ++j) key[j] = 0;
+  smoe_key_sort(key, got <= 8 ? 8 : 16);
+  return SMOE_FN(smoe_unpack_keys)(key, cap, val, idx, ss);
+}
+
+/* Candidates of a row of n <= 16 scores (float math): every score becomes an order key (padding
+ * keys 0 sort last, after -inf), a sorting network orders them, and the first `cap` finite ones
+ * are the candidates. Same order and same values as the general selection below; no branch
+ * depends on the scores, where an insertion sort mispredicts about once per score. Returns the
+ * number of candidates, or -1 for a row with a NaN or +inf score. */
+SMOE_HD int64_t SMOE_FN(smoe_select_network)(const void *scores, smoe_dtype dtype, int64_t base, int64_t n,
+                                             int64_t cap, R *val, int32_t *idx, int64_t ss) {
+  const int64_t w = n <= 8 ? 8 : 16;
+  uint64_t key[16];
+  int bad = 0;
+  for (int64_t i0 = 0; i0 < w; i0 += SMOE_LANES) {
+    R buf[SMOE_LANES];
+    const R *x = SMOE_FN(smoe_block)(scores, dtype, base, i0, n, -(R)INFINITY, buf);
+    SMOE_SIMD_REDUCE(|, bad)
+    for (int l = 0; l < SMOE_LANES; ++l) bad |= !(x[l] < (R)INFINITY);
+    SMOE_SIMD
+    for (int l = 0; l < SMOE_LANES; ++l) key[i0 + l] = i0 + l < n ? smoe_order_key_f32(x[l], (int32_t)(i0 + l)) : 0;
+  }
+  if (bad) return -1;
+  smoe_key_sort(key, n);
+  return SMOE_FN(smoe_unpack_keys)(key, cap, val, idx, ss);
+}
+#endif
+
 /* Loads one row and keeps its `cap` best finite scores, sorted best first, in val/idx (tv/ti:
  * cap more words each, for the merge sort). Returns the number of candidates, or -1 when the row
  * holds a NaN or +inf score. */
 SMOE_HD int64_t SMOE_FN(smoe_select)(const void *scores, smoe_dtype dtype, int64_t base, int64_t n,
                                      int64_t cap, R *val, int32_t *idx, R *tv, int32_t *ti, int64_t ss) {
   int64_t m = 0;
+#if !SMOE_IS_F64
+  if (n <= 16) return SMOE_FN(smoe_select_network)(scores, dtype, base, n, cap, val, idx, ss);
+  if (cap <= 8) return SMOE_FN(smoe_select_bar)(scores, dtype, base, n, cap, val, idx, ss);
+  if (cap <= 16) return SMOE_FN(smoe_select_blocks)(scores, dtype, base, n, cap, val, idx, ss);
+#endif
   if (cap > SMOE_INSERTION_CAP && cap == n) { /* no cap: every finite score, merge-sorted */
     int bad = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -134,22 +387,27 @@ SMOE_HD int64_t SMOE_FN(smoe_select)(const void *scores, smoe_dtype dtype, int64
     return m;
   }
   if (cap <= SMOE_INSERTION_CAP) {
+    /* A score enters only if it beats `bar`: -inf until `cap` candidates are kept, then the worst
+     * of them (a later equal score loses the tie on its index). One vector compare per block
+     * rejects most blocks of a long row at once. */
     int bad = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const R x = SMOE_LOAD(scores, dtype, base + i);
-      bad |= !(x < (R)INFINITY); /* NaN or +inf: checked once after the loop */
-      if (m == cap) {
-        if (!(x > SMOE_AT(val, cap - 1))) continue; /* ties keep the lower index; NaN fails too */
-      } else if (!(x > -(R)INFINITY)) {
-        continue;
+    R bar = -(R)INFINITY;
+    for (int64_t i0 = 0; i0 < n; i0 += SMOE_LANES) {
+      R buf[SMOE_LANES];
+      int enter;
+      const R *x = SMOE_FN(smoe_block_above)(scores, dtype, base, i0, n, bar, buf, &bad, &enter);
+      if (!enter) continue;
+      for (int l = 0; l < SMOE_LANES && i0 + l < n; ++l) {
+        if (!(x[l] > bar)) continue;
+        int64_t j = m < cap ? m++ : cap - 1;
+        for (; j > 0 && SMOE_AT(val, j - 1) < x[l]; --j) {
+          SMOE_AT(val, j) = SMOE_AT(val, j - 1);
+          SMOE_AT(idx, j) = SMOE_AT(idx, j - 1);
+        }
+        SMOE_AT(val, j) = x[l];
+        SMOE_AT(idx, j) = (int32_t)(i0 + l);
+        if (m == cap) bar = SMOE_AT(val, cap - 1);
       }
-      int64_t j = m < cap ? m++ : cap - 1;
-      for (; j > 0 && SMOE_AT(val, j - 1) < x; --j) {
-        SMOE_AT(val, j) = SMOE_AT(val, j - 1);
-        SMOE_AT(idx, j) = SMOE_AT(idx, j - 1);
-      }
-      SMOE_AT(val, j) = x;
-      SMOE_AT(idx, j) = (int32_t)i;
     }
     return bad ? -1 : m;
   }
@@ -188,20 +446,42 @@ SMOE_HD R SMOE_FN(smoe_scaled_gap)(R a, R b, R inv_alpha, R alpha) {
   return SMOE_FABS(d) <= SMOE_RMAX ? d * inv_alpha : a / alpha - b / alpha;
 }
 
+/* out[l] = smoe_scaled_gap(a[l * sa], b[l * sb]) for a block (sb = 0: one b for all lanes). The
+ * rare overflowing difference is redone lane by lane, so the common block stays branch-free. */
+SMOE_HD void SMOE_FN(smoe_scaled_gap_block)(const R *a, int64_t sa, const R *b, int64_t sb, R inv_alpha, R alpha,
+                                            R *out) {
+  int wide = 0;
+  SMOE_SIMD_REDUCE(|, wide)
+  for (int l = 0; l < SMOE_LANES; ++l) {
+    const R d = a[l * sa] - b[l * sb];
+    wide |= !(SMOE_FABS(d) <= SMOE_RMAX);
+    out[l] = d * inv_alpha;
+  }
+  if (wide)
+    for (int l = 0; l < SMOE_LANES; ++l) out[l] = SMOE_FN(smoe_scaled_gap)(a[l * sa], b[l * sb], inv_alpha, alpha);
+}
+
 /* Plain LapSum threshold for a descending s[0..a) and a target 0 < K < a:
- * b = s[piv] - alpha * tau with sum_j F((s_j - b) / alpha) = K. */
+ * b = s[piv] - alpha * tau with sum_j F((s_j - b) / alpha) = K.
+ * s must be readable SMOE_LANES words past a (finite values); U and V hold smoe_pad_lanes(a) +
+ * SMOE_LANES words. */
 SMOE_HD void SMOE_FN(smoe_lapsum_solve)(const R *s, int64_t a, R K, R alpha, R *U, R *V, int64_t ss,
                                         int64_t *piv, R *tau) {
   const R inv_alpha = 1 / alpha;
-  /* V first holds the factors e^{-gap_i}, then is turned into the suffix sums in place. */
-  SMOE_AT(U, 0) = 0;
-  for (int64_t i = 0; i + 1 < a; ++i) {
-    R e = SMOE_EXP(SMOE_FN(smoe_scaled_gap)(SMOE_AT(s, i + 1), SMOE_AT(s, i), inv_alpha, alpha));
-    SMOE_AT(V, i) = e;
-    SMOE_AT(U, i + 1) = e * (1 + SMOE_AT(U, i));
+  const int64_t w = smoe_pad_lanes(a);
+  /* V first holds the factors e^{-gap_i} (all a - 1 of them at vector speed; the lanes past them
+   * are overwritten below), then is turned into the suffix sums in place. */
+  for (int64_t i0 = 0; i0 + 1 < a; i0 += SMOE_LANES) {
+    R e[SMOE_LANES];
+    SMOE_FN(smoe_scaled_gap_block)(s + (i0 + 1) * ss, ss, s + i0 * ss, ss, inv_alpha, alpha, e);
+    SMOE_SIMD
+    for (int l = 0; l < SMOE_LANES; ++l) SMOE_AT(V, i0 + l) = SMOE_FN(smoe_exp)(e[l]);
   }
+  SMOE_AT(U, 0) = 0;
+  for (int64_t i = 0; i + 1 < a; ++i) SMOE_AT(U, i + 1) = SMOE_AT(V, i) * (1 + SMOE_AT(U, i));
   SMOE_AT(V, a - 1) = 0;
   for (int64_t i = a - 1; i > 0; --i) SMOE_AT(V, i - 1) = SMOE_AT(V, i - 1) * (1 + SMOE_AT(V, i));
+  for (int64_t i = a; i < w; ++i) SMOE_AT(U, i) = SMOE_AT(V, i) = 0;
 
   /* Soft count at b = s_i: C_i = i + 1/2 + (V_i - U_i) / 2, nondecreasing in i. */
 #define SMOE_COUNT_AT(i) ((R)(i) + (R)0.5 + (R)0.5 * (SMOE_AT(V, i) - SMOE_AT(U, i)))
@@ -217,19 +497,21 @@ SMOE_HD void SMOE_FN(smoe_lapsum_solve)(const R *s, int64_t a, R K, R alpha, R *
     *tau = SMOE_LOG((1 + SMOE_AT(U, a - 1)) / (2 * ((R)a - K)));
     return;
   }
-  int64_t lo = 0, hi = a - 1; /* C_lo < K <= C_hi */
-  while (hi - lo > 1) {
-    int64_t mid = lo + (hi - lo) / 2;
-    if (SMOE_COUNT_AT(mid) < K)
-      lo = mid;
-    else
-      hi = mid;
-  }
+  /* The bracket C_l < K <= C_{l+1}: l is the last i with C_i < K (C_0 < K <= C_{a-1} here, so
+   * 0 <= l <= a - 2, and the bracket holds even where rounding broke the monotonicity of C). */
+  int32_t last = 0;
+  for (int64_t i0 = 0; i0 < a; i0 += SMOE_LANES)
+    SMOE_SIMD_REDUCE(max, last)
+    for (int32_t l = 0; l < SMOE_LANES; ++l) {
+      const int32_t i = (int32_t)i0 + l; /* candidate indices are int32 */
+      const int below = (SMOE_COUNT_AT(i) < K) & (i < a);
+      last = (below & (i > last)) ? i : last;
+    }
 #undef SMOE_COUNT_AT
-  const int64_t l = lo;
+  const int64_t l = last;
   const R gap_d = SMOE_AT(s, l) - SMOE_AT(s, l + 1);
   const R gap = SMOE_FABS(gap_d) <= SMOE_RMAX ? gap_d / alpha : SMOE_AT(s, l) / alpha - SMOE_AT(s, l + 1) / alpha;
-  const R E = SMOE_EXP(-gap);
+  const R E = SMOE_FN(smoe_exp)(-gap);
   const R Q = 1 + SMOE_AT(U, l), P = 1 + SMOE_AT(V, l + 1);
   const R D = K - (R)(l + 1);
   const R root = SMOE_SQRT(D * D + P * Q * E);
@@ -248,12 +530,18 @@ SMOE_HD void SMOE_FN(smoe_lapsum_solve)(const R *s, int64_t a, R K, R alpha, R *
 }
 
 /* Truncated count (times 1 - eps, plus j * eps) at b = s_j + c * alpha, where candidate j sits
- * exactly on the cut: sum over i < j of F((s_i - s_j) / alpha - c). */
+ * exactly on the cut: sum over i < j of F((s_i - s_j) / alpha - c). s is readable SMOE_LANES
+ * words past j. */
 SMOE_HD R SMOE_FN(smoe_count_at_cut)(const R *s, int64_t j, R inv_alpha, R alpha, R c, int64_t ss) {
-  R sum = 0;
-  for (int64_t i = 0; i < j; ++i)
-    sum += SMOE_CDF(SMOE_FN(smoe_scaled_gap)(SMOE_AT(s, i), SMOE_AT(s, j), inv_alpha, alpha) - c);
-  return sum;
+  R acc[SMOE_LANES];
+  for (int l = 0; l < SMOE_LANES; ++l) acc[l] = 0;
+  for (int64_t i0 = 0; i0 < j; i0 += SMOE_LANES) {
+    R x[SMOE_LANES];
+    SMOE_FN(smoe_scaled_gap_block)(s + i0 * ss, ss, s + j * ss, 0, inv_alpha, alpha, x);
+    SMOE_SIMD
+    for (int l = 0; l < SMOE_LANES; ++l) acc[l] += SMOE_FN(smoe_where)(i0 + l < j, SMOE_CDF(x[l] - c), 0);
+  }
+  return SMOE_FN(smoe_lane_sum)(acc);
 }
 
 /* Number of active candidates of the left-truncated kernel: candidate j is active iff the
@@ -287,77 +575,132 @@ SMOE_HD int64_t SMOE_FN(smoe_active_count)(const R *s, int64_t m, R k, R alpha, 
   return active;
 }
 
-SMOE_HD void SMOE_FN(smoe_fill_row)(void *out, smoe_dtype dtype, int64_t base, int64_t n, R v) {
-  for (int64_t i = 0; i < n; ++i) SMOE_STORE(out, dtype, base + i, v);
-}
-
-/* Forward of one row. rs: real scratch of 3 * max_active strided words; is: index scratch of
- * 2 * max_active strided words. */
-SMOE_HD void SMOE_FN(smoe_topk_fwd_row)(const smoe_topk_fwd_args *a, int64_t row, R *rs, int32_t *is,
-                                        int64_t ss) {
-  const int64_t n = a->n, cap = a->max_active, base = row * n;
+/* The forward after the selection: m candidates s/idx (s readable SMOE_LANES words past m; U, V:
+ * smoe_pad_lanes(m) + SMOE_LANES words each). */
+SMOE_HD void SMOE_FN(smoe_topk_fwd_candidates)(const smoe_topk_fwd_args *a, int64_t row, R *s, const int32_t *idx,
+                                               int64_t m, R *U, R *V, int64_t ss) {
+  const int64_t n = a->n, base = row * n;
   const R k = ((const R *)a->k)[row * a->k_stride];
   const R alpha = ((const R *)a->alpha)[row * a->alpha_stride];
   const R eps = (R)a->eps;
-  R *s = rs, *U = rs + cap * ss, *V = rs + 2 * cap * ss;
-
-  /* U and the second half of the index scratch are free while the candidates are sorted. */
-  const int64_t m = SMOE_FN(smoe_select)(a->scores, a->dtype, base, n, cap, s, is, U, is + cap * ss, ss);
   /* alpha must be positive, finite and not so small that 1 / alpha overflows */
   if (m < 0 || !(alpha > 0 && alpha < (R)INFINITY && 1 / alpha < (R)INFINITY) || !(k >= 0 && k <= (R)m)) {
     SMOE_FN(smoe_fill_row)(a->p, a->dtype, base, n, (R)NAN);
     a->threshold[row] = NAN;
     return;
   }
-  SMOE_FN(smoe_fill_row)(a->p, a->dtype, base, n, 0);
   if (k == 0) {
+    SMOE_FN(smoe_fill_row)(a->p, a->dtype, base, n, 0);
     a->threshold[row] = INFINITY;
     return;
   }
   if (k == (R)m) {
-    for (int64_t j = 0; j < m; ++j) SMOE_STORE(a->p, a->dtype, base + SMOE_AT(is, j), 1);
+    SMOE_FN(smoe_fill_row)(a->p, a->dtype, base, n, 0);
+    for (int64_t j = 0; j < m; ++j) SMOE_STORE(a->p, a->dtype, base + SMOE_AT(idx, j), 1);
     a->threshold[row] = -INFINITY;
     return;
   }
+  /* the blocked loops read up to SMOE_LANES - 1 candidates past m: make them copies of the last */
+  for (int64_t j = m; j < m + SMOE_LANES; ++j) SMOE_AT(s, j) = SMOE_AT(s, m - 1);
 
   const int truncated = eps > 0;
-  const R c = truncated ? (R)smoe_cut_from_eps(a->eps) : (R)INFINITY;
-  const int64_t active = truncated ? SMOE_FN(smoe_active_count)(s, m, k, alpha, eps, c, ss) : m;
+  const R inv_alpha = 1 / alpha;
   /* On the active set the truncated kernel is (F - eps) / (1 - eps): solve plain LapSum for
-   * sum F = k (1 - eps) + active * eps. */
-  R K = truncated ? k * (1 - eps) + (R)active * eps : k;
-  /* K < active exactly (active > k), but k within an ulp of active can round K up to it, and the
-   * solve would then return tau = +inf (threshold -inf, as if k = m): keep K below active. */
-  if (!(K < (R)active)) K = SMOE_NEXTAFTER((R)active, (R)0);
-  int64_t piv;
-  R tau;
-  SMOE_FN(smoe_lapsum_solve)(s, active, K, alpha, U, V, ss, &piv, &tau);
-
-  const R s_piv = SMOE_AT(s, piv), inv_alpha = 1 / alpha;
-  for (int64_t j = 0; j < active; ++j) {
-    const R x = SMOE_FN(smoe_scaled_gap)(SMOE_AT(s, j), s_piv, inv_alpha, alpha) + tau;
-    R p;
-    if (active == 1) {
-      /* The one active expert carries all of k. Exact, where (F - eps) / (1 - eps) would cancel
-       * for k << eps (F = eps + k (1 - eps)): the usual case of a tiny k, where a second expert is
-       * active only within ~k / eps * alpha of a tie. */
-      p = k;
-    } else if (!truncated) {
-      p = SMOE_CDF(x);
-    } else if (x <= -c) {
-      p = 0;
-    } else {
-      p = (SMOE_CDF(x) - eps) / (1 - eps);
-      if (p < 0) p = 0;
+   * sum F = k (1 - eps) + active * eps. First with every candidate active: if the worst one then
+   * gets p > 0 (it is above the cut x = -c, where F = eps), that is the solution (the truncated
+   * count is strictly decreasing in b, and this b gives it the value k), and a truncated row costs
+   * what a plain one does. Otherwise the search finds the active set, and the solve runs again. */
+  int64_t active = m, piv = 0;
+  R tau = 0, s_piv = 0;
+  R *P = U; /* p of the active candidates, in U once the solve is done with it */
+  /* Every entry of the row active (a dense row: E <= 8 at max_active = E, and any row where
+   * nothing is truncated or capped): p is computed in the row's own order, a block at a time,
+   * straight into the output; otherwise in candidate order into P, then scattered. Both compute
+   * the same x = (r - s_piv) / alpha + tau from the same numbers, so the bits are the same. */
+  int dense = 0;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    R K = truncated ? k * (1 - eps) + (R)active * eps : k;
+    /* K < active exactly (active > k), but k within an ulp of active can round K up to it, and the
+     * solve would then return tau = +inf (threshold -inf, as if k = m): keep K below active. */
+    if (!(K < (R)active)) K = SMOE_NEXTAFTER((R)active, (R)0);
+    SMOE_FN(smoe_lapsum_solve)(s, active, K, alpha, U, V, ss, &piv, &tau);
+    s_piv = SMOE_AT(s, piv);
+    dense = active == n;
+    int above_cut = 1; /* every active p > 0: the worst candidate is above the cut */
+    for (int64_t j0 = 0; j0 < active; j0 += SMOE_LANES) {
+      R buf[SMOE_LANES], x[SMOE_LANES], p[SMOE_LANES];
+      if (dense) {
+        const R *r = SMOE_FN(smoe_block)(a->scores, a->dtype, base, j0, n, s_piv, buf);
+        SMOE_FN(smoe_scaled_gap_block)(r, 1, &s_piv, 0, inv_alpha, alpha, x);
+      } else {
+        SMOE_FN(smoe_scaled_gap_block)(s + j0 * ss, ss, &s_piv, 0, inv_alpha, alpha, x);
+      }
+      if (!truncated) {
+        SMOE_SIMD
+        for (int l = 0; l < SMOE_LANES; ++l) p[l] = SMOE_CDF(x[l] + tau);
+      } else {
+        /* 0 at and below the cut (F <= eps), where the kernel is 0 */
+        SMOE_SIMD_REDUCE(&, above_cut)
+        for (int l = 0; l < SMOE_LANES; ++l) {
+          const R pl = (SMOE_CDF(x[l] + tau) - eps) / (1 - eps);
+          above_cut &= (pl > 0) | (j0 + l >= active);
+          p[l] = SMOE_FN(smoe_where)(pl > 0, pl, 0);
+        }
+      }
+      if (dense) {
+        SMOE_FN(smoe_store_block)(a->p, a->dtype, base, j0, n, p);
+      } else {
+        SMOE_SIMD
+        for (int l = 0; l < SMOE_LANES; ++l) SMOE_AT(P, j0 + l) = p[l];
+      }
     }
-    SMOE_STORE(a->p, a->dtype, base + SMOE_AT(is, j), p);
+    if (!truncated || attempt == 1 || above_cut) break;
+    const int64_t searched = SMOE_FN(smoe_active_count)(s, m, k, alpha, eps, (R)smoe_cut_from_eps(a->eps), ss);
+    if (searched == m) break; /* rounding at the cut: the solve for all m stands */
+    active = searched;
+  }
+  /* The one active expert carries all of k. Exact, where (F - eps) / (1 - eps) would cancel for
+   * k << eps (F = eps + k (1 - eps)): the usual case of a tiny k, where a second expert is active
+   * only within ~k / eps * alpha of a tie. */
+  if (active == 1) SMOE_AT(P, 0) = k;
+  if (dense) {
+    if (active == 1) SMOE_STORE(a->p, a->dtype, base + SMOE_AT(idx, 0), k);
+  } else {
+    if (active < n) SMOE_FN(smoe_fill_row)(a->p, a->dtype, base, n, 0);
+    if (a->dtype == (SMOE_IS_F64 ? SMOE_F64 : SMOE_F32)) {
+      R *out = (R *)a->p + base;
+      for (int64_t j = 0; j < active; ++j) out[SMOE_AT(idx, j)] = SMOE_AT(P, j);
+    } else {
+      for (int64_t j = 0; j < active; ++j) SMOE_STORE(a->p, a->dtype, base + SMOE_AT(idx, j), SMOE_AT(P, j));
+    }
   }
   a->threshold[row] = (double)s_piv - (double)alpha * (double)tau;
 }
 
-/* Backward of one row. rs: real scratch of 2 * n strided words, is: index scratch of n strided
- * words. Writes grad_scores and returns the
- * row's gradient contributions for k and alpha through *gk and *ga. */
+/* Forward of one row. rs: real scratch of smoe_topk_real_words(n, max_active) strided words
+ * (lapsum.c); is: index scratch of 2 * max_active strided words. A row with at most
+ * SMOE_TOPK_SMALL_CAP candidates uses neither. */
+SMOE_HD void SMOE_FN(smoe_topk_fwd_row)(const smoe_topk_fwd_args *a, int64_t row, R *rs, int32_t *is,
+                                        int64_t ss) {
+  const int64_t n = a->n, cap = a->max_active;
+  if (cap <= SMOE_TOPK_SMALL_CAP) {
+    R s[SMOE_TOPK_SMALL_CAP + SMOE_LANES], U[SMOE_TOPK_SMALL_CAP + SMOE_LANES], V[SMOE_TOPK_SMALL_CAP + SMOE_LANES];
+    int32_t idx[SMOE_TOPK_SMALL_CAP];
+    /* (the merge buffers are not used below SMOE_INSERTION_CAP candidates) */
+    const int64_t m = SMOE_FN(smoe_select)(a->scores, a->dtype, row * n, n, cap, s, idx, U, idx, 1);
+    SMOE_FN(smoe_topk_fwd_candidates)(a, row, s, idx, m, U, V, 1);
+    return;
+  }
+  const int64_t w = smoe_pad_lanes(cap) + SMOE_LANES;
+  R *s = rs, *U = rs + w * ss, *V = rs + 2 * w * ss;
+  /* U and the second half of the index scratch are free while the candidates are sorted. */
+  const int64_t m = SMOE_FN(smoe_select)(a->scores, a->dtype, row * n, n, cap, s, is, U, is + cap * ss, ss);
+  SMOE_FN(smoe_topk_fwd_candidates)(a, row, s, is, m, U, V, ss);
+}
+
+/* Backward of one row. rs: real scratch of 3 * smoe_pad_lanes(n) strided words, is: index scratch
+ * of n strided words (neither is used for n <= SMOE_TOPK_SMALL_CAP). Writes grad_scores and returns
+ * the row's gradient contributions for k and alpha through *gk and *ga. */
 SMOE_HD void SMOE_FN(smoe_topk_bwd_row)(const smoe_topk_bwd_args *a, int64_t row, R *rs, int32_t *is,
                                         int64_t ss, R *gk, R *ga) {
   const int64_t n = a->n, base = row * n;
@@ -370,67 +713,133 @@ SMOE_HD void SMOE_FN(smoe_topk_bwd_row)(const smoe_topk_bwd_args *a, int64_t row
     *ga = (R)NAN;
     return;
   }
+  SMOE_FN(smoe_fill_row)(a->grad_scores, a->dtype, base, n, 0);
   if (b == INFINITY || b == -INFINITY) { /* k at a limit: p is saturated */
-    SMOE_FN(smoe_fill_row)(a->grad_scores, a->dtype, base, n, 0);
     *gk = 0;
     *ga = 0;
     return;
   }
   /* Which entries are active: with the plain kernel and no cap every finite score is (even where
-   * p underflowed to 0); otherwise exactly those with p != 0. The active entries are compacted
-   * (index in Xi, x in X, weight in W) so the later passes touch only them. */
+   * p underflowed to 0); otherwise exactly those with p != 0. They are compacted, a block at a
+   * time, into X (their scores, then x), G (upstream gradient), W (weights, then the gradient) and
+   * I (index); a block without one is only tested (most of a truncated row at large E). */
   const int every_finite = a->eps == 0 && a->max_active >= n;
-  R *X = rs, *W = rs + n * ss;
-  int32_t *Xi = is;
-  R mu = (R)INFINITY;
+  const int small = n <= SMOE_TOPK_SMALL_CAP;
+  const int64_t w = smoe_pad_lanes(n);
+  R xs[SMOE_TOPK_SMALL_CAP], gs[SMOE_TOPK_SMALL_CAP], ws[SMOE_TOPK_SMALL_CAP];
+  int32_t ids[SMOE_TOPK_SMALL_CAP];
+  R *X = small ? xs : rs, *G = small ? gs : rs + w * ss, *W = small ? ws : rs + 2 * w * ss;
+  int32_t *I = small ? ids : is;
+  const int64_t st = small ? 1 : ss;
+#define SMOE_AX(arr, j) (arr)[(j) * st]
   int64_t count = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const R r = SMOE_LOAD(a->scores, a->dtype, base + i);
-    const int active = every_finite ? (r > -(R)INFINITY && r < (R)INFINITY)
-                                    : SMOE_LOAD(a->p, a->dtype, base + i) != 0;
-    if (!active) continue;
-    /* The threshold is kept in double so that x stays accurate for large logits. */
-    const double d = (double)r - b;
-    R x = (R)d / alpha;
-    /* r - b can overflow the math type while (r - b) / alpha does not (a huge alpha): divide in double */
-    if (!(SMOE_FABS(x) < (R)INFINITY)) x = (R)(d / (double)alpha);
-    /* keep x finite where (r - b) / alpha overflows: phi is 0 there either way, and an infinite x
-     * would give 0 * inf = NaN in grad_alpha (and inf - inf in the shift mu) */
-    if (x > SMOE_RMAX) x = SMOE_RMAX;
-    if (x < -SMOE_RMAX) x = -SMOE_RMAX;
-    SMOE_AT(X, count) = x;
-    SMOE_AT(Xi, count) = (int32_t)i;
-    if (SMOE_FABS(x) < mu) mu = SMOE_FABS(x);
-    ++count;
+  for (int64_t i0 = 0; i0 < n; i0 += SMOE_LANES) {
+    R rbuf[SMOE_LANES], pbuf[SMOE_LANES], gbuf[SMOE_LANES];
+    const R *r = 0, *pv = 0;
+    int any = 0, all = 1;
+    if (every_finite) {
+      r = SMOE_FN(smoe_block)(a->scores, a->dtype, base, i0, n, -(R)INFINITY, rbuf);
+      SMOE_SIMD_REDUCE(|, any)
+      for (int l = 0; l < SMOE_LANES; ++l) any |= (r[l] > -(R)INFINITY) & (r[l] < (R)INFINITY);
+      SMOE_SIMD_REDUCE(&, all)
+      for (int l = 0; l < SMOE_LANES; ++l) all &= (r[l] > -(R)INFINITY) & (r[l] < (R)INFINITY);
+    } else {
+      pv = SMOE_FN(smoe_block)(a->p, a->dtype, base, i0, n, 0, pbuf);
+      SMOE_SIMD_REDUCE(|, any)
+      for (int l = 0; l < SMOE_LANES; ++l) any |= pv[l] != 0;
+      SMOE_SIMD_REDUCE(&, all)
+      for (int l = 0; l < SMOE_LANES; ++l) all &= pv[l] != 0;
+    }
+    if (!any) continue;
+    if (!every_finite) r = SMOE_FN(smoe_block)(a->scores, a->dtype, base, i0, n, 0, rbuf);
+    const R *g = SMOE_FN(smoe_block)(a->grad_p, a->dtype, base, i0, n, 0, gbuf);
+    if (all) { /* a whole block of active entries (a dense row) is copied as a block */
+      SMOE_SIMD
+      for (int l = 0; l < SMOE_LANES; ++l) {
+        SMOE_AX(I, count + l) = (int32_t)(i0 + l);
+        SMOE_AX(X, count + l) = r[l];
+        SMOE_AX(G, count + l) = g[l];
+      }
+      count += SMOE_LANES;
+      continue;
+    }
+    for (int l = 0; l < SMOE_LANES && i0 + l < n; ++l) { /* written always, kept when active */
+      SMOE_AX(I, count) = (int32_t)(i0 + l);
+      SMOE_AX(X, count) = r[l];
+      SMOE_AX(G, count) = g[l];
+      count += every_finite ? (r[l] > -(R)INFINITY) & (r[l] < (R)INFINITY) : pv[l] != 0;
+    }
   }
-  SMOE_FN(smoe_fill_row)(a->grad_scores, a->dtype, base, n, 0);
   if (count == 0) {
     *gk = 0;
     *ga = 0;
     return;
   }
+  const int64_t cw = smoe_pad_lanes(count);
+  for (int64_t j = count; j < cw; ++j) SMOE_AX(X, j) = SMOE_AX(G, j) = 0; /* lanes past the active ones */
+  /* x = (r - b) / alpha; the threshold is kept in double so that x stays accurate for large logits */
+  R mu_lane[SMOE_LANES];
+  for (int l = 0; l < SMOE_LANES; ++l) mu_lane[l] = (R)INFINITY;
+  for (int64_t j0 = 0; j0 < count; j0 += SMOE_LANES) {
+    int wide = 0;
+    SMOE_SIMD_REDUCE(|, wide)
+    for (int l = 0; l < SMOE_LANES; ++l) {
+      const R xl = (R)((double)SMOE_AX(X, j0 + l) - b) / alpha;
+      wide |= !(SMOE_FABS(xl) < (R)INFINITY);
+      SMOE_AX(X, j0 + l) = xl;
+    }
+    /* r - b can overflow the math type while (r - b) / alpha does not (a huge alpha): divide in double */
+    if (wide)
+      for (int l = 0; l < SMOE_LANES && j0 + l < count; ++l)
+        if (!(SMOE_FABS(SMOE_AX(X, j0 + l)) < (R)INFINITY))
+          SMOE_AX(X, j0 + l) = (R)(((double)SMOE_LOAD(a->scores, a->dtype, base + SMOE_AX(I, j0 + l)) - b) / (double)alpha);
+    SMOE_SIMD
+    for (int l = 0; l < SMOE_LANES; ++l) {
+      /* keep x finite where (r - b) / alpha overflows: phi is 0 there either way, and an infinite
+       * x would give 0 * inf = NaN in grad_alpha (and inf - inf in the shift mu) */
+      R xl = SMOE_FN(smoe_where)(SMOE_AX(X, j0 + l) > SMOE_RMAX, SMOE_RMAX, SMOE_AX(X, j0 + l));
+      xl = SMOE_FN(smoe_where)(xl < -SMOE_RMAX, -SMOE_RMAX, xl);
+      SMOE_AX(X, j0 + l) = xl;
+      mu_lane[l] = SMOE_FN(smoe_where)((j0 + l < count) & (SMOE_FABS(xl) < mu_lane[l]), SMOE_FABS(xl), mu_lane[l]);
+    }
+  }
+  R mu = mu_lane[0];
+  for (int l = 1; l < SMOE_LANES; ++l) mu = mu_lane[l] < mu ? mu_lane[l] : mu;
   /* w = phi / sum(phi) = softmax(-|x|) over the active set, shifted by mu so it never underflows
    * as a whole (alpha -> 0); phi itself may underflow, which is then the true value. */
-  R Z = 0, gw = 0;
-  for (int64_t j = 0; j < count; ++j) {
-    const R e = SMOE_EXP(-(SMOE_FABS(SMOE_AT(X, j)) - mu));
-    SMOE_AT(W, j) = e;
-    Z += e;
-    gw += SMOE_LOAD(a->grad_p, a->dtype, base + SMOE_AT(Xi, j)) * e;
+  R z_lane[SMOE_LANES], gw_lane[SMOE_LANES], ga_lane[SMOE_LANES];
+  for (int l = 0; l < SMOE_LANES; ++l) z_lane[l] = gw_lane[l] = ga_lane[l] = 0;
+  for (int64_t j0 = 0; j0 < count; j0 += SMOE_LANES) {
+    SMOE_SIMD
+    for (int l = 0; l < SMOE_LANES; ++l) {
+      const R e = SMOE_FN(smoe_where)(j0 + l < count, SMOE_FN(smoe_exp)(-(SMOE_FABS(SMOE_AX(X, j0 + l)) - mu)), 0);
+      SMOE_AX(W, j0 + l) = e;
+      z_lane[l] += e;
+      gw_lane[l] += SMOE_AX(G, j0 + l) * e;
+    }
   }
-  const R s = gw / Z;
-  const R phi_scale = (R)0.5 * SMOE_EXP(-mu) / ((1 - eps) * alpha);
-  R galpha = 0;
-  for (int64_t j = 0; j < count; ++j) {
-    const int64_t i = base + SMOE_AT(Xi, j);
-    const R gr = phi_scale * SMOE_AT(W, j) * (SMOE_LOAD(a->grad_p, a->dtype, i) - s);
-    SMOE_STORE(a->grad_scores, a->dtype, i, gr);
-    /* p depends on r / alpha only, so d/dalpha = -(1/alpha) sum_j r_j d/dr_j = -sum_j x_j d/dr_j
-     * (the r_j -> x_j step uses sum_j d/dr_j = 0). */
-    galpha -= gr * SMOE_AT(X, j);
+  const R s = SMOE_FN(smoe_lane_sum)(gw_lane) / SMOE_FN(smoe_lane_sum)(z_lane);
+  const R phi_scale = (R)0.5 * SMOE_FN(smoe_exp)(-mu) / ((1 - eps) * alpha);
+  for (int64_t j0 = 0; j0 < count; j0 += SMOE_LANES) {
+    SMOE_SIMD
+    for (int l = 0; l < SMOE_LANES; ++l) {
+      /* lanes past the active ones have weight 0 and x finite: they add 0 */
+      const R gr = phi_scale * SMOE_AX(W, j0 + l) * (SMOE_AX(G, j0 + l) - s);
+      SMOE_AX(W, j0 + l) = gr;
+      /* p depends on r / alpha only, so d/dalpha = -(1/alpha) sum_j r_j d/dr_j = -sum_j x_j d/dr_j
+       * (the r_j -> x_j step uses sum_j d/dr_j = 0). */
+      ga_lane[l] -= gr * SMOE_AX(X, j0 + l);
+    }
   }
+  if (a->dtype == (SMOE_IS_F64 ? SMOE_F64 : SMOE_F32)) {
+    R *out = (R *)a->grad_scores + base;
+    for (int64_t j = 0; j < count; ++j) out[SMOE_AX(I, j)] = SMOE_AX(W, j);
+  } else {
+    for (int64_t j = 0; j < count; ++j) SMOE_STORE(a->grad_scores, a->dtype, base + SMOE_AX(I, j), SMOE_AX(W, j));
+  }
+#undef SMOE_AX
   *gk = s;
-  *ga = galpha;
+  *ga = SMOE_FN(smoe_lane_sum)(ga_lane);
 }
 
 #undef R

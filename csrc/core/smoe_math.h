@@ -122,15 +122,109 @@ SMOE_HD void smoe_store_f64(void *base, smoe_dtype dtype, int64_t i, double v) {
 
 /* ---- Laplace kernel, evaluated through exp(-|x|) only so nothing overflows ----------------- */
 
+/* ---- branch-free building blocks for the per-row loops ---------------------------------------
+ *
+ * The row functions work in blocks of SMOE_LANES consecutive entries. A loop over the lanes of a
+ * block has a fixed trip count and no branches, so the C compiler turns it into vector
+ * instructions (any x86-64 or ARM baseline; wider ones in lapsum.c's AVX2 build of the same code),
+ * and on the GPU it is a short unrolled loop of one thread. Row sums are accumulated per lane and
+ * the lanes added in one fixed tree, and a lane computes exactly what a scalar would (the same
+ * operations; x86-64 builds have no fused multiply-add to contract into), so the bits never depend
+ * on the vector width, the row's position in a chunk or the number of threads. */
+#define SMOE_LANES 8
+
+/* Marks a loop over the lanes of a block for the vectoriser (OpenMP's simd directive: the
+ * extension is built with -fopenmp; elsewhere, and under nvcc, the loops are plain loops).
+ * SMOE_SIMD_REDUCE names integer reductions (|, +), which are exact in any order; floating-point
+ * row sums never go through a reduction clause but through per-lane arrays. */
+#if defined(_OPENMP) && !defined(__CUDACC__)
+#define SMOE_PRAGMA(x) _Pragma(#x)
+#define SMOE_SIMD SMOE_PRAGMA(omp simd)
+#define SMOE_SIMD_REDUCE(op, ...) SMOE_PRAGMA(omp simd reduction(op : __VA_ARGS__))
+#else
+#define SMOE_SIMD
+#define SMOE_SIMD_REDUCE(op, ...)
+#endif
+
+/* x rounded up to a whole number of blocks. */
+SMOE_HD int64_t smoe_pad_lanes(int64_t x) { return (x + SMOE_LANES - 1) / SMOE_LANES * SMOE_LANES; }
+
+/* c ? a : b through bit masks. GCC keeps a float `?:` whose condition compares floats as a branch
+ * under its default -ftrapping-math, which stops the vectoriser; and / or on the bits do not. */
+SMOE_HD float smoe_where_f32(int c, float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return c ? a : b;
+#else
+  const uint32_t m = 0u - (uint32_t)(c != 0);
+  return smoe_bits_to_float((smoe_float_to_bits(a) & m) | (smoe_float_to_bits(b) & ~m));
+#endif
+}
+
+SMOE_HD double smoe_where_f64(int c, double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return c ? a : b;
+#else
+  const uint64_t m = 0u - (uint64_t)(c != 0);
+  uint64_t ua, ub;
+  memcpy(&ua, &a, sizeof ua);
+  memcpy(&ub, &b, sizeof ub);
+  ua = (ua & m) | (ub & ~m);
+  double r;
+  memcpy(&r, &ua, sizeof r);
+  return r;
+#endif
+}
+
+/* exp(x) in float: a fixed polynomial, the same bits on every CPU (no libm, no FMA) and in a
+ * vector lane as in a scalar. x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite, n ln2_hi exact), then
+ * e^r = 1 + r + r^2 P(r) with P of degree 4 fitted for the least maximal relative error on that
+ * interval, and 2^n applied in two exact halves so that results below FLT_MIN round once into the
+ * subnormals. Error <= 0.99 ulp for every float in [-104, 88.7] (tests/c/test_lapsum.c checks a
+ * sweep against the float64 exp); 0 below e^-104 (under half the smallest subnormal), +inf above
+ * 88.73, NaN stays NaN. The only floats it meets are exp(-|x|) and exp(-gap) of the soft top-k. */
+SMOE_HD float smoe_exp_f32(float x) {
+  const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer, kept in the low bits */
+  x = smoe_where_f32(x < -104.0f, -104.0f, x);
+  x = smoe_where_f32(x > 89.0f, 89.0f, x);
+  const float t = x * 1.44269504088896341f + magic;
+  const int32_t n = (int32_t)(smoe_float_to_bits(t) - smoe_float_to_bits(magic)); /* round(x / ln2) */
+  const float nf = t - magic;
+  const float r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
+  const float y = (((0.001381432f * r + 0.008368852f) * r + 0.0416684f) * r + 0.1666652f) * r + 0.49999994f;
+  const float p = (y * (r * r) + r) + 1.0f;
+  const int32_t n1 = n / 2, n2 = n - n1; /* n in [-150, 129]: both halves are normal exponents */
+  return (p * smoe_bits_to_float((uint32_t)(n1 + 127) << 23)) * smoe_bits_to_float((uint32_t)(n2 + 127) << 23);
+}
+
+SMOE_HD double smoe_exp_f64(double x) { return exp(x); }
+
 SMOE_HD float smoe_lap_cdf_f32(float x) {
-  float h = 0.5f * expf(-fabsf(x));
-  return x <= 0.0f ? h : 1.0f - h;
+  const float h = 0.5f * smoe_exp_f32(-fabsf(x));
+  return smoe_where_f32(x <= 0.0f, h, 1.0f - h);
 }
 
 SMOE_HD double smoe_lap_cdf_f64(double x) {
   double h = 0.5 * exp(-fabs(x));
   return x <= 0.0 ? h : 1.0 - h;
 }
+
+/* (value, index) as one unsigned key whose order is the candidate order of the soft top-k: larger
+ * value first, lower index on equal values (-0 and +0 are equal: -0 is read as +0, which changes
+ * no difference of scores). The high word maps the float bits to an unsigned integer of the same
+ * order; the low word is the bitwise complement of the index. NaN gets some key (such rows are
+ * rejected before their order matters). */
+SMOE_HD uint64_t smoe_order_key_f32(float v, int32_t i) {
+  const uint32_t u = smoe_float_to_bits(v + 0.0f);
+  const uint32_t o = u ^ ((uint32_t)(0u - (u >> 31)) | 0x80000000u);
+  return ((uint64_t)o << 32) | (uint32_t)~(uint32_t)i;
+}
+
+SMOE_HD float smoe_order_key_value_f32(uint64_t key) {
+  const uint32_t o = (uint32_t)(key >> 32);
+  return smoe_bits_to_float(o & 0x80000000u ? o ^ 0x80000000u : ~o);
+}
+
+SMOE_HD int32_t smoe_order_key_index(uint64_t key) { return (int32_t)~(uint32_t)key; }
 
 /* The cut c of the left-truncated kernel for a given eps = F(-c); +inf for the plain kernel. */
 SMOE_HD double smoe_cut_from_eps(double eps) { return eps > 0.0 ? -log(2.0 * eps) : INFINITY; }

@@ -78,6 +78,14 @@ size_t smoe_topk_scratch_bytes(smoe_dtype dtype, int64_t n, int64_t max_active);
 smoe_status smoe_topk_fwd(const smoe_topk_fwd_args *args, int64_t row_begin, int64_t row_end);
 smoe_status smoe_topk_bwd(const smoe_topk_bwd_args *args, int64_t row_begin, int64_t row_end);
 
+/* The CPU entry points above run the build's baseline instruction set or, on x86-64 CPUs that have
+ * it, an AVX2 build of the same code (SMOE_ISA_AUTO). Both give the same bits; these variants take
+ * the choice as an argument so that tests can compare them. A request this build or CPU cannot
+ * serve (SMOE_ISA_AVX2 without AVX2) returns SMOE_ERR_ARG. */
+enum { SMOE_ISA_AUTO = -1, SMOE_ISA_BASELINE = 0, SMOE_ISA_AVX2 = 1 };
+smoe_status smoe_topk_fwd_isa(const smoe_topk_fwd_args *args, int64_t row_begin, int64_t row_end, int isa);
+smoe_status smoe_topk_bwd_isa(const smoe_topk_bwd_args *args, int64_t row_begin, int64_t row_end, int isa);
+
 /* Deterministic sums: a fixed pairwise tree over the input order, independent of threads or of how
  * a caller chunks its work, so equal inputs give bit-identical results. This is the reduction
  * behind the gradient of a shared k (the budget gradient) and of a shared alpha. */

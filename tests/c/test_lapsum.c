@@ -2,13 +2,97 @@
  * Reference values are the 60-digit test vectors of research/lapsum.md §7. */
 #include <math.h>
 
+#include "core/smoe_math.h" /* smoe_exp_f32, tested on its own below */
 #include "harness.h"
 
 static void check_close(double got, double want, double tol, const char *what, int i) {
   CHECK(fabs(got - want) <= tol, "%s[%d]: got %.15g want %.15g (tol %g)", what, i, got, want, tol);
 }
 
-/* One row forward + backward in double or float, returning p, threshold and the VJP. */
+/* Forward and backward of `rows` rows of n scores (f32 or f64 storage) with per-row k and alpha,
+ * through the chosen instruction set. Returns 0 when that instruction set is not available. */
+typedef struct {
+  void *p, *grad;
+  double *threshold;
+  void *gk, *ga;
+} rows_out;
+
+static int run_rows(smoe_dtype dtype, const double *scores, const double *g, int64_t rows, int64_t n, const double *k,
+                    const double *alpha, double eps, int64_t cap, int isa, rows_out *out) {
+  const int f64 = dtype == SMOE_F64;
+  const size_t es = f64 ? sizeof(double) : sizeof(float);
+  void *sv = malloc(es * rows * n), *gv = malloc(es * rows * n), *kv = malloc(es * rows), *av = malloc(es * rows);
+  for (int64_t i = 0; i < rows * n; ++i) {
+    if (f64) {
+      ((double *)sv)[i] = scores[i];
+      ((double *)gv)[i] = g[i];
+    } else {
+      ((float *)sv)[i] = (float)scores[i];
+      ((float *)gv)[i] = (float)g[i];
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    if (f64) {
+      ((double *)kv)[r] = k[r];
+      ((double *)av)[r] = alpha[r];
+    } else {
+      ((float *)kv)[r] = (float)k[r];
+      ((float *)av)[r] = (float)alpha[r];
+    }
+  }
+  out->p = calloc(rows * n, es);
+  out->grad = calloc(rows * n, es);
+  out->threshold = (double *)calloc(rows, sizeof(double));
+  out->gk = calloc(rows, es);
+  out->ga = calloc(rows, es);
+  smoe_topk_fwd_args fa;
+  memset(&fa, 0, sizeof fa);
+  fa.rows = rows;
+  fa.n = n;
+  fa.dtype = dtype;
+  fa.scores = sv;
+  fa.k = kv;
+  fa.k_stride = 1;
+  fa.alpha = av;
+  fa.alpha_stride = 1;
+  fa.eps = eps;
+  fa.max_active = cap;
+  fa.p = out->p;
+  fa.threshold = out->threshold;
+  smoe_topk_bwd_args ba;
+  memset(&ba, 0, sizeof ba);
+  ba.rows = rows;
+  ba.n = n;
+  ba.dtype = dtype;
+  ba.grad_p = gv;
+  ba.scores = sv;
+  ba.p = out->p;
+  ba.threshold = out->threshold;
+  ba.alpha = av;
+  ba.alpha_stride = 1;
+  ba.eps = eps;
+  ba.max_active = cap;
+  ba.grad_scores = out->grad;
+  ba.grad_k_rows = out->gk;
+  ba.grad_alpha_rows = out->ga;
+  int ok = smoe_topk_fwd_isa(&fa, 0, rows, isa) == SMOE_OK && smoe_topk_bwd_isa(&ba, 0, rows, isa) == SMOE_OK;
+  free(sv);
+  free(gv);
+  free(kv);
+  free(av);
+  return ok;
+}
+
+static void free_rows(rows_out *o) {
+  free(o->p);
+  free(o->grad);
+  free(o->threshold);
+  free(o->gk);
+  free(o->ga);
+}
+
+/* One row forward + backward in double or float, returning p, threshold and the VJP (g = NULL: a
+ * zero upstream gradient). */
 typedef struct {
   double p[512], grad[512], threshold, gk, ga;
 } row_result;
@@ -17,50 +101,18 @@ static row_result run_row(smoe_dtype dtype, const double *r, int n, double k, do
                           const double *g) {
   row_result out;
   memset(&out, 0, sizeof out);
-  float rf[512], pf[512], gf[512], grf[512], kf = (float)k, af = (float)alpha, gkf = 0, gaf = 0;
-  double rd[512], pd[512], gd[512], grd[512], gkd = 0, gad = 0;
-  for (int i = 0; i < n; ++i) {
-    rf[i] = (float)r[i];
-    rd[i] = r[i];
-    gf[i] = g ? (float)g[i] : 0.0f;
-    gd[i] = g ? g[i] : 0.0;
-  }
+  double zeros[512] = {0};
+  rows_out o;
+  CHECK(run_rows(dtype, r, g ? g : zeros, 1, n, &k, &alpha, eps, cap, SMOE_ISA_AUTO, &o), "forward and backward status");
   const int f64 = dtype == SMOE_F64;
-  smoe_topk_fwd_args fa;
-  memset(&fa, 0, sizeof fa);
-  fa.rows = 1;
-  fa.n = n;
-  fa.dtype = dtype;
-  fa.scores = f64 ? (const void *)rd : (const void *)rf;
-  fa.k = f64 ? (const void *)&k : (const void *)&kf;
-  fa.alpha = f64 ? (const void *)&alpha : (const void *)&af;
-  fa.eps = eps;
-  fa.max_active = cap;
-  fa.p = f64 ? (void *)pd : (void *)pf;
-  fa.threshold = &out.threshold;
-  CHECK(smoe_topk_fwd(&fa, 0, 1) == SMOE_OK, "forward status");
-  for (int i = 0; i < n; ++i) out.p[i] = f64 ? pd[i] : pf[i];
-  if (g) {
-    smoe_topk_bwd_args ba;
-    memset(&ba, 0, sizeof ba);
-    ba.rows = 1;
-    ba.n = n;
-    ba.dtype = dtype;
-    ba.grad_p = f64 ? (const void *)gd : (const void *)gf;
-    ba.scores = fa.scores;
-    ba.p = fa.p;
-    ba.threshold = &out.threshold;
-    ba.alpha = fa.alpha;
-    ba.eps = eps;
-    ba.max_active = cap;
-    ba.grad_scores = f64 ? (void *)grd : (void *)grf;
-    ba.grad_k_rows = f64 ? (void *)&gkd : (void *)&gkf;
-    ba.grad_alpha_rows = f64 ? (void *)&gad : (void *)&gaf;
-    CHECK(smoe_topk_bwd(&ba, 0, 1) == SMOE_OK, "backward status");
-    for (int i = 0; i < n; ++i) out.grad[i] = f64 ? grd[i] : grf[i];
-    out.gk = f64 ? gkd : gkf;
-    out.ga = f64 ? gad : gaf;
+  for (int i = 0; i < n; ++i) {
+    out.p[i] = f64 ? ((double *)o.p)[i] : ((float *)o.p)[i];
+    out.grad[i] = f64 ? ((double *)o.grad)[i] : ((float *)o.grad)[i];
   }
+  out.threshold = o.threshold[0];
+  out.gk = f64 ? *(double *)o.gk : *(float *)o.gk;
+  out.ga = f64 ? *(double *)o.ga : *(float *)o.ga;
+  free_rows(&o);
   return out;
 }
 
@@ -93,6 +145,42 @@ static const vector_case VECTORS[] = {
     {"TV12", 4, {1000.3, 1000.1, 999.8, 1000.0}, 2, 0.1, 1000.05,
      {0.958957500688, 0.696734670144, 0.0410424993119, 0.303265329856}},
 };
+
+/* ---- the float exp of the kernels (smoe_math.h) ------------------------------------------------ */
+
+/* Units in the last place of the float nearest to e (2^-149 below FLT_MIN, the subnormal spacing). */
+static double float_ulp(double e) {
+  if (fabs(e) < 1.1754943508222875e-38) return 1.401298464324817e-45;
+  int ex;
+  frexp(e, &ex);
+  return ldexp(1.0, ex - 24);
+}
+
+/* The polynomial against the float64 exp over every 101st float of [-104, 88.7] (22 million of
+ * them, normal and subnormal results) and every float of [-1/8, 1/8]: at most 0.99 ulp. */
+static void test_exp_polynomial(void) {
+  double worst = 0, worst_x = 0;
+  const uint32_t ranges[2][3] = {
+      {0x80000000u, 0xc2d00000u, 101u}, /* -0 ... -104 */
+      {0x00000000u, 0x42b16666u, 101u}, /* +0 ... 88.7 */
+  };
+  for (int r = 0; r < 2; ++r)
+    for (uint64_t u = ranges[r][0]; u <= ranges[r][1]; u += ranges[r][2]) {
+      const float x = smoe_bits_to_float((uint32_t)u);
+      const double e = exp((double)x), err = fabs((double)smoe_exp_f32(x) - e) / float_ulp(e);
+      if (err > worst) worst = err, worst_x = x;
+    }
+  for (float x = -0.125f; x <= 0.125f; x = nextafterf(x, 1.0f)) {
+    const double e = exp((double)x), err = fabs((double)smoe_exp_f32(x) - e) / float_ulp(e);
+    if (err > worst) worst = err, worst_x = x;
+  }
+  CHECK(worst <= 0.99, "exp polynomial: %.3f ulp at x = %.9g (bound 0.99)", worst, worst_x);
+  CHECK(smoe_exp_f32(0.0f) == 1.0f && smoe_exp_f32(-0.0f) == 1.0f, "exp(0) = 1");
+  CHECK(smoe_exp_f32(-INFINITY) == 0.0f && smoe_exp_f32(-105.0f) == 0.0f, "exp(-inf) = exp(-105) = 0");
+  CHECK(smoe_exp_f32(-103.0f) > 0.0f, "exp(-103) is a subnormal, not 0");
+  CHECK(isinf(smoe_exp_f32(89.0f)) && isinf(smoe_exp_f32(INFINITY)), "exp overflows to inf");
+  CHECK(isnan(smoe_exp_f32(NAN)) && isnan(smoe_exp_f32(-NAN)), "exp(NaN) is NaN");
+}
 
 static void test_vectors(void) {
   for (size_t t = 0; t < sizeof VECTORS / sizeof VECTORS[0]; ++t) {
@@ -184,6 +272,250 @@ static void test_sums_e256(void) {
     check_close(sf, (double)(float)k, 1e-5, "f32 sum p - k", trial);
     CHECK(worst <= 1e-6, "trial %d: max |p32 - p64| = %g", trial, worst);
   }
+}
+
+/* ---- the selection and storage paths give the same bits --------------------------------------- */
+
+/* Random scores with ties, signed zeros and -inf entries: most rows plain N(0, 2^2) draws, some
+ * rounded to a coarse grid (many ties), some with a -inf. */
+static void random_scores(unsigned *seed, double *r, int64_t n, int kind) {
+  for (int64_t i = 0; i < n; ++i) {
+    double v = 2.0 * gauss(seed);
+    if (kind == 1) v = floor(v * 2.0) / 2.0;             /* ties */
+    if (kind == 2 && uniform(seed) < 0.2) v = -INFINITY; /* never candidates */
+    if (kind == 3 && uniform(seed) < 0.3) v = uniform(seed) < 0.5 ? 0.0 : -0.0;
+    r[i] = v;
+  }
+}
+
+/* A row of n0 <= 16 scores takes the sorting network (float math) and keeps its candidates in
+ * local arrays; the same scores padded with -inf to 64 or 100 entries, with caps that keep the same
+ * candidates, take the block merge (cap <= 16), sorted insertion into the scratch (cap <= 48), the
+ * merge sort (no cap) and the heap (48 < cap < n). Every path must give the same p, threshold and,
+ * where the active set is the same by definition, the same gradients, bit for bit. */
+static void test_selection_paths_agree(void) {
+  unsigned seed = 2024u;
+  enum { ROWS = 96 };
+  const int64_t wide_n[4] = {64, 64, 64, 100}, wide_cap[4] = {0 /* n0 */, 20, 64, 60};
+  for (int f = 0; f < 2; ++f) {
+    const smoe_dtype dt = f ? SMOE_F64 : SMOE_F32;
+    for (int64_t n0 = 1; n0 <= 16; ++n0) {
+      for (int e = 0; e < 3; ++e) {
+        const double eps = e == 0 ? 0.0 : e == 1 ? 1e-2 : 0.2;
+        double r[ROWS * 16], g[ROWS * 16], k[ROWS], alpha[ROWS];
+        for (int row = 0; row < ROWS; ++row) {
+          random_scores(&seed, r + row * n0, n0, row % 4);
+          int finite = 0;
+          for (int64_t i = 0; i < n0; ++i) finite += r[row * n0 + i] > -INFINITY;
+          if (finite == 0) r[row * n0] = 0.5, finite = 1;
+          k[row] = (double)(float)(finite * uniform(&seed)); /* in [0, finite), 0 included rarely */
+          alpha[row] = (double)(float)(0.05 + 2.0 * uniform(&seed));
+          for (int64_t i = 0; i < n0; ++i) g[row * n0 + i] = gauss(&seed);
+        }
+        rows_out ref;
+        CHECK(run_rows(dt, r, g, ROWS, n0, k, alpha, eps, n0, SMOE_ISA_AUTO, &ref), "narrow rows");
+        const size_t es = f ? sizeof(double) : sizeof(float);
+        for (int w = 0; w < 4; ++w) {
+          const int64_t n = wide_n[w], cap = wide_cap[w] ? wide_cap[w] : n0;
+          double *rw = (double *)malloc(sizeof(double) * ROWS * n), *gw = (double *)malloc(sizeof(double) * ROWS * n);
+          for (int row = 0; row < ROWS; ++row)
+            for (int64_t i = 0; i < n; ++i) {
+              rw[row * n + i] = i < n0 ? r[row * n0 + i] : -INFINITY;
+              gw[row * n + i] = i < n0 ? g[row * n0 + i] : 1.0;
+            }
+          rows_out got;
+          CHECK(run_rows(dt, rw, gw, ROWS, n, k, alpha, eps, cap, SMOE_ISA_AUTO, &got), "wide rows");
+          /* the backward's active set is "p != 0" under a cap and "every finite score" without one:
+           * the same set unless a p underflowed, which these scores never do with eps > 0 */
+          const int same_grad = eps > 0 || cap >= n;
+          int bad_p = 0, bad_t = 0, bad_g = 0;
+          for (int row = 0; row < ROWS; ++row) {
+            bad_t += memcmp(&ref.threshold[row], &got.threshold[row], sizeof(double)) != 0;
+            for (int64_t i = 0; i < n; ++i) {
+              const char *pw = (const char *)got.p + es * (row * n + i), *gg = (const char *)got.grad + es * (row * n + i);
+              if (i < n0) {
+                bad_p += memcmp(pw, (const char *)ref.p + es * (row * n0 + i), es) != 0;
+                if (same_grad) bad_g += memcmp(gg, (const char *)ref.grad + es * (row * n0 + i), es) != 0;
+              } else {
+                bad_p += f ? *(const double *)pw != 0 : *(const float *)pw != 0;
+              }
+            }
+            if (same_grad) {
+              bad_g += memcmp((const char *)got.gk + es * row, (const char *)ref.gk + es * row, es) != 0;
+              bad_g += memcmp((const char *)got.ga + es * row, (const char *)ref.ga + es * row, es) != 0;
+            }
+          }
+          CHECK(bad_p == 0 && bad_t == 0 && bad_g == 0,
+                "%s n0 %lld eps %g: padded to %lld with cap %lld: %d p, %d thresholds, %d gradients differ",
+                f ? "f64" : "f32", (long long)n0, eps, (long long)n, (long long)cap, bad_p, bad_t, bad_g);
+          free_rows(&got);
+          free(rw);
+          free(gw);
+        }
+        free_rows(&ref);
+      }
+    }
+  }
+}
+
+/* The candidates of a row, by the rule of softmoe.h (the `cap` largest finite scores, lower index
+ * first on ties), in index order. Returns their number. */
+static const double *cand_scores;
+static int cand_order(const void *x, const void *y) {
+  const int a = *(const int *)x, b = *(const int *)y;
+  const double va = cand_scores[a], vb = cand_scores[b];
+  if (va != vb) return va > vb ? -1 : 1;
+  return a - b;
+}
+static int int_order(const void *x, const void *y) { return *(const int *)x - *(const int *)y; }
+static int candidates_of(const double *r, int n, int cap, int *out) {
+  int *order = (int *)malloc(sizeof(int) * n), m = 0;
+  for (int i = 0; i < n; ++i) order[i] = i;
+  cand_scores = r;
+  qsort(order, n, sizeof(int), cand_order);
+  for (int j = 0; j < n && m < cap; ++j)
+    if (r[order[j]] > -INFINITY) out[m++] = order[j];
+  qsort(out, m, sizeof(int), int_order);
+  free(order);
+  return m;
+}
+
+/* Long rows (17 to 257 scores) take the bar-and-collect selection (cap <= 8, with the block merge
+ * behind it when many scores tie at the bar), the block merge (cap <= 16), sorted insertion or the
+ * heap. Their p and threshold must be those of the short row made of their candidates alone, bit
+ * for bit (the solve sees the same sorted candidates), and 0 elsewhere; with eps > 0 (the same
+ * active set by definition) the gradients too. */
+static void test_long_rows_match_their_candidates(void) {
+  unsigned seed = 4242u;
+  const int ns[6] = {17, 24, 40, 64, 100, 257}, caps[8] = {1, 2, 5, 8, 11, 16, 20, 60};
+  int tied = 0;
+  for (int f = 0; f < 2; ++f)
+    for (int ni = 0; ni < 6; ++ni)
+      for (int ci = 0; ci < 8; ++ci)
+        for (int kind = 0; kind < 5; ++kind) {
+          const int n = ns[ni], cap = caps[ci] < n ? caps[ci] : n;
+          const smoe_dtype dt = f ? SMOE_F64 : SMOE_F32;
+          const double eps = kind % 2 ? 1e-2 : 0.0;
+          double r[257], g[257], rs[257], gs[257];
+          int cand[257];
+          if (kind == 4) { /* a block of equal top scores: more than 16 reach any bar */
+            for (int i = 0; i < n; ++i) r[i] = i % 3 ? 1.5 : (double)(float)gauss(&seed);
+          } else {
+            random_scores(&seed, r, n, kind);
+          }
+          for (int i = 0; i < n; ++i) {
+            r[i] = f ? r[i] : (double)(float)r[i];
+            g[i] = gauss(&seed);
+          }
+          const int m = candidates_of(r, n, cap, cand);
+          if (m == 0) continue;
+          tied += kind == 4;
+          for (int j = 0; j < m; ++j) rs[j] = r[cand[j]], gs[j] = g[cand[j]];
+          const double k = (double)(float)(m * (0.05 + 0.9 * uniform(&seed)));
+          const double alpha = (double)(float)(0.05 + 2.0 * uniform(&seed));
+          rows_out wide, narrow;
+          CHECK(run_rows(dt, r, g, 1, n, &k, &alpha, eps, cap, SMOE_ISA_AUTO, &wide), "long row");
+          CHECK(run_rows(dt, rs, gs, 1, m, &k, &alpha, eps, m, SMOE_ISA_AUTO, &narrow), "its candidates");
+          const size_t es = f ? sizeof(double) : sizeof(float);
+          int bad = memcmp(wide.threshold, narrow.threshold, sizeof(double)) != 0, j = 0;
+          for (int i = 0; i < n; ++i) {
+            const char *pw = (const char *)wide.p + es * i, *gw = (const char *)wide.grad + es * i;
+            if (j < m && cand[j] == i) {
+              bad += memcmp(pw, (const char *)narrow.p + es * j, es) != 0;
+              if (eps > 0) bad += memcmp(gw, (const char *)narrow.grad + es * j, es) != 0;
+              ++j;
+            } else {
+              bad += f ? *(const double *)pw != 0 : *(const float *)pw != 0;
+            }
+          }
+          if (eps > 0) bad += memcmp(wide.gk, narrow.gk, es) != 0 || memcmp(wide.ga, narrow.ga, es) != 0;
+          CHECK(bad == 0, "%s n %d cap %d kind %d eps %g: the long row differs from its candidates in %d places",
+                f ? "f64" : "f32", n, cap, kind, eps, bad);
+          free_rows(&wide);
+          free_rows(&narrow);
+        }
+  CHECK(tied > 50, "rows with ties at the bar were exercised (%d)", tied);
+}
+
+/* The baseline and the AVX2 build of the row loops give the same bits (no FMA, fixed lane
+ * sums), over every selection path, the plain and truncated kernels and both storage types. */
+static void test_instruction_sets_agree(void) {
+  unsigned seed = 77u;
+  const int64_t ns[7] = {1, 5, 8, 13, 40, 64, 257}, caps[4] = {1, 8, 20, 1000};
+  rows_out probe;
+  double one = 1.0, half = 0.5, zero = 0.0;
+  if (!run_rows(SMOE_F32, &one, &one, 1, 1, &half, &one, 0.0, 1, SMOE_ISA_AVX2, &probe)) {
+    free_rows(&probe);
+    printf("test_instruction_sets_agree: no AVX2 build or CPU, skipped\n");
+    (void)zero;
+    return;
+  }
+  free_rows(&probe);
+  for (int f = 0; f < 2; ++f)
+    for (int ni = 0; ni < 7; ++ni)
+      for (int ci = 0; ci < 4; ++ci)
+        for (int e = 0; e < 2; ++e) {
+          enum { ROWS = 24 };
+          const int64_t n = ns[ni], cap = caps[ci] < n ? caps[ci] : n;
+          const double eps = e ? 1e-2 : 0.0;
+          const smoe_dtype dt = f ? SMOE_F64 : SMOE_F32;
+          double *r = (double *)malloc(sizeof(double) * ROWS * n), *g = (double *)malloc(sizeof(double) * ROWS * n);
+          double k[ROWS], alpha[ROWS];
+          for (int row = 0; row < ROWS; ++row) {
+            random_scores(&seed, r + row * n, n, row % 4);
+            for (int64_t i = 0; i < n; ++i) g[row * n + i] = gauss(&seed);
+            k[row] = (double)(float)(cap * uniform(&seed));
+            alpha[row] = (double)(float)(row % 3 == 0 ? 1e-3 : 0.05 + 2.0 * uniform(&seed));
+          }
+          rows_out a, b;
+          CHECK(run_rows(dt, r, g, ROWS, n, k, alpha, eps, cap, SMOE_ISA_BASELINE, &a), "baseline build");
+          CHECK(run_rows(dt, r, g, ROWS, n, k, alpha, eps, cap, SMOE_ISA_AVX2, &b), "AVX2 build");
+          const size_t es = f ? sizeof(double) : sizeof(float);
+          CHECK(memcmp(a.p, b.p, es * ROWS * n) == 0 && memcmp(a.threshold, b.threshold, sizeof(double) * ROWS) == 0 &&
+                    memcmp(a.grad, b.grad, es * ROWS * n) == 0 && memcmp(a.gk, b.gk, es * ROWS) == 0 &&
+                    memcmp(a.ga, b.ga, es * ROWS) == 0,
+                "%s n %lld cap %lld eps %g: the baseline and AVX2 builds differ", f ? "f64" : "f32", (long long)n,
+                (long long)cap, eps);
+          free_rows(&a);
+          free_rows(&b);
+          free(r);
+          free(g);
+        }
+}
+
+/* Truncated rows: the solve with every candidate active stands when the worst candidate then has
+ * p > 0, else the search finds the active set. Both kinds of row (spread scores, so that some
+ * fall below the cut, and bunched ones, so that none do) must keep sum p = k, have no nonzero p
+ * below the cut of their own threshold, and agree with the float64 result. */
+static void test_truncated_rows(void) {
+  unsigned seed = 99u;
+  int cut_rows = 0, full_rows = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    const int64_t n = trial % 2 ? 64 : 8, cap = trial % 3 == 0 ? 4 : 8;
+    const double spread = trial % 4 < 2 ? 0.05 : 3.0, eps = trial % 5 == 0 ? 0.1 : 1e-2;
+    const double c = -log(2 * eps);
+    double r[64], g[64];
+    for (int64_t i = 0; i < n; ++i) r[i] = (double)(float)(spread * gauss(&seed)), g[i] = gauss(&seed);
+    const double k = (double)(float)(0.2 + (cap - 0.4) * uniform(&seed)), alpha = 0.5;
+    row_result d = run_row(SMOE_F64, r, (int)n, k, alpha, eps, (int)cap, g);
+    row_result fl = run_row(SMOE_F32, r, (int)n, k, alpha, eps, (int)cap, g);
+    double sum = 0;
+    int active = 0, below = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      sum += fl.p[i];
+      active += fl.p[i] > 0;
+      const double x = (r[i] - fl.threshold) / alpha;
+      below += fl.p[i] > 0 && x < -c - 1e-4;
+      check_close(fl.p[i], d.p[i], 2e-6, "truncated f32 vs f64 p", (int)i);
+      check_close(fl.grad[i], d.grad[i], 2e-4 / alpha, "truncated f32 vs f64 dL/dr", (int)i);
+    }
+    check_close(sum, k, 2e-6, "truncated sum p - k", trial);
+    CHECK(below == 0, "trial %d: %d nonzero p below the cut", trial, below);
+    CHECK(active <= cap, "trial %d: %d active > max_active %lld", trial, active, (long long)cap);
+    if (active < cap) ++cut_rows; else ++full_rows;
+  }
+  CHECK(cut_rows > 50 && full_rows > 50, "both kinds of truncated row were exercised (%d cut, %d full)", cut_rows,
+        full_rows);
 }
 
 static void test_limits_and_bad_rows(void) {
@@ -328,6 +660,11 @@ static void test_half_conversions(void) {
 }
 
 int main(void) {
+  test_exp_polynomial();
+  test_selection_paths_agree();
+  test_long_rows_match_their_candidates();
+  test_instruction_sets_agree();
+  test_truncated_rows();
   test_vectors();
   test_vjp_tv2();
   test_truncated_vectors();

@@ -50,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
 from . import _checks, ops
 from .budget import GlobalBudget
 from .experts import GroupedExperts
-from .functional import soft_topk
+from .ops import soft_topk
 from .hf_adapters import (
     DENSE_ADAPTERS, MOE_ADAPTERS, MOE_UNSUPPORTED, BlockParts, DenseAdapter, MoEAdapter, find_moe_blocks,
     fused_activation, read_block, top_k_of,

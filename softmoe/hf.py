@@ -76,7 +76,6 @@ __all__ = [
     "LOSSLESS_MARGIN",
     "SHARP_ALPHA",
     "SoftMoEBlock",
-    "SoftMoEBudget",
     "allocation",
     "budget",
     "convert",
@@ -91,7 +90,7 @@ __all__ = [
 
 FORMAT = 2  # version of the config.softmoe record (2: the "gate" combine and the routers' gates)
 _ROUTING_KEYS = ("alpha", "eps", "max_active", "combine", "k_min", "learn_k", "learn_alpha")
-_COMBINES = ("normalized", "sum", "gate")
+_COMBINES = ("normalized", "sum", "gate", "scaled")
 
 #: The temperature :func:`convert` starts from, in units of what the router ranks (logits, or
 #: probabilities for routers with a selection bias): below the gaps float32 resolves between two
@@ -325,18 +324,20 @@ class SoftMoEBlock(SoftMoELayer):
         self.jitter_noise = float(jitter_noise)
         self.dropout = nn.Dropout(dropout) if dropout else None
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits ``[T, E]`` (float32, soft-capped if the router does) and routing weights
-        ``p`` ``[T, E]``: the soft top-k of the gate's selection scores."""
+        ``p`` ``[T, E]``: the soft top-k of the gate's selection scores; ``k``: the soft count of
+        this forward (default :attr:`k`)."""
         if self.gate is None:
-            return super().route(x)
+            return super().route(x, k)
         logits = self.gate.logits(self.router(x).to(torch.float64 if x.dtype == torch.float64 else torch.float32))
-        p = soft_topk(self.gate.selection(logits), self.k, self.alpha, eps=self.eps, max_active=self.max_active)
+        p = soft_topk(self.gate.selection(logits), self.k if k is None else k, self.alpha, eps=self.eps,
+                      max_active=self.max_active)
         return logits, p
 
-    def combine_weights(self, logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    def combine_weights(self, logits: torch.Tensor, p: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
         if self.gate is None or self.combine != "gate":
-            return super().combine_weights(logits, p)
+            return super().combine_weights(logits, p, k)
         return self.gate.weights(logits, p)
 
     def forward(self, hidden_states: torch.Tensor):
@@ -362,7 +363,9 @@ class SoftMoEBlock(SoftMoELayer):
     # a dtype cast on load cannot change it).
     def get_extra_state(self) -> torch.Tensor:
         s = super().get_extra_state()
-        floats = torch.tensor([s["k_min"], s["k_max"], s["eps"]], dtype=torch.float64, device="cpu")
+        # None (k_min / k_max in active mode, active in soft-count mode) travels as NaN
+        floats = torch.tensor([_or_nan(s["k_min"]), _or_nan(s["k_max"]), s["eps"], _or_nan(s["active"])],
+                              dtype=torch.float64, device="cpu")
         ints = torch.tensor([s["max_active"], s["num_experts"], _COMBINES.index(s["combine"])], dtype=torch.int64, device="cpu")
         return torch.cat([ints, floats.view(torch.int64)])
 
@@ -370,9 +373,9 @@ class SoftMoEBlock(SoftMoELayer):
         if isinstance(state, torch.Tensor):
             state = state.detach().to("cpu", torch.int64)
             ints = state[:3].tolist()
-            k_min, k_max, eps = state[3:6].view(torch.float64).tolist()
-            state = {"k_min": k_min, "k_max": k_max, "eps": eps, "max_active": ints[0], "num_experts": ints[1],
-                     "combine": _COMBINES[ints[2]]}
+            k_min, k_max, eps, *active = [None if math.isnan(v) else v for v in state[3:].view(torch.float64).tolist()]
+            state = {"k_min": k_min, "k_max": k_max, "eps": eps, "active": active[0] if active else None,
+                     "max_active": ints[0], "num_experts": ints[1], "combine": _COMBINES[ints[2]]}
         mine = SoftMoELayer.get_extra_state(self)
         diff = {key: (state.get(key), value) for key, value in mine.items() if state.get(key) != value}
         if diff:
@@ -380,27 +383,13 @@ class SoftMoEBlock(SoftMoELayer):
             raise ValueError(f"SoftMoEBlock.load_state_dict: the saved routing configuration differs ({detail})")
 
 
-class SoftMoEBudget(GlobalBudget):
-    """:class:`~softmoe.GlobalBudget` whose ``theta`` stays float32 when the model is cast to a 16-bit
-    dtype (like the layers' ``k_logit`` / ``log_alpha``): ``model.to(torch.bfloat16)`` would
-    otherwise round the allocation logits."""
-
-    def __init__(self, layers, mean_k: float, k_min: float = 1.0) -> None:
-        super().__init__(layers, mean_k, k_min)
-        # float32 whatever the default dtype (transformers builds a bfloat16 model under a bfloat16 default)
-        self.theta = nn.Parameter(torch.zeros(self.num_layers, dtype=torch.float32, device=self.theta.device))
-
-    def _apply(self, fn, recurse=True):
-        old = self.theta.detach().clone()
-        super()._apply(fn, recurse)
-        if self.theta.dtype in (torch.bfloat16, torch.float16) and old.dtype == torch.float32:
-            self.theta.data = old.to(device=self.theta.device)
-        return self
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _make_budget(layers: list[SoftMoELayer], spec: dict) -> GlobalBudget:
     """The one place a converted model's expert budget is created from its routing ``spec``."""
-    return SoftMoEBudget(layers, _soft_count(spec["mean_k"]), k_min=spec["k_min"])
+    return GlobalBudget(layers, _soft_count(spec["mean_k"]), k_min=spec["k_min"])
 
 
 # ---- building ------------------------------------------------------------------------------------
@@ -500,7 +489,7 @@ def _routing(fn: str, mean_k: object, routing: dict, defaults: dict) -> dict:
             raise ValueError(f"{fn}: k_min must be a finite number > 0, got {k_min}")
     combine = routing.get("combine", defaults["combine"])
     if combine not in _COMBINES:
-        raise ValueError(f"{fn}: combine must be 'normalized', 'sum' or 'gate', got {combine!r}")
+        raise ValueError(f"{fn}: combine must be 'normalized', 'sum', 'gate' or 'scaled', got {combine!r}")
     flags = {}
     for name, default in (("learn_k", True), ("learn_alpha", False)):
         flags[name] = routing.get(name, default)
@@ -692,7 +681,7 @@ def convert(model: PreTrainedModel, mean_k: float | None = None, **routing) -> P
 def upcycle(model: PreTrainedModel, num_experts: int, mean_k: float = 2.0, noise: float = 0.0, **routing) -> PreTrainedModel:
     """Sparse upcycling: every MLP of a dense transformers causal LM becomes a :class:`SoftMoEBlock`
     of ``num_experts`` copies of that MLP (biases and activation kept), with a freshly
-    initialised router and the soft counts learned under one :class:`SoftMoEBudget`.
+    initialised router and the soft counts learned under one :class:`~softmoe.GlobalBudget`.
 
     With ``noise=0`` and ``combine="normalized"`` (the default) the upcycled model computes the
     same function as the dense one at the start (the weights of a token sum to 1 and every expert
@@ -732,7 +721,7 @@ def routing_parameters(model: nn.Module) -> list[nn.Parameter]:
             params.append(layer.router.bias)
         for name in ("k_logit", "log_alpha"):
             value = getattr(layer, name)
-            if isinstance(value, nn.Parameter) and not (name == "k_logit" and layer._budget is not None):
+            if isinstance(value, nn.Parameter):  # under a budget k_logit is a frozen buffer
                 params.append(value)
     b = budget(model)
     if b is not None:
@@ -801,9 +790,6 @@ def from_pretrained(path: str, **kwargs) -> PreTrainedModel:
         raise ValueError(f"{fn}: config.architectures = {names!r} does not name a transformers model class")
     model = _rebuild_class(base).from_pretrained(path, config=config, **kwargs)
     model.__class__ = base
-    for layer in layers(model):  # a frozen k_logit stays frozen, whatever the loader did
-        if layer._budget is not None:
-            layer.k_logit.requires_grad_(False)
     return model
 
 
@@ -814,7 +800,7 @@ def layers(model: nn.Module) -> list[SoftMoEBlock]:
 
 
 def budget(model: nn.Module) -> GlobalBudget | None:
-    """The model's :class:`SoftMoEBudget` (``model.softmoe_budget``), or None (``learn_k=False``)."""
+    """The model's :class:`~softmoe.GlobalBudget` (``model.softmoe_budget``), or None (``learn_k=False``)."""
     _check_module("softmoe.hf.budget", model)
     return getattr(model, "softmoe_budget", None)
 

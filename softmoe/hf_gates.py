@@ -33,6 +33,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ._keep_float32 import apply_keeping_float32
+
 Score = Literal["softmax", "sigmoid"]
 ChooseBy = Literal["logits", "scores"]
 GroupScore = Literal["top2", "max"]
@@ -131,10 +133,7 @@ class Gate(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # The selection bias decides ties between experts: keep it float32 under a 16-bit cast.
-        kept = None if self.bias is None else self.bias.detach().clone()
-        super()._apply(fn, recurse)
-        if kept is not None and self.bias.dtype in (torch.bfloat16, torch.float16):
-            self.bias = kept.to(device=self.bias.device)
+        apply_keeping_float32(self, ("bias",), lambda: super(Gate, self)._apply(fn, recurse))
         return self
 
     def logits(self, raw: torch.Tensor) -> torch.Tensor:

@@ -167,7 +167,7 @@ def shard_experts(
     config = {
         "layer_id": layer_id, "group_size": size, "num_experts": num_experts, "d_model": layer.d_model,
         "d_hidden": d_hidden, "activation": activation, "max_active": layer.max_active, "eps": layer.eps,
-        "combine": layer.combine, "k": k, "alpha": alpha, "k_min": layer.k_min, "k_max": layer.k_max,
+        "combine": layer.combine, "k": k, "active": layer.active, "alpha": alpha, "k_min": layer.k_min, "k_max": layer.k_max,
         "learn_k": learn_k, "learn_alpha": learn_alpha, "dtype": str(param_dtype),
         "device_type": torch.device(device).type if device is not None else "default",
     }

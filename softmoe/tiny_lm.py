@@ -64,8 +64,10 @@ class LMConfig:
     context: int = 128
     experts: int = 8
     d_hidden: int = 128  # per expert (dense: the same hidden width as one expert)
-    mean_k: float = 1.5  # softmoe: mean soft count per layer under the global budget
-    k_min: float = 1.0
+    mean_active: float | None = 1.5  # softmoe: realised mean active experts per token and layer (budget)
+    mean_k: float | None = None  # softmoe: instead, a budget in mean soft count per layer
+    k_min: float = 1.0  # floor of a layer's soft count (mean_k) or target (mean_active)
+    lb_coef: float = 0.01  # softmoe: load-balancing loss weight
     max_active: int = 4
     top_k: int = 2  # topk baseline
     alpha: float = 1.0
@@ -98,8 +100,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.d_model)
         if cfg.ffn == "softmoe":
             self.ffn = softmoe.SoftMoELayer(
-                cfg.d_model, cfg.d_hidden, cfg.experts, k=cfg.mean_k, alpha=cfg.alpha, eps=cfg.eps,
-                max_active=cfg.max_active, combine=cfg.combine, expert_group=expert_group,
+                cfg.d_model, cfg.d_hidden, cfg.experts, k=cfg.mean_k, active=cfg.mean_active, alpha=cfg.alpha,
+                eps=cfg.eps, max_active=cfg.max_active, combine=cfg.combine, lb_coef=cfg.lb_coef,
+                expert_group=expert_group,
             )
         elif cfg.ffn == "topk":
             self.ffn = TopKMoE(cfg.d_model, cfg.d_hidden, cfg.experts, top_k=cfg.top_k)
@@ -128,11 +131,13 @@ class TinyLM(nn.Module):
         self.pos = nn.Parameter(torch.randn(cfg.context, cfg.d_model) * 0.02)
         self.blocks = nn.ModuleList(Block(cfg, expert_group) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.budget = (
-            softmoe.GlobalBudget([blk.ffn for blk in self.blocks], mean_k=cfg.mean_k, k_min=cfg.k_min)
-            if cfg.ffn == "softmoe"
-            else None
-        )
+        self.budget = None
+        if cfg.ffn == "softmoe":
+            moe = [blk.ffn for blk in self.blocks]
+            if cfg.mean_active is not None:
+                self.budget = softmoe.GlobalBudget(moe, mean_active=cfg.mean_active, active_min=cfg.k_min)
+            else:
+                self.budget = softmoe.GlobalBudget(moe, mean_k=cfg.mean_k, k_min=cfg.k_min)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.embed(idx) + self.pos[: idx.shape[1]]
@@ -141,8 +146,9 @@ class TinyLM(nn.Module):
         return self.norm(x) @ self.embed.weight.t()
 
     def aux_loss(self) -> torch.Tensor:
-        """The baselines' load-balancing + z losses (zero for SoftMoE and dense)."""
-        terms = [blk.ffn.aux_loss for blk in self.blocks if isinstance(blk.ffn, TopKMoE)]
+        """The MoE layers' auxiliary losses (load balancing; top-k also the router z-loss) of the last
+        forward, summed (zero for dense)."""
+        terms = [blk.ffn.aux_loss for blk in self.blocks if isinstance(blk.ffn, (TopKMoE, softmoe.SoftMoELayer))]
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def moe_layers(self) -> list[softmoe.SoftMoELayer]:

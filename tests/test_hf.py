@@ -292,7 +292,7 @@ def test_budget_sums_and_stats():
         b.theta.copy_(torch.tensor([2.0, -1.0]))
     k = H.allocation(model)
     assert abs(k.sum().item() - 2 * 2.5) < 1e-5 and k[0] > k[1]
-    assert all(b.k_min < v < b.k_max for v in k.tolist())
+    assert all(b.low < v < b.high for v in k.tolist())
     assert [float(layer.k.detach()) for layer in H.layers(model)] == pytest.approx(k.tolist())
     assert all(r["active"] is None for r in H.stats(model))  # no forward yet
     model(tokens())

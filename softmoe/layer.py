@@ -144,6 +144,8 @@ class SoftMoELayer(nn.Module):
                 raise ValueError(f"{fn}: give k (with k_min / k_max) or active, not both: with active the "
                                  "layer steers its own k")
             active = _checks.check_number(fn, "active", active)
+            if not math.isfinite(active):
+                raise ValueError(f"{fn}: active must satisfy 1 <= active < max_active, got {active}")
             if max_active is None:
                 max_active = 1 if active == 1 else min(num_experts, math.ceil(active) + 2)
             max_active = _checks.check_max_active(fn, max_active, num_experts, None)

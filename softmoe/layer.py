@@ -20,6 +20,10 @@ Combine = Literal["normalized", "sum", "gate", "scaled"]
 # experts active); at 4 it is 5.2 / 11.5 active before the max_active cap, and the router still
 # spreads weight (mean largest weight 0.93 / 0.83 of 1) so every chosen expert gets gradient.
 ROUTER_INIT_STD = 4.0
+# With active=... the truncation is the steering's job, not the initial spread's: the router starts
+# with soft gates (logit standard deviation 0.6, about nn.Linear's default), which the quality
+# benchmark found much better than 4 for steered layers (docs/compute_budget.md).
+ACTIVE_ROUTER_INIT_STD = 0.6
 
 # The soft count a layer starts from when neither k nor active is given.
 DEFAULT_K = 2.0
@@ -32,6 +36,9 @@ K_RATIO_MIN = 1e-5  # k far below eps makes the band ~ (k / eps) alpha wide: nea
 # Switch-style load balancing (E * sum_e f_e P_e), the same term TopKMoE uses: without it a layer whose
 # tokens mostly use one expert collapses onto a few experts.
 LB_COEF = 0.01
+# Router z-loss (mean of logsumexp(logits)^2), TopKMoE's default weight; on by default with active=...
+# where it keeps the scores near the temperature's scale.
+ACTIVE_Z_COEF = 1e-3
 
 
 class Router(nn.Linear):
@@ -76,7 +83,8 @@ class SoftMoELayer(nn.Module):
         eps: truncation level in ``(0, 0.5)``; smaller keeps more experts active.
         max_active: cap on active experts per token; default ``min(E, ceil(k) + 2)``.
         activation: ``"swiglu"`` or ``"gelu"`` experts.
-        combine: ``"normalized"``, ``"sum"``, ``"gate"`` or ``"scaled"`` (see :meth:`combine_weights`).
+        combine: ``"normalized"``, ``"sum"``, ``"gate"`` or ``"scaled"`` (see :meth:`combine_weights`);
+            default ``"normalized"``, ``"scaled"`` with ``active``.
         learn_k: make k a trained parameter (else a fixed buffer).
         learn_alpha: make alpha a trained parameter (kept positive: stored as log alpha). The
             operator depends on logits / alpha only, so with a trained router this is rarely needed.
@@ -86,7 +94,12 @@ class SoftMoELayer(nn.Module):
         lb_coef: weight of the load-balancing loss ``E * sum_e f_e P_e`` in :attr:`aux_loss` (``f_e``
             the share of routed (token, expert) pairs of expert e, ``P_e`` its mean router
             probability); add ``aux_loss`` to the training loss (0 turns it off).
+        z_coef: weight of the router z-loss ``mean(logsumexp(logits)^2)`` in :attr:`aux_loss`
+            (default 0, 1e-3 with ``active``).
         count_gain: the step of the count steering (``active`` mode only).
+        router_init_std: the router logits' initial standard deviation in units of alpha for
+            unit-variance inputs (default 4: the truncation is sparse from the first step; 0.6 with
+            ``active``, whose steering makes it sparse).
         expert_group: expert parallelism (``softmoe/parallel.py``, docs/distributed.md): a
             ``torch.distributed`` ProcessGroup, a 1-D DeviceMesh or ``(DeviceMesh, dim_name)`` of W
             ranks; this rank keeps experts ``[rank * E / W, (rank + 1) * E / W)`` (E divisible by W)
@@ -107,7 +120,7 @@ class SoftMoELayer(nn.Module):
         eps: float = 1e-2,
         max_active: int | None = None,
         activation: Activation = "swiglu",
-        combine: Combine = "normalized",
+        combine: Combine | None = None,
         learn_k: bool = True,
         learn_alpha: bool = False,
         k_min: float | None = None,
@@ -115,7 +128,9 @@ class SoftMoELayer(nn.Module):
         *,
         active: float | None = None,
         lb_coef: float = LB_COEF,
+        z_coef: float | None = None,
         count_gain: float = COUNT_GAIN,
+        router_init_std: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         expert_group: "ExpertGroup | None" = None,
@@ -124,6 +139,8 @@ class SoftMoELayer(nn.Module):
         fn = "SoftMoELayer"
         for name, value in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts)):
             _checks.check_int(fn, name, value)
+        if combine is None:
+            combine = "normalized" if active is None else "scaled"
         if combine not in ("normalized", "sum", "gate", "scaled"):
             raise ValueError(f"{fn}: combine must be 'normalized', 'sum', 'gate' or 'scaled', got {combine!r}")
         _checks.check_activation(fn, activation)
@@ -137,6 +154,10 @@ class SoftMoELayer(nn.Module):
         if eps == 0:
             raise ValueError(f"{fn}: eps must be > 0 so that routing has exact zeros (got 0)")
         lb_coef = _checks.check_coef(fn, "lb_coef", lb_coef)
+        z_coef = _checks.check_coef(fn, "z_coef", (0.0 if active is None else ACTIVE_Z_COEF) if z_coef is None else z_coef)
+        if router_init_std is None:
+            router_init_std = ROUTER_INIT_STD if active is None else ACTIVE_ROUTER_INIT_STD
+        router_init_std = _checks.check_coef(fn, "router_init_std", router_init_std)
         count_gain = _checks.check_coef(fn, "count_gain", count_gain)
         self.k_given = k is not None
         if active is not None:
@@ -179,11 +200,12 @@ class SoftMoELayer(nn.Module):
         self.k_max = k_max
         self.active = active
         self.lb_coef = lb_coef
+        self.z_coef = z_coef
         self.count_gain = count_gain
         self._k_start = k  # what a GlobalBudget checks the layer was built with (no silent override)
         factory = {"device": device, "dtype": dtype}
         self.router = Router(d_model, num_experts, **factory)
-        nn.init.normal_(self.router.weight, std=ROUTER_INIT_STD * alpha / math.sqrt(d_model))
+        nn.init.normal_(self.router.weight, std=router_init_std * alpha / math.sqrt(d_model))
         # Either module runs forward(xs, offsets) over all E experts; the sharded one exchanges rows with
         # the ranks that own them. parallel.py (torch.distributed) is imported only for that case.
         self.expert_shard: "ExpertShard | None" = None
@@ -324,21 +346,27 @@ class SoftMoELayer(nn.Module):
         del xs
         y = ops.combine_rows(ys, weights, plan)
         active = p > 0
-        self.aux_loss = self._load_balancing_loss(logits, active)
+        self.aux_loss = self._auxiliary_loss(logits, active)
         if target is not None and self.training:
             self._steer_count(target, active)
         self._record_stats(logits, active, k, target)
         return y.reshape(shape)
 
-    def _load_balancing_loss(self, logits: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """``lb_coef * E * sum_e f_e P_e``: f the share of routed (token, expert) pairs per expert (no
-        gradient), P the mean router probability per expert; 1 * lb_coef when balanced."""
-        if self.lb_coef == 0 or logits.shape[0] == 0:
-            return logits.new_zeros(())
-        routed = active.sum(0).to(logits.dtype)
-        share = routed / routed.sum()
-        probs = torch.softmax(logits, dim=-1).mean(0)
-        return self.lb_coef * self.num_experts * (share * probs).sum()
+    def _auxiliary_loss(self, logits: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """``lb_coef * E * sum_e f_e P_e + z_coef * mean(logsumexp(logits)^2)``: f the share of routed
+        (token, expert) pairs per expert (no gradient), P the mean router probability per expert
+        (the first term is lb_coef when balanced); the second is TopKMoE's router z-loss."""
+        loss = logits.new_zeros(())
+        if logits.shape[0] == 0:
+            return loss
+        if self.lb_coef:
+            routed = active.sum(0).to(logits.dtype)
+            share = routed / routed.sum()
+            probs = torch.softmax(logits, dim=-1).mean(0)
+            loss = loss + self.lb_coef * self.num_experts * (share * probs).sum()
+        if self.z_coef:
+            loss = loss + self.z_coef * torch.logsumexp(logits, dim=-1).square().mean()
+        return loss
 
     @torch.no_grad()
     def _steer_count(self, target: torch.Tensor, active: torch.Tensor) -> None:

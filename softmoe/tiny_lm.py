@@ -72,7 +72,9 @@ class LMConfig:
     top_k: int = 2  # topk baseline
     alpha: float = 1.0
     eps: float = 1e-2
-    combine: str = "normalized"
+    combine: str | None = None  # softmoe: the layer's default (normalized; scaled with mean_active)
+    z_coef: float | None = None  # softmoe: router z-loss weight (None: the layer's default)
+    router_init_std: float | None = None  # softmoe: None: the layer's default
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -101,7 +103,8 @@ class Block(nn.Module):
         if cfg.ffn == "softmoe":
             self.ffn = softmoe.SoftMoELayer(
                 cfg.d_model, cfg.d_hidden, cfg.experts, k=cfg.mean_k, active=cfg.mean_active, alpha=cfg.alpha,
-                eps=cfg.eps, max_active=cfg.max_active, combine=cfg.combine, lb_coef=cfg.lb_coef,
+                eps=cfg.eps, max_active=cfg.max_active, combine=cfg.combine, lb_coef=cfg.lb_coef, z_coef=cfg.z_coef,
+                router_init_std=cfg.router_init_std,
                 expert_group=expert_group,
             )
         elif cfg.ffn == "topk":

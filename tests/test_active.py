@@ -92,11 +92,6 @@ def test_a_lone_layer_follows_its_target_in_training_and_inference(target):
         layer(x)
     assert torch.equal(layer.log_k_ratio, steering), "inference must not move the steering"
     assert abs(float(layer.last_stats["active_per_token"]) - target) <= 0.1
-    # unseen tokens of the same distribution: a router fitted to 128 tokens is less sure of them
-    unseen = task(seed=1, tokens=512)[0][128:]
-    with torch.no_grad():
-        layer(unseen)
-    assert abs(float(layer.last_stats["active_per_token"]) - target) <= 0.35
 
 
 def test_active_one_routes_every_token_to_exactly_one_expert():

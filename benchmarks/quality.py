@@ -6,9 +6,17 @@ Methods (all on the same experts code, softmoe/tiny_lm.py's TinyLM):
   dense              a SwiGLU FFN with the parameters of ONE expert (d_hidden = expert width)
   topk1, topk2       softmoe.baselines.TopKMoE, top-1 (Switch) / top-2 (Mixtral), with the
                      load-balancing + router z loss added to the training loss
-  softmoe_k1.5       SoftMoELayer under a GlobalBudget with mean soft count 1.5 per layer
-  softmoe_k2.0       ... mean soft count 2.0 per layer
-  softmoe_k1.5_sum   mean soft count 1.5, combine="sum" (the others use combine="normalized")
+  softmoe_a1.5       SoftMoELayer(active=...) under GlobalBudget(mean_active=1.5): the budget is the
+                     realised mean number of active experts per token (the compute paid for); each
+                     layer steers its soft count so that the experts it computes follow its share
+  softmoe_a2.0       ... mean_active 2.0 (both with active=...'s defaults: combine "scaled", router
+                     z-loss 1e-3, router init std 0.6)
+  softmoe_a1.5_normalized, softmoe_a2.0_normalized
+                     the same budgets with the soft-count layer's routing (combine "normalized", no
+                     z-loss, router init std 4): the first mechanism tried, kept for comparison
+  softmoe_k1.5       the earlier design: GlobalBudget(mean_k=1.5), a budget in soft count (sum of
+                     routing weights per token), no load-balancing loss; its realised count is not
+                     set by the budget (every layer activates >= 2 experts per token)
 
 Every run: AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), linear warm-up then cosine decay
 to 10 %, gradient clipping at 1.0, the budget logits with their own learning rate (--budget-lr),
@@ -19,21 +27,24 @@ it a few times during training and at the end.
 
 Reported per run: held-out bits per byte (final and during training), realised mean active
 experts per token of each layer (SoftMoE: layer.last_stats["active_per_token"] averaged over the
-last --active-window steps; top-k: k), the learned soft count k_l of each layer (SoftMoE),
+last --active-window steps; top-k: k), the budget's learned share of each layer (SoftMoE: a_l
+active experts, or k_l soft count) and the layers' soft counts,
 tokens per second (training steps only; on a shared machine this is noisy, so at the end one
 training step of each trained model is also timed round robin over the methods, as a ratio to
 topk2), wall time, parameters active per token / total, and
 NaN / collapse checks. Aggregated over seeds: mean, std, min and max of bits per byte. Output:
 a markdown table on stdout, --out/quality.json, --out/quality.png (bits-per-byte curves) and
 --out/quality_allocation.png (learned SoftMoE allocation per layer over training). The exit
-status is 1 if a SoftMoE run hit a NaN, a layer's k_l left its allowed range, or a layer
+status is 1 if a SoftMoE run hit a NaN, a layer's share left its allowed range, a mean_active
+budget was not met (a layer's realised count more than BUDGET_TOLERANCE off its share), or a layer
 collapsed: its routing diversity (the effective number of experts of its load over the mean
 active experts per token; 1 when every token goes to the same experts) stayed below
 COLLAPSE_DIVERSITY for 10 % of the steps in a row, or ended below it.
 
-  python3 benchmarks/quality.py                  # default: 6 methods x 2 seeds x {steps} steps,
+  python3 benchmarks/quality.py                  # default: 6 methods x 3 seeds x {steps} steps,
                                                  #   about {minutes} minutes on 2 idle CPU cores
   python3 benchmarks/quality.py --threads 1      # the same on a shared / busy machine (see --threads)
+  python3 benchmarks/quality.py --jobs 2 --threads 1   # two runs at once, one thread each
   python3 benchmarks/quality.py --quick          # smoke run: tiny model, a few steps, seconds
   python3 benchmarks/quality.py --scale          # longer / larger: hours on 2 cores
   python3 benchmarks/quality.py --data my.txt --steps 2000 --seeds 0 1 2 --out runs/quality
@@ -80,9 +91,17 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "dense": {"ffn": "dense"},
     "topk1": {"ffn": "topk", "top_k": 1},
     "topk2": {"ffn": "topk", "top_k": 2},
-    "softmoe_k1.5": {"ffn": "softmoe", "mean_k": 1.5, "combine": "normalized"},
-    "softmoe_k2.0": {"ffn": "softmoe", "mean_k": 2.0, "combine": "normalized"},
-    "softmoe_k1.5_sum": {"ffn": "softmoe", "mean_k": 1.5, "combine": "sum"},
+    # budget in realised active experts per token (the layers steer their soft count to it), with
+    # the defaults of active=...: combine "scaled", router z-loss 1e-3, router init std 0.6
+    "softmoe_a1.5": {"ffn": "softmoe", "mean_active": 1.5, "mean_k": None},
+    "softmoe_a2.0": {"ffn": "softmoe", "mean_active": 2.0, "mean_k": None},
+    # the same budget with the soft-count layers' routing: combine "normalized", no z-loss, init std 4
+    "softmoe_a1.5_normalized": {"ffn": "softmoe", "mean_active": 1.5, "mean_k": None, "combine": "normalized",
+                                "z_coef": 0.0, "router_init_std": 4.0},
+    "softmoe_a2.0_normalized": {"ffn": "softmoe", "mean_active": 2.0, "mean_k": None, "combine": "normalized",
+                                "z_coef": 0.0, "router_init_std": 4.0},
+    # the earlier design: budget in soft count (sum of weights), no load balancing
+    "softmoe_k1.5": {"ffn": "softmoe", "mean_active": None, "mean_k": 1.5, "lb_coef": 0.0},
 }
 
 # Model / training sizes. "default" fits in 30 minutes on 2 idle cores for all six methods and
@@ -112,7 +131,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     "overwrite the committed results)")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
                     help="subset of: " + ", ".join(METHODS))
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds (default: 0 1)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
     ap.add_argument("--steps", type=int, default=None,
                     help=f"training steps per run (default {PRESETS['default']['steps']}; "
                          f"--scale {PRESETS['scale']['steps']}; --quick {PRESETS['quick']['steps']})")
@@ -127,15 +146,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         g.add_argument(f"--{name}", type=int, default=None)
     ap.add_argument("--eps", type=float, default=1e-2, help="SoftMoE truncation level (default 1e-2)")
     ap.add_argument("--alpha", type=float, default=1.0, help="SoftMoE LapSum temperature (default 1)")
-    ap.add_argument("--k-min", type=float, default=1.0, help="GlobalBudget floor of every k_l (default 1)")
+    ap.add_argument("--k-min", type=float, default=1.0,
+                    help="GlobalBudget floor of every layer's share (k_min / active_min, default 1)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--budget-lr", type=float, default=3e-2, help="learning rate of the budget logits")
-    ap.add_argument("--active-window", type=int, default=50,
-                    help="average the realised active experts over the last N steps (default 50)")
+    ap.add_argument("--active-window", type=int, default=None,
+                    help="average the realised active experts (and the budget's shares) over the last N steps "
+                         "(default: the last 10 %% of the steps)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default, all cores). On a shared machine use 1: with 2 "
                          "threads on 2 cores and one other busy process, a training step ran 4-15x slower "
                          "than with 1 thread in our measurements")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="training runs at once, each in its own process with --threads threads (default 1: "
+                         "one after the other in this process). With --jobs 2 --threads 1 two runs share 2 cores")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNGs")
     ap.add_argument("--no-step-timing", action="store_true",
                     help="skip the interleaved step timing of the trained models at the end")
@@ -157,8 +181,15 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
     cfg["evals"] = max(1, min(cfg["evals"], cfg["steps"]))
     cfg.update(eps=args.eps, alpha=args.alpha, k_min=args.k_min, lr=args.lr, budget_lr=args.budget_lr,
                warmup=min(100, cfg["steps"] // 10 + 1), grad_clip=1.0, weight_decay=0.1,
-               held_out_fraction=0.05, active_window=max(1, min(args.active_window, cfg["steps"])))
+               held_out_fraction=0.05,
+               active_window=max(1, min(args.active_window or cfg["steps"] // 10, cfg["steps"])))
     return cfg
+
+
+def budget_mean(method: str) -> float:
+    """The budget of a SoftMoE method in its own unit (mean active experts, or mean soft count)."""
+    spec = METHODS[method]
+    return spec["mean_active"] if spec.get("mean_active") is not None else spec["mean_k"]
 
 
 def lm_config(method: str, cfg: Dict[str, Any]) -> LMConfig:
@@ -207,7 +238,7 @@ def routing_load(layer: softmoe.SoftMoELayer) -> tuple:
 
 
 def train_run(method: str, seed: int, cfg: Dict[str, Any], train: torch.Tensor,
-              held: List, position: str = "", keep: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+              held: List, position: str = "", keep: Optional[Dict[str, Any]] = None, show_progress: bool = True) -> Dict[str, Any]:
     """Train one model; returns the run's record. ``keep[method] = (model, optimizer)`` if given."""
     torch.manual_seed(seed)
     lm = lm_config(method, cfg)
@@ -219,11 +250,14 @@ def train_run(method: str, seed: int, cfg: Dict[str, Any], train: torch.Tensor,
     evals_at = set(eval_steps(steps, cfg["evals"]))
     is_soft = lm.ffn == "softmoe"
     layers = model.moe_layers()
-    k_lo = k_hi = None
+    share_lo = share_hi = None
     if is_soft:
-        k_lo, k_hi = model.budget.k_min, model.budget.k_max
+        share_lo, share_hi = model.budget.low, model.budget.high
 
-    hist: Dict[str, List] = {"step": [], "loss": [], "k": [], "active": [], "diversity": []}
+    # "k": the budget's shares per layer (soft counts for mean_k, active targets for mean_active);
+    # "soft_count": the layers' soft counts k_l (the same as "k" for mean_k)
+    hist: Dict[str, List] = {"step": [], "loss": [], "k": [], "soft_count": [], "active": [], "diversity": []}
+    recent_alloc: List[List[float]] = []  # the budget's shares, the last `window` steps
     curve: Dict[str, List] = {"step": [], "bpb": []}
     recent_active: List[List[float]] = []  # realised active per layer, the last `window` steps
     alloc_min = alloc_max = None
@@ -237,8 +271,8 @@ def train_run(method: str, seed: int, cfg: Dict[str, Any], train: torch.Tensor,
     nan_what = ""
     train_s = eval_s = 0.0
     t_wall = time.perf_counter()
-    bar = _timing.progress(range(steps), desc=f"{position}{method} seed {seed}", dynamic_ncols=True,
-                           leave=True, mininterval=1.0)
+    bar = (_timing.progress(range(steps), desc=f"{position}{method} seed {seed}", dynamic_ncols=True,
+                            leave=True, mininterval=1.0) if show_progress else range(steps))
     done = 0
     for step in bar:
         t0 = time.perf_counter()
@@ -279,12 +313,15 @@ def train_run(method: str, seed: int, cfg: Dict[str, Any], train: torch.Tensor,
         if is_soft:
             with torch.no_grad():
                 alloc = model.budget.allocation().tolist()
+            recent_alloc.append(alloc)
+            del recent_alloc[:-window]
             alloc_min = alloc if alloc_min is None else [min(a, b) for a, b in zip(alloc_min, alloc)]
             alloc_max = alloc if alloc_max is None else [max(a, b) for a, b in zip(alloc_max, alloc)]
         if step % 10 == 0 or done == steps:
             hist["step"].append(done)
             hist["loss"].append(ce.item())
             hist["k"].append(alloc)
+            hist["soft_count"].append([float(layer.last_stats["soft_count"]) for layer in layers] if is_soft else [])
             hist["active"].append(active)
             hist["diversity"].append(diversity if layers else [])
         if done in evals_at:
@@ -336,7 +373,15 @@ def train_run(method: str, seed: int, cfg: Dict[str, Any], train: torch.Tensor,
         final_alloc = model.budget.allocation().detach().tolist()
         run["allocation"] = final_alloc
         run["allocation_sum"] = sum(final_alloc)
-        run["k_range"] = [k_lo, k_hi]
+        run["active_window"] = window
+        run["budget_unit"] = model.budget.unit
+        run["budget_mean"] = model.budget.mean
+        run["k_range"] = [share_lo, share_hi]  # the range of the shares (either unit)
+        run["allocation_window"] = [statistics.fmean(col) for col in zip(*recent_alloc)] if recent_alloc else None
+        run["soft_count"] = [float(layer.k.detach()) for layer in layers]
+        if model.budget.unit == "mean_active" and run["allocation_window"] is not None:
+            # realised minus assigned, per layer, both averaged over the last `window` steps
+            run["budget_error_per_layer"] = [a - b for a, b in zip(active_mean, run["allocation_window"])]
         run["max_active"] = lm.max_active
         run["allocation_min_seen"] = alloc_min
         run["allocation_max_seen"] = alloc_max
@@ -362,12 +407,56 @@ def train_run(method: str, seed: int, cfg: Dict[str, Any], train: torch.Tensor,
     return run
 
 
-def step_timing(models: Dict[str, Any], cfg: Dict[str, Any], train: torch.Tensor, quick: bool) -> Dict[str, Any]:
+def _worker_run(method: str, seed: int, cfg: Dict[str, Any], data: str, threads: int, last: bool):
+    """One training run in a worker process (--jobs): the run's record, and for the last seed the
+    trained model's state_dict (the parent rebuilds the model for the step timing)."""
+    torch.set_num_threads(max(1, threads))
+    train, held = split(load_bytes(data), cfg["held_out_fraction"])
+    held_batches = fixed_batches(held, count=cfg["eval_batches"], batch=cfg["batch"], context=cfg["context"])
+    keep: Dict[str, Any] = {}
+    run = train_run(method, seed, cfg, train, held_batches, position="", keep=keep if last else None, show_progress=False)
+    state = keep[method][0].state_dict() if method in keep else None
+    return run, state
+
+
+def train_in_workers(order: List[tuple], cfg: Dict[str, Any], args: argparse.Namespace,
+                     trained: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The runs of ``order`` ((method, seed) pairs) in ``args.jobs`` worker processes; returns their
+    records in ``order`` and fills ``trained`` with the last seed's models (and fresh optimizers)."""
+    import concurrent.futures
+    import multiprocessing
+
+    runs: Dict[tuple, Dict[str, Any]] = {}
+    last = args.seeds[-1]
+    context = multiprocessing.get_context("spawn")  # no fork of a process that runs torch threads
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        futures = {pool.submit(_worker_run, m, seed, cfg, args.data, args.threads, seed == last): (m, seed)
+                   for m, seed in order}
+        for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            m, seed = futures[future]
+            run, state = future.result()
+            runs[(m, seed)] = run
+            print(f"[{n}/{len(order)}] {m} seed {seed}: held-out bpb {run['final_bpb']:.4f}, active "
+                  f"{run['active_mean'] if run['active_mean'] is not None else '-'} ({run['wall_s']:.0f} s)", flush=True)
+            if state is not None:
+                model = TinyLM(lm_config(m, cfg))
+                model.load_state_dict(state)
+                model.train()
+                trained[m] = (model, make_optimizer(model, cfg["lr"], cfg["budget_lr"], weight_decay=cfg["weight_decay"]))
+    return [runs[key] for key in order]
+
+
+def step_timing(models: Dict[str, Any], cfg: Dict[str, Any], train: torch.Tensor, quick: bool,
+                active: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
     """Time one training step (forward, backward, clipping, AdamW) of each trained model, round
     robin over the methods (benchmarks/_timing.py), so that the noise of a shared machine hits all
     methods alike; ratios are against topk2 (else the first method) from the same repeats. The
     learning rates are set to 0, so the timing leaves the models unchanged. SoftMoE's cost depends
-    on the realised active experts, hence the trained models (of the last seed)."""
+    on the realised active experts, hence the trained models (of the last seed); their count
+    steering keeps running (it is state, not a weight). ``active``: each method's realised mean
+    active experts per token; with topk1 and topk2 timed, each MoE method also gets
+    ``time_ratio_vs_topk_at_equal_active``: its step time over TopKMoE's at the same realised count,
+    interpolated linearly between top-1 and top-2 (extrapolated beyond)."""
     x, y = next(batches(train, cfg["batch"], cfg["context"], torch.Generator().manual_seed(12345)))
     cases = []
     for method, (model, optimizer) in models.items():
@@ -394,6 +483,13 @@ def step_timing(models: Dict[str, Any], cfg: Dict[str, Any], train: torch.Tensor
             f"time_ratio_vs_{base}": _timing.median_of_ratios(st, stats[base]),
             "stats": st.as_dict(),
         }
+    if active and "topk1" in stats and "topk2" in stats:
+        t1, t2 = stats["topk1"].median_ms, stats["topk2"].median_ms
+        for method, entry in out["methods"].items():
+            a = active.get(method)
+            if a is not None and math.isfinite(a):
+                entry["active_mean"] = a
+                entry["time_ratio_vs_topk_at_equal_active"] = entry["step_ms_median"] / (t1 + (a - 1.0) * (t2 - t1))
     return out
 
 
@@ -412,6 +508,9 @@ def step_timing(models: Dict[str, Any], cfg: Dict[str, Any], train: torch.Tensor
 # steps, and recovers; at the end the diversity is 1.84-2.38.
 COLLAPSE_DIVERSITY = 1.1
 COLLAPSE_FRACTION = 0.1
+# A budget in mean_active must be met: each layer's realised count within this of its share,
+# averaged over the last --active-window steps.
+BUDGET_TOLERANCE = 0.1
 
 
 def collapse_steps(steps: int) -> int:
@@ -421,8 +520,9 @@ def collapse_steps(steps: int) -> int:
 
 def check_run(run: Dict[str, Any]) -> List[str]:
     """Failures of the SoftMoE safeguards in this run (empty: all good): a non-finite loss or
-    gradient norm, a k_l outside its range, realised active experts below 1, or a collapsed layer
-    (routing diversity below COLLAPSE_DIVERSITY at any step)."""
+    gradient norm, a share outside its range, realised active experts below 1, a mean_active budget
+    not met (a layer's realised count off its share by more than BUDGET_TOLERANCE), or a collapsed
+    layer (routing diversity below COLLAPSE_DIVERSITY at any step)."""
     if not run["method"].startswith("softmoe"):
         return []
     fails = []
@@ -433,7 +533,11 @@ def check_run(run: Dict[str, Any]) -> List[str]:
     if run["allocation_min_seen"] is not None:
         for layer, (a, b) in enumerate(zip(run["allocation_min_seen"], run["allocation_max_seen"])):
             if not (lo < a and b < hi):
-                fails.append(f"{tag}: layer {layer} k_l left ({lo}, {hi}): min {a:.4f}, max {b:.4f}")
+                fails.append(f"{tag}: layer {layer} share left ({lo}, {hi}): min {a:.4f}, max {b:.4f}")
+    for layer, err in enumerate(run.get("budget_error_per_layer") or []):
+        if not abs(err) <= BUDGET_TOLERANCE:
+            fails.append(f"{tag}: layer {layer} realised {err:+.3f} active experts per token off its budget share "
+                         f"(tolerance {BUDGET_TOLERANCE}, averaged over the last {run['active_window']} steps)")
     if run["active_min_seen"] is not None:
         for layer, a in enumerate(run["active_min_seen"]):
             if not a >= 1.0:
@@ -503,7 +607,7 @@ def markdown_table(agg: Dict[str, Any], timing: Optional[Dict[str, Any]] = None)
     base = (timing or {}).get("baseline", "")
     lines = [
         "| method | held-out bpb: mean ± std [min, max] | active experts / token: mean (per layer) "
-        "| learned k_l per layer | Δ bpb vs topk2 (paired by seed): mean [min, max] | tokens/s (training run) "
+        "| learned share per layer (a_l or k_l) | Δ bpb vs topk2 (paired by seed): mean [min, max] | tokens/s (training run) "
         f"| step time, interleaved (× {base or 'baseline'}) | params active / total | wall s / run |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -522,6 +626,8 @@ def markdown_table(agg: Dict[str, Any], timing: Optional[Dict[str, Any]] = None)
         delta = f"{d['mean']:+.4f} [{d['min']:+.4f}, {d['max']:+.4f}]" if d and d["n"] else "—"
         t = timed.get(m)
         step = f"{t['step_ms_median']:.0f} ms ({t[f'time_ratio_vs_{base}']:.2f}×)" if t else "—"
+        if t and "time_ratio_vs_topk_at_equal_active" in t:
+            step += f"; {t['time_ratio_vs_topk_at_equal_active']:.2f}× top-k at equal active"
         lines.append(f"| {m} | {bpb} | {act} | {k} | {delta} | {a['tokens_per_s']:.0f} | {step} | {params} "
                      f"| {a['wall_s']:.0f} |")
     return "\n".join(lines)
@@ -611,10 +717,10 @@ def plot_allocation(runs: List[Dict[str, Any]], methods: List[str], path: str, t
             a_mean = [statistics.fmean(v) for v in zip(*(a[layer] for a in acts))]
             axes[0][j].plot(steps, k_mean, label=f"layer {layer}")
             axes[1][j].plot(steps, _ema(a_mean, 0.8), label=f"layer {layer}")
-        mean_k = METHODS[m]["mean_k"]
         lo, hi = rs[0]["k_range"]
-        axes[0][j].axhline(mean_k, color="gray", linestyle="--", linewidth=1, label="budget mean")
-        axes[0][j].set(title=f"{m}: learned soft count k_l", xlabel="step", ylabel="k_l", ylim=(lo, hi))
+        unit = "active experts a_l" if rs[0]["budget_unit"] == "mean_active" else "soft count k_l"
+        axes[0][j].axhline(budget_mean(m), color="gray", linestyle="--", linewidth=1, label="budget mean")
+        axes[0][j].set(title=f"{m}: learned share ({unit})", xlabel="step", ylabel="share", ylim=(lo, hi))
         axes[1][j].axhline(rs[0]["max_active"], color="gray", linestyle=":", linewidth=1, label="max_active cap")
         axes[1][j].set(title=f"{m}: realised active experts / token", xlabel="step", ylabel="mean |M|")
         for ax in (axes[0][j], axes[1][j]):
@@ -664,14 +770,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Seed-major order: every method of seed 0, then of seed 1, ... so that slow drifts of a
     # shared machine hit all methods alike.
     trained: Dict[str, Any] = {}
-    for seed in args.seeds:
-        for m in methods:
+    order = [(m, seed) for seed in args.seeds for m in methods]
+    if args.jobs > 1:
+        runs = train_in_workers(order, cfg, args, trained)
+    else:
+        for m, seed in order:
             keep = trained if seed == args.seeds[-1] else None
             runs.append(train_run(m, seed, cfg, train, held_batches, position=f"[{len(runs) + 1}/{total}] ", keep=keep))
     timing = None
     if not args.no_step_timing and trained:
         print("timing one training step of each trained model, interleaved ...")
-        timing = step_timing(trained, cfg, train, quick=args.quick)
+        last_active = {r["method"]: r["active_mean"] for r in runs if r["seed"] == args.seeds[-1] and r["active_mean"]}
+        timing = step_timing(trained, cfg, train, quick=args.quick, active=last_active)
     trained.clear()
     elapsed = time.perf_counter() - t0
 
@@ -683,8 +793,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     for m, a in agg.items():
         if "allocation" in a:
-            print(f"{m}: learned k_l {['%.3f' % v for v in a['allocation']]} (sum {sum(a['allocation']):.3f} = "
-                  f"{cfg['layers']} x {METHODS[m]['mean_k']}), realised active {['%.2f' % v for v in a['active_per_layer']]}")
+            unit = "a_l (active experts)" if METHODS[m].get("mean_active") is not None else "k_l (soft count)"
+            print(f"{m}: learned {unit} {['%.3f' % v for v in a['allocation']]} (sum {sum(a['allocation']):.3f} = "
+                  f"{cfg['layers']} x {budget_mean(m)}), realised active {['%.2f' % v for v in a['active_per_layer']]}")
     soft_runs = [r for r in runs if r["method"].startswith("softmoe")]
     if failures:
         print("\nSAFEGUARD CHECKS FAILED:\n  " + "\n  ".join(failures))
@@ -692,7 +803,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         longest = max((n for r in soft_runs for n in (r.get("diversity_below_longest") or [])), default=0)
         final = min((d for r in soft_runs for d in (r.get("diversity_final") or [])), default=float("nan"))
         print(f"\nsafeguard checks passed for all {len(soft_runs)} SoftMoE runs over all their steps: no NaN/inf; "
-              f"every layer's k_l stayed strictly inside (k_min, k_max); realised active experts >= 1; no layer "
+              f"every layer's share stayed strictly inside its range; mean_active budgets met within "
+              f"{BUDGET_TOLERANCE} per layer; realised active experts >= 1; no layer "
               f"collapsed (routing diversity N_eff / active below {COLLAPSE_DIVERSITY} for at most {longest} "
               f"consecutive steps, limit {collapse_steps(cfg['steps'])}; at the end >= {final:.2f})")
     print(f"total wall time: {elapsed:.0f} s ({elapsed / 60:.1f} min)")

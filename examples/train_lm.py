@@ -1,5 +1,7 @@
 """Train a small byte-level SoftMoE language model on bundled English text and show how it learns
-to spread its expert budget over the layers.
+to spread its expert budget over the layers. The budget is the realised mean number of active
+experts per token (default 1.5, against a top-2 MoE's 2): each layer steers its soft count so that
+the experts it actually computes follow its learned share.
 
     python examples/train_lm.py                 # the README demo: under 4 minutes on 2 CPU cores
     python examples/train_lm.py --data my.txt --steps 3000 --out runs/mine
@@ -13,7 +15,8 @@ one up to float rounding (gloo on CPU, NCCL on GPUs: one GPU per process). It ca
 torchrun directly: torchrun --nproc_per_node 4 examples/train_lm.py (docs/distributed.md).
 
 Prints a progress bar (loss, held-out bits per byte, realised active experts), samples text at the
-end, prints the learned per-layer allocation (soft k_l and realised active experts per token) and
+end, prints the learned per-layer allocation (share a_l, soft count k_l and realised active experts
+per token, next to a top-2 MoE's 2 per token) and
 saves a plot of the allocation over training to --out/allocation.png.
 """
 import argparse
@@ -49,7 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--d-hidden", type=int, default=128, help="hidden width of each expert")
-    ap.add_argument("--mean-k", type=float, default=1.5, help="global budget: mean soft experts per layer")
+    budget = ap.add_mutually_exclusive_group()
+    budget.add_argument("--mean-active", type=float, default=None,
+                        help="global budget: realised mean active experts per token and layer (default 1.5)")
+    budget.add_argument("--mean-k", type=float, default=None,
+                        help="instead, a budget in mean soft count (sum of routing weights) per layer")
     ap.add_argument("--max-active", type=int, default=4)
     ap.add_argument("--combine", choices=["normalized", "sum"], default="normalized")
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -166,7 +173,7 @@ def save_checkpoint(path: str, model: TinyLM, optimizer, step: int, history: dic
     os.replace(tmp, path)
 
 
-def plot_allocation(history: dict, path: str, mean_k: float) -> bool:
+def plot_allocation(history: dict, path: str, mean: float, unit: str) -> bool:
     try:
         import matplotlib
 
@@ -182,8 +189,8 @@ def plot_allocation(history: dict, path: str, mean_k: float) -> bool:
     for layer, (k, a) in enumerate(zip(ks, active)):
         axes[0].plot(steps, k, label=f"layer {layer}")
         axes[1].plot(steps, a, label=f"layer {layer}")
-    axes[0].axhline(mean_k, color="gray", linestyle="--", linewidth=1, label="budget mean")
-    axes[0].set(title="learned soft expert count k_l", xlabel="step", ylabel="k_l")
+    axes[0].axhline(mean, color="gray", linestyle="--", linewidth=1, label="budget mean")
+    axes[0].set(title=f"learned share of the budget ({unit})", xlabel="step", ylabel="share")
     axes[1].set(title="realised active experts per token", xlabel="step", ylabel="mean |M|")
     for ax in axes:
         ax.legend(fontsize=8)
@@ -241,12 +248,16 @@ def train(args: argparse.Namespace, ctx: "Distributed | None") -> int:
     data = load_bytes(args.data)
     train_data, held = split(data)
     held_batches = fixed_batches(held, count=8, batch=args.batch, context=args.context)
+    mean_active = None if args.mean_k is not None else (args.mean_active if args.mean_active is not None else 1.5)
     cfg = LMConfig(ffn="softmoe", d_model=args.d_model, layers=args.layers, context=args.context,
-                   experts=args.experts, d_hidden=args.d_hidden, mean_k=args.mean_k,
+                   experts=args.experts, d_hidden=args.d_hidden, mean_active=mean_active, mean_k=args.mean_k,
                    max_active=args.max_active, combine=args.combine)
+    budget_text = (f"mean active experts per token = {cfg.mean_active}" if cfg.mean_active is not None
+                   else f"mean soft count k = {cfg.mean_k}")
     model = TinyLM(cfg, expert_group=ctx.group if ctx is not None else None).to(device)
     optimizer = make_optimizer(model, args.lr, args.budget_lr)
-    history = {"step": [], "k": [], "active": [], "loss": [], "eval_step": [], "bpb": []}
+    # "k": the budget's shares (active targets a_l, or soft counts k_l for --mean-k); "soft_count": k_l
+    history = {"step": [], "k": [], "soft_count": [], "active": [], "loss": [], "eval_step": [], "bpb": []}
     start = 0
     if args.resume and os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, weights_only=False)
@@ -268,7 +279,7 @@ def train(args: argparse.Namespace, ctx: "Distributed | None") -> int:
     params = sum(p.numel() * (world if id(p) in experts else 1) for p in model.parameters())
     say(f"data: {args.data} ({len(train_data) / 1e6:.2f} MB train, {len(held) / 1e6:.2f} MB held out)")
     say(f"model: {cfg.layers} layers, d_model {cfg.d_model}, {cfg.experts} experts x {cfg.d_hidden} hidden, "
-        f"{params / 1e6:.2f} M parameters; budget mean k = {cfg.mean_k}, max_active = {cfg.max_active}")
+        f"{params / 1e6:.2f} M parameters; budget: {budget_text}, max_active = {cfg.max_active}")
     if ctx is not None:
         say(f"expert parallel: {world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), "
             f"{cfg.experts // world} experts per layer each, {args.batch // world} of the {args.batch} rows "
@@ -295,6 +306,7 @@ def train(args: argparse.Namespace, ctx: "Distributed | None") -> int:
         loss = F.cross_entropy(train_model(x).flatten(0, 1), y.flatten())
         # Every process must take the same branch, so the check uses the mean loss of all of them.
         global_loss = loss if ctx is None else ctx.mean(loss)
+        loss = loss + model.aux_loss()  # the layers' load-balancing losses
         if not torch.isfinite(global_loss):
             say(f"\nstopping: the loss became {global_loss.item()} at step {step}; the last good checkpoint "
                 f"({ckpt_path}) is untouched. Lower --lr or --budget-lr and --resume.", file=sys.stderr)
@@ -316,6 +328,7 @@ def train(args: argparse.Namespace, ctx: "Distributed | None") -> int:
                 active = ctx.mean(torch.tensor(active, device=device)).tolist()
             history["step"].append(step)
             history["k"].append(model.budget.allocation().tolist())
+            history.setdefault("soft_count", []).append([float(layer.k) for layer in model.moe_layers()])
             history["active"].append(active)
             history["loss"].append(global_loss.item())
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
@@ -348,15 +361,20 @@ def train(args: argparse.Namespace, ctx: "Distributed | None") -> int:
     say("--- end of sample ---\n")
 
     alloc = model.budget.allocation().tolist()
-    active = history["active"][-1]
-    say("learned per-layer allocation (global budget: mean k = %.2f, sum = %.2f)" % (cfg.mean_k, sum(alloc)))
-    say("layer | soft k_l | realised active experts per token")
-    for layer, (k, a) in enumerate(zip(alloc, active)):
-        say(f"{layer:5d} | {k:8.3f} | {a:6.2f}")
+    soft = [float(layer.k) for layer in model.moe_layers()]
+    # the realised count of the last 10 % of the steps (as the quality benchmark averages it)
+    recent = history["active"][-max(1, len(history["active"]) // 10):]
+    active = [sum(col) / len(col) for col in zip(*recent)]
+    say(f"learned per-layer allocation (global budget: {budget_text}; shares sum to {sum(alloc):.2f})")
+    say("layer | share | soft k_l | realised active experts per token | top-2 MoE")
+    for layer, (share, k, a) in enumerate(zip(alloc, soft, active)):
+        say(f"{layer:5d} | {share:5.2f} | {k:8.3f} | {a:34.2f} | {2.0:9.2f}")
+    say(f"mean  |       |          | {sum(active) / len(active):34.2f} | {2.0:9.2f}")
     if not main_rank:
         return 0
     plot = os.path.join(args.out, "allocation.png")
-    if plot_allocation(history, plot, cfg.mean_k):
+    if plot_allocation(history, plot, cfg.mean_active if cfg.mean_active is not None else cfg.mean_k,
+                       "active experts a_l" if cfg.mean_active is not None else "soft count k_l"):
         print(f"allocation over training: {plot}")
     summary = {"config": cfg.to_dict(), "steps": args.steps, "heldout_bpb": bpb, "allocation": alloc,
                "active_per_layer": active, "seconds": elapsed, "argv": sys.argv}

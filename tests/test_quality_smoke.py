@@ -145,3 +145,20 @@ def test_progress_bars_show_on_an_unsized_terminal(tmp_path):
     assert "" not in before, before
     for run in ("[1/2] dense seed 0", "[2/2] topk1 seed 0"):
         assert any(line.startswith(run) and "2/2" in line for line in before), (run, before)
+
+
+def test_jobs_run_in_worker_processes_like_one_process(tmp_path, capsys):
+    """--jobs 2 trains in two spawned processes: the same runs (bit for bit, one thread each) as
+    in-process, the budget check per layer, and the step time against top-k at equal active."""
+    common = ["--quick", "--steps", "3", "--seeds", "0", "--methods", "topk1", "topk2", "softmoe_a1.5",
+              "--threads", "1", "--no-plot"]
+    assert quality.main(common + ["--jobs", "2", "--out", str(tmp_path / "jobs")]) in (0, 1)
+    assert quality.main(common + ["--out", str(tmp_path / "one")]) in (0, 1)
+    capsys.readouterr()
+    jobs, one = (json.loads((tmp_path / d / "quality.json").read_text()) for d in ("jobs", "one"))
+    assert [r["method"] for r in jobs["runs"]] == ["topk1", "topk2", "softmoe_a1.5"]
+    assert [r["final_bpb"] for r in jobs["runs"]] == [r["final_bpb"] for r in one["runs"]]
+    soft = jobs["runs"][2]
+    assert soft["budget_unit"] == "mean_active" and len(soft["budget_error_per_layer"]) == jobs["config"]["layers"]
+    timing = jobs["step_timing"]["methods"]["softmoe_a1.5"]
+    assert timing["active_mean"] == soft["active_mean"] and timing["time_ratio_vs_topk_at_equal_active"] > 0

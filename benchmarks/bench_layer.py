@@ -48,6 +48,11 @@ still pays it, the per-expert loop hardly (its tensors are one expert's share). 
 re-runs the benchmark with MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 1 GiB (the effect
 of jemalloc / tcmalloc, or of PyTorch's CPU tuning advice), the same for every method.
   python3 benchmarks/bench_layer.py --experts 64 --repeats 9 --tokens 4096
+
+Mixed precision: --autocast bf16 adds topk@bf16 and softmoe@bf16, the same layers (float32
+weights) run under torch.autocast("cpu", dtype=torch.bfloat16), to the interleaved timings, and
+reports each one's paired ratio to the same layer in float32 and softmoe@bf16's to topk@bf16.
+  python3 benchmarks/bench_layer.py --autocast bf16 --threads 1 --no-memory
 """
 
 from __future__ import annotations
@@ -78,6 +83,15 @@ BASELINE = "topk"
 MODES = ["fwd+bwd", "inference"]
 D_HIDDEN = {8: 1024, 64: 256}
 NO_MMAP_BYTES = str(1 << 30)
+AUTOCAST = {"bf16": torch.bfloat16}
+# with --autocast: the methods also timed under torch.autocast (name@dtype)
+AUTOCAST_METHODS = ["topk", "softmoe"]
+
+
+def split_method(method: str) -> Tuple[str, Any]:
+    """("softmoe@bf16") -> ("softmoe", torch.bfloat16); a plain name -> (name, None)."""
+    base, _, amp = method.partition("@")
+    return base, AUTOCAST[amp] if amp else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,6 +163,7 @@ def build(method: str, cfg: Dict[str, Any]) -> nn.Module:
     from softmoe.baselines import TopKMoE
 
     d, h, E = cfg["d_model"], cfg["d_hidden"], cfg["experts"]
+    method, _ = split_method(method)  # the same layer (float32 weights) with or without autocast
     torch.manual_seed(cfg["seed"] + 1)
     if method == "dense":
         return DenseSwiGLU(d, 2 * h)
@@ -168,6 +183,19 @@ def build(method: str, cfg: Dict[str, Any]) -> nn.Module:
 
 
 def make_step(method: str, mode: str, model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], Any]:
+    method, amp = split_method(method)
+    step = _make_step(method, mode, model, x, grad)
+    if amp is None:
+        return step
+
+    def autocast_step():
+        with torch.autocast("cpu", dtype=amp):
+            return step()
+
+    return autocast_step
+
+
+def _make_step(method: str, mode: str, model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], Any]:
     params = list(model.parameters())
     if mode == "inference":
         if method == "softmoe":
@@ -302,10 +330,11 @@ def check_same_routing(models: Dict[str, nn.Module], x: torch.Tensor) -> float:
 
 
 def run_config(cfg: Dict[str, Any], args, threads: int) -> Dict[str, Any]:
+    methods = METHODS + [f"{m}@{args.autocast}" for m in AUTOCAST_METHODS] if args.autocast else METHODS
     x, grad = make_input(cfg)
     scale, active = tune_router_scale(cfg, x, args.target_active)
     cfg = dict(cfg, router_scale=scale)
-    models = {m: build(m, cfg) for m in METHODS}
+    models = {m: build(m, cfg) for m in methods}
     err = check_same_routing(models, x)
     soft = models["softmoe"]
     # the realised routing of the timed layer on the benchmark input, after a warm-up forward
@@ -334,25 +363,30 @@ def run_config(cfg: Dict[str, Any], args, threads: int) -> Dict[str, Any]:
     )
     out: Dict[str, Any] = {"config": cfg, "softmoe_routing": routing, "modes": {}}
     for mode in MODES:
-        cases = [Case(m, (lambda f: (lambda _s: f()))(make_step(m, mode, models[m], x, grad))) for m in METHODS]
+        cases = [Case(m, (lambda f: (lambda _s: f()))(make_step(m, mode, models[m], x, grad))) for m in methods]
         st = _timing.measure(cases, repeats=args.repeats, warmup=1)
         rows = {}
-        for m in METHODS:
+        for m in methods:
             rows[m] = dict(st[m].as_dict())
             rows[m]["ratio_to_topk"] = _timing.ratio_of_medians(st[m], st[BASELINE])
             rows[m]["paired_ratio_to_topk"] = _timing.median_of_ratios(st[m], st[BASELINE])
+            base, amp = split_method(m)
+            if amp is not None:  # against the same layer in float32, and against topk under the same autocast
+                rows[m]["paired_ratio_to_float32"] = _timing.median_of_ratios(st[m], st[base])
+                rows[m]["paired_ratio_to_topk_same_autocast"] = _timing.median_of_ratios(
+                    st[m], st[f"{BASELINE}@{args.autocast}"])
         out["modes"][mode] = rows
-        print(f"  E={cfg['experts']} {mode}: " + ", ".join(f"{m} {rows[m]['median_ms']:.1f} ms" for m in METHODS), flush=True)
+        print(f"  E={cfg['experts']} {mode}: " + ", ".join(f"{m} {rows[m]['median_ms']:.1f} ms" for m in methods), flush=True)
         for p in (q for mdl in models.values() for q in mdl.parameters()):
             p.grad = None
     del models
     gc.collect()
     if not args.no_memory:
         for mode in MODES:
-            for m in METHODS:
+            for m in methods:
                 out["modes"][mode][m]["memory"] = measure_memory(cfg, m, mode, threads, args.alloc_profile)
             base = out["modes"][mode][BASELINE]["memory"].get("peak_rss_delta_mb")
-            for m in METHODS:
+            for m in methods:
                 mem = out["modes"][mode][m]["memory"]
                 if base and "peak_rss_delta_mb" in mem:
                     mem["peak_ratio_to_topk"] = mem["peak_rss_delta_mb"] / base
@@ -386,6 +420,20 @@ def markdown(results: List[Dict[str, Any]], tokens: int, d_model: int) -> str:
                     f"{row['ratio_to_topk']:.2f} | {row['paired_ratio_to_topk']:.2f} | "
                     f"{fmt(mem.get('peak_rss_delta_mb'), '.0f')} | {fmt(mem.get('peak_ratio_to_topk'), '.2f')} |"
                 )
+    amp_rows = [(r, mode, m) for r in results for mode in MODES for m in r["modes"][mode] if "@" in m]
+    if amp_rows:
+        lines += [
+            "",
+            "Under torch.autocast (float32 weights): paired ratios to the same layer in float32 and to topk "
+            "under the same autocast",
+            "",
+            "| E | mode | method | median ms | x same layer float32 | x topk same autocast |",
+            "|---:|---|---|---:|---:|---:|",
+        ]
+        for r, mode, m in amp_rows:
+            row = r["modes"][mode][m]
+            lines.append(f"| {r['config']['experts']} | {mode} | {m} | {row['median_ms']:.1f} | "
+                         f"{row['paired_ratio_to_float32']:.2f} | {row['paired_ratio_to_topk_same_autocast']:.2f} |")
     return "\n".join(lines)
 
 
@@ -407,6 +455,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: tokens 1024, d_model 128, small experts, 3 repeats")
     ap.add_argument("--malloc", choices=["glibc", "no-mmap"], default="glibc",
                     help="glibc: the default allocator settings; no-mmap: large blocks stay on glibc's heap")
+    ap.add_argument("--autocast", choices=sorted(AUTOCAST), default=None,
+                    help="also time topk and softmoe under torch.autocast('cpu', dtype) (see the docstring)")
     ap.add_argument("--out", default=DEFAULT_JSON)
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -458,7 +508,8 @@ def main(argv=None) -> int:
             "active experts per token equals --target-active (same expert FLOPs as top-2).",
         ],
         "settings": {"tokens": tokens, "d_model": d_model, "experts": experts, "repeats": repeats, "malloc": args.malloc,
-                     "quick": args.quick, "threads": threads, "methods": METHODS, "baseline": BASELINE},
+                     "quick": args.quick, "threads": threads, "baseline": BASELINE, "autocast": args.autocast,
+                     "methods": METHODS + [f"{m}@{args.autocast}" for m in AUTOCAST_METHODS] if args.autocast else METHODS},
         "results": results,
         "table_markdown": table,
     }

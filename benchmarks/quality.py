@@ -49,6 +49,8 @@ COLLAPSE_DIVERSITY for 10 % of the steps in a row, or ended below it.
   python3 benchmarks/quality.py --scale          # longer / larger: hours on 2 cores
   python3 benchmarks/quality.py --data my.txt --steps 2000 --seeds 0 1 2 --out runs/quality
   python3 benchmarks/quality.py --methods topk2 softmoe_k1.5
+  python3 benchmarks/quality.py --autocast bf16  # forward passes (training, held-out, timing) under
+                                                 #   torch.autocast("cpu", torch.bfloat16)
 """
 
 from __future__ import annotations
@@ -160,6 +162,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=1,
                     help="training runs at once, each in its own process with --threads threads (default 1: "
                          "one after the other in this process). With --jobs 2 --threads 1 two runs share 2 cores")
+    ap.add_argument("--autocast", choices=["bf16"], default=None,
+                    help="run every forward under torch.autocast('cpu', dtype=torch.bfloat16) (float32 weights)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNGs")
     ap.add_argument("--no-step-timing", action="store_true",
                     help="skip the interleaved step timing of the trained models at the end")
@@ -182,7 +186,8 @@ def resolve(args: argparse.Namespace) -> Dict[str, Any]:
     cfg.update(eps=args.eps, alpha=args.alpha, k_min=args.k_min, lr=args.lr, budget_lr=args.budget_lr,
                warmup=min(100, cfg["steps"] // 10 + 1), grad_clip=1.0, weight_decay=0.1,
                held_out_fraction=0.05,
-               active_window=max(1, min(args.active_window or cfg["steps"] // 10, cfg["steps"])))
+               active_window=max(1, min(args.active_window or cfg["steps"] // 10, cfg["steps"])),
+               autocast=args.autocast)
     return cfg
 
 
@@ -190,6 +195,11 @@ def budget_mean(method: str) -> float:
     """The budget of a SoftMoE method in its own unit (mean active experts, or mean soft count)."""
     spec = METHODS[method]
     return spec["mean_active"] if spec.get("mean_active") is not None else spec["mean_k"]
+
+
+def autocast(cfg: Dict[str, Any]) -> torch.autocast:
+    """The forward passes' mixed precision (--autocast); disabled without it."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.get("autocast") == "bf16")
 
 
 def lm_config(method: str, cfg: Dict[str, Any]) -> LMConfig:
@@ -278,8 +288,9 @@ def train_run(method: str, seed: int, cfg: Dict[str, Any], train: torch.Tensor,
         t0 = time.perf_counter()
         set_lr(optimizer, step, steps, warmup=cfg["warmup"])
         x, y = next(stream)
-        ce = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        loss = ce + model.aux_loss()
+        with autocast(cfg):
+            ce = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            loss = ce + model.aux_loss()
         if not torch.isfinite(loss):
             nan_step, nan_what = step, f"loss = {loss.item()}"
             break
@@ -327,7 +338,8 @@ def train_run(method: str, seed: int, cfg: Dict[str, Any], train: torch.Tensor,
         if done in evals_at:
             t1 = time.perf_counter()
             curve["step"].append(done)
-            curve["bpb"].append(bits_per_byte(model, held))
+            with autocast(cfg):
+                curve["bpb"].append(bits_per_byte(model, held))
             eval_s += time.perf_counter() - t1
         if hasattr(bar, "set_postfix") and (step % 10 == 0 or done == steps):
             post = {"loss": f"{ce.item():.3f}"}
@@ -464,7 +476,8 @@ def step_timing(models: Dict[str, Any], cfg: Dict[str, Any], train: torch.Tensor
             g["lr"] = 0.0
 
         def fn(_state, model=model, optimizer=optimizer):
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()) + model.aux_loss()
+            with autocast(cfg):
+                loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()) + model.aux_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])

@@ -113,7 +113,8 @@ def check_module_dtype(fn: str, dtype: object) -> None:
 
 def check_layer_input(fn: str, x: object, d_model: int, weight: torch.Tensor, batched: bool = False) -> torch.Tensor:
     """The input of a MoE layer's forward: a floating tensor ``[..., d_model]`` (``[batch, seq,
-    d_model]`` when ``batched``) with the dtype and device of ``weight`` (the layer's first weight).
+    d_model]`` when ``batched``) with the dtype (under torch.autocast: any but float64) and device
+    of ``weight`` (the layer's first weight).
     Shapes, dtypes and devices only, so torch.compile traces it without graph breaks."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
@@ -124,10 +125,15 @@ def check_layer_input(fn: str, x: object, d_model: int, weight: torch.Tensor, ba
         raise ValueError(f"{fn}: x must have last dimension d_model = {d_model}, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{fn}: x must be a floating-point tensor, got {x.dtype}")
-    if x.dtype != weight.dtype:
+    # Under torch.autocast an nn.Linear takes any float16 / bfloat16 / float32 input (its inputs are
+    # cast to the autocast dtype), and so does a MoE layer; autocast leaves float64 alone.
+    device_type = x.device.type
+    cast = (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+            and torch.float64 not in (x.dtype, weight.dtype))
+    if x.dtype != weight.dtype and not cast:
         raise TypeError(
             f"{fn}: x must have the layer's dtype {weight.dtype}, got {x.dtype} "
-            f"(convert the layer with .to() or the input)"
+            f"(convert the layer with .to() or the input, or run it under torch.autocast)"
         )
     if x.device != weight.device:
         raise ValueError(

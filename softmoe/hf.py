@@ -279,7 +279,10 @@ class SoftMoEBlock(SoftMoELayer):
       (``shared_combine="average"``: their mean), an output norm (``post_norm``),
       multiplicative router jitter in training (Mixtral's ``router_jitter_noise``), output dropout
       (GPT-2's ``resid_pdrop``), and ``(output, router_logits)`` returned where the replaced block
-      returned a pair (gpt-oss, Llama 4: their decoder layers keep the first).
+      returned a pair (gpt-oss, Llama 4: their decoder layers keep the first),
+      and, with ``keeps_input_dtype``, the output in the input's dtype under ``torch.autocast``
+      (a transformers MoE block sums its experts into ``zeros_like(hidden_states)``; an upcycled
+      dense MLP returns the autocast dtype, as its ``nn.Linear`` layers do).
 
     ``experts`` and ``router_weight`` / ``router_bias`` replace the layer's freshly initialised
     ones (the router is then a :class:`_RawLogitRouter`).
@@ -303,6 +306,7 @@ class SoftMoEBlock(SoftMoELayer):
         returns_pair: bool = False,
         jitter_noise: float = 0.0,
         dropout: float = 0.0,
+        keeps_input_dtype: bool = False,
         **layer_kwargs,
     ) -> None:
         super().__init__(d_model, d_hidden, num_experts, **layer_kwargs)
@@ -323,6 +327,7 @@ class SoftMoEBlock(SoftMoELayer):
         self.returns_pair = bool(returns_pair)
         self.jitter_noise = float(jitter_noise)
         self.dropout = nn.Dropout(dropout) if dropout else None
+        self.keeps_input_dtype = bool(keeps_input_dtype)
 
     def route(self, x: torch.Tensor, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits ``[T, E]`` (float32, soft-capped if the router does) and routing weights
@@ -345,6 +350,8 @@ class SoftMoEBlock(SoftMoELayer):
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         y = super().forward(x)
+        if self.keeps_input_dtype:  # under torch.autocast: the input's dtype, as the replaced MoE block
+            y = y.to(hidden_states.dtype)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
@@ -554,6 +561,7 @@ def _block(fn: str, name: str, parts: BlockParts, spec: dict, noise: float = 0.0
             shared_expert=parts.shared_expert, shared_expert_gate=parts.shared_expert_gate,
             shared_combine=parts.shared_combine, post_norm=parts.post_norm,
             returns_pair=parts.returns_pair, jitter_noise=parts.jitter_noise, dropout=parts.dropout,
+            keeps_input_dtype=parts.keeps_input_dtype,
             k=_soft_count(spec["mean_k"]), alpha=spec["alpha"], eps=spec["eps"], max_active=max_active,
             combine=spec["combine"], learn_k=spec["learn_k"], learn_alpha=spec["learn_alpha"], k_min=spec["k_min"],
             **factory,

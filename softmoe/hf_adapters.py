@@ -69,6 +69,9 @@ class BlockParts:
     returns_pair: bool = False
     jitter_noise: float = 0.0
     dropout: float = 0.0
+    # transformers' MoE blocks sum the experts into zeros_like(hidden_states), so under torch.autocast
+    # they return the input's dtype; a dense MLP (nn.Linear) returns the autocast dtype.
+    keeps_input_dtype: bool = False
 
     @property
     def num_experts(self) -> int:
@@ -356,7 +359,7 @@ def read_block(block: nn.Module, config: Any, adapter: MoEAdapter) -> BlockParts
         **parts, router_weight=weight, router_bias=bias,
         router_float32=adapter.router_float32, gate=_gate(block, router, config, adapter, num_experts),
         shared_expert=shared, shared_expert_gate=shared_gate, shared_combine=combine, post_norm=post_norm,
-        returns_pair=adapter.returns_pair, jitter_noise=jitter,
+        returns_pair=adapter.returns_pair, jitter_noise=jitter, keeps_input_dtype=True,
     )
 
 

@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from . import _checks, _extension
+from . import _autocast, _checks, _extension  # noqa: F401  (_autocast: the ops' torch.autocast rules)
 
 _extension.load()  # softmoe._C: runs the TORCH_LIBRARY registrations
 

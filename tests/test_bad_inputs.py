@@ -88,6 +88,19 @@ SETUP = textwrap.dedent(
     def offs(*o):
         return torch.tensor(o)
 
+    def autocast(dtype, fn):  # fn() under CPU autocast at `dtype`: torch.autocast accepts bfloat16 and
+        # float16 only (it warns and disables itself otherwise), torch.set_autocast_dtype any dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", dtype=dtype):
+                return fn()
+        torch.set_autocast_dtype("cpu", dtype)
+        torch.set_autocast_enabled("cpu", True)
+        try:
+            return fn()
+        finally:
+            torch.set_autocast_enabled("cpu", False)
+            torch.set_autocast_dtype("cpu", torch.bfloat16)
+
     def forward(module, x):  # the output, with the module attached for checks (aux_loss)
         out = module(x)
         out.module = module
@@ -356,6 +369,15 @@ CASES = [
          R("TypeError", "SoftMoELayer: x must have the layer's dtype torch.float32, got torch.float64")),
     Case(LF, "dtype", "bfloat16 x, float32 layer", "layer()(torch.zeros(3, 8, dtype=torch.bfloat16))",
          R("TypeError", "SoftMoELayer: x must have the layer's dtype torch.float32, got torch.bfloat16")),
+    Case(LF, "dtype", "bfloat16 x, float32 layer, under torch.autocast('cpu', torch.bfloat16)",
+         "autocast(torch.bfloat16, lambda: layer()(torch.zeros(3, 8, dtype=torch.bfloat16)))",
+         V("accepted (as by an nn.Linear under autocast): a bfloat16 output", "out.dtype == torch.bfloat16")),
+    Case(LF, "dtype", "float64 x, float32 layer, under torch.autocast (autocast leaves float64 alone)",
+         "autocast(torch.bfloat16, lambda: layer()(torch.zeros(3, 8, dtype=torch.float64)))",
+         R("TypeError", "SoftMoELayer: x must have the layer's dtype torch.float32, got torch.float64")),
+    Case(LF, "dtype", "autocast dtype float8_e4m3fn (torch.set_autocast_dtype)",
+         "autocast(torch.float8_e4m3fn, lambda: layer()(torch.zeros(3, 8)))",
+         R("TypeError", "softmoe: matmul: the cpu autocast dtype must be torch.bfloat16 or torch.float16")),
     Case(LF, "device", "x on meta, layer on cpu", "layer()(torch.zeros(3, 8, device='meta'))",
          R("ValueError", "SoftMoELayer: x must be on the layer's device cpu, got meta")),
     Case(LF, "device", "layer and x on meta", "layer(device='meta')(torch.zeros(3, 8, device='meta'))",
@@ -555,6 +577,10 @@ CASES = [
          R("TypeError", "softmoe: matmul: a and b must have one dtype, got Float and Double")),
     Case(MM, "dtype", "int64 a and b", "matmul(torch.ones(2, 3, dtype=torch.int64), torch.ones(3, 4, dtype=torch.int64))",
          R("TypeError", "softmoe: matmul: a and b must be floating point, got Long")),
+    Case(MM, "dtype", "autocast dtype float64 (torch.set_autocast_dtype)",
+         "autocast(torch.float64, lambda: matmul(torch.ones(2, 3), torch.ones(3, 4)))",
+         R("TypeError", "softmoe: matmul: the cpu autocast dtype must be torch.bfloat16 or torch.float16 (the "
+                        "16-bit dtypes the expert and router matmuls run in under torch.autocast), got torch.float64")),
     Case(MM, "device", "b on meta, a on cpu", "matmul(torch.ones(2, 3), torch.ones(3, 4, device='meta'))",
          R("RuntimeError", "softmoe: matmul: all tensor arguments must be on one device")),
     Case(MM, "shape", "1-d b", "matmul(torch.zeros(2, 3), torch.zeros(3))",
@@ -621,6 +647,9 @@ CASES = [
          R("TypeError", "softmoe: expert_ffn: x, w_in and w_out must have one dtype, got Float, Float and Double")),
     Case(EF, "dtype", "int64 x and weights", "expert_ffn(torch.ones(4, 3, dtype=torch.int64), torch.ones(2, 3, 10, dtype=torch.int64), torch.ones(2, 5, 6, dtype=torch.int64), offs(0, 1, 1))",
          R("TypeError", "softmoe: expert_ffn: x, w_in and w_out must be floating point (the activation), got Long")),
+    Case(EF, "dtype", "autocast dtype float32 (torch.set_autocast_dtype)",
+         "autocast(torch.float32, lambda: expert_ffn(torch.zeros(4, 3), torch.zeros(2, 3, 10), torch.zeros(2, 5, 6), offs(0, 1, 1)))",
+         R("TypeError", "softmoe: expert_ffn: the cpu autocast dtype must be torch.bfloat16 or torch.float16")),
     Case(EF, "dtype", "int32 offsets", "expert_ffn(torch.zeros(4, 3), torch.zeros(2, 3, 10), torch.zeros(2, 5, 6), offs(0, 1, 1).int())",
          R("RuntimeError", "softmoe: expert_ffn: offsets must be int64 of shape [3] (experts + 1), got Int of shape [3]")),
     Case(EF, "device", "w_in on meta, the rest on cpu", "expert_ffn(torch.ones(4, 3), torch.ones(2, 3, 10, device='meta'), torch.ones(2, 5, 6), offs(0, 1, 1))",

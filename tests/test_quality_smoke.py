@@ -162,3 +162,24 @@ def test_jobs_run_in_worker_processes_like_one_process(tmp_path, capsys):
     assert soft["budget_unit"] == "mean_active" and len(soft["budget_error_per_layer"]) == jobs["config"]["layers"]
     timing = jobs["step_timing"]["methods"]["softmoe_a1.5"]
     assert timing["active_mean"] == soft["active_mean"] and timing["time_ratio_vs_topk_at_equal_active"] > 0
+
+
+def test_autocast_flag_trains_and_evaluates_under_bf16_autocast(tmp_path, monkeypatch):
+    """--autocast bf16: the forward passes run under CPU bf16 autocast (the layer outputs bfloat16),
+    and the JSON records the setting."""
+    seen = []
+    forward = quality.TinyLM.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(quality.TinyLM, "forward", spy)
+    argv = ["--quick", "--steps", "2", "--seeds", "0", "--methods", "softmoe_k1.5", "--threads", "1",
+            "--no-plot", "--autocast", "bf16", "--out", str(tmp_path)]
+    assert quality.main(argv) == 0
+    result = json.loads((tmp_path / "quality.json").read_text())
+    assert result["config"]["autocast"] == "bf16"
+    assert seen and all(seen)  # training steps, held-out evaluation and the step timing
+    run = result["runs"][0]
+    assert run["steps_done"] == 2 and not run["nan"] and 0 < run["final_bpb"] < 9

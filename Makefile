@@ -138,7 +138,7 @@ bench: setup
 	$(PYTHON) benchmarks/bench_router.py
 
 clean:
-	rm -rf build $(BUILD_DIR) softmoe/*.so $(STAMP) *.egg-info
+	rm -rf build $(BUILD_DIR) softmoe/*.so $(STAMP) $(CUDA_BUILD_STAMP) *.egg-info
 
 # ==== Fuzzing the C core (tests/fuzz/README.md) ===============================================
 # `make fuzz` runs each libFuzzer target for FUZZ_SECONDS (needs clang with libFuzzer: on Debian

@@ -22,7 +22,16 @@ pytestmark = [
 ]
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
-TOL = {F64: 1e-10, F32: 1e-4, BF16: 2e-2}
+TOL = {F64: 1e-10, F32: 1e-4, BF16: 5e-2}
+
+
+@pytest.fixture(params=["auto", "softmoe"])
+def impl(request, monkeypatch):
+    """auto: torch's grouped GEMM where it applies (bfloat16 on sm_90 / sm_100), softmoe's kernels
+    elsewhere; softmoe: softmoe's kernels always (SOFTMOE_TORCH_GROUPED_MM=0)."""
+    if request.param == "softmoe":
+        monkeypatch.setenv("SOFTMOE_TORCH_GROUPED_MM", "0")
+    return request.param
 
 
 def _offsets(rows_per_expert, device="cuda"):
@@ -57,7 +66,7 @@ def _close(a, b, dtype):
 @pytest.mark.parametrize("dtype", [F32, F64, BF16])
 @pytest.mark.parametrize("experts", [1, 8, 64])
 @pytest.mark.parametrize("act", ["swiglu", "gelu"])
-def test_expert_ffn_matches_cpu(dtype, experts, act):
+def test_expert_ffn_matches_cpu(dtype, experts, act, impl):
     rows = 300
     x, w_in, w_out = _ffn_operands(experts, rows, 24, 40, dtype, act)
     offsets = _offsets(_segments(experts, rows), "cpu")
@@ -75,7 +84,7 @@ def test_expert_ffn_matches_cpu(dtype, experts, act):
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_grouped_mm_and_weight_grad_match_cpu(dtype):
+def test_grouped_mm_and_weight_grad_match_cpu(dtype, impl):
     experts, rows = 16, 500
     x, w, _ = _ffn_operands(experts, rows, 32, 24, dtype, "gelu")
     offsets = _offsets(_segments(experts, rows, seed=3), "cpu")
@@ -98,10 +107,10 @@ def test_transposed_and_strided_operands():
     torch.testing.assert_close(softmoe.grouped_mm(xt, wt, offsets), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_invalid_offsets_give_defined_output_without_sync():
+def test_invalid_offsets_give_defined_output_without_sync(impl):
     # The GPU does not read offsets on the host (no sync), so it cannot raise for bad ones: they are
     # clamped to valid bounds, every output row written once.
-    x, w, _ = _ffn_operands(3, 64, 8, 8, F32, "gelu")
+    x, w, _ = _ffn_operands(3, 64, 8, 8, BF16, "gelu")
     bad = torch.tensor([5, 40, 20, 1000], dtype=torch.int64, device="cuda")  # offsets[0] != 0, decreasing, > rows
     y = softmoe.grouped_mm(x.cuda(), w.cuda(), bad)
     expected = softmoe.grouped_mm(x.cuda(), w.cuda(), torch.tensor([0, 40, 40, 64], device="cuda"))
@@ -119,10 +128,10 @@ def _kernel_count(fn):
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def test_launches_do_not_grow_with_experts():
+def test_launches_do_not_grow_with_experts(impl):
     counts = {}
     for experts in (4, 64, 256):
-        x, w_in, w_out = _ffn_operands(experts, 2048, 32, 16, F32)
+        x, w_in, w_out = _ffn_operands(experts, 2048, 32, 16, BF16)
         args = [t.cuda().requires_grad_(True) for t in (x, w_in, w_out)]
         offsets = _offsets([2048 // experts] * experts)
 
@@ -143,8 +152,8 @@ def test_layer_step_launches_do_not_grow_with_experts():
     assert counts[8] == counts[64], counts
 
 
-def test_expert_compute_never_syncs():
-    x, w_in, w_out = (t.cuda().requires_grad_(True) for t in _ffn_operands(8, 256, 16, 16, F32))
+def test_expert_compute_never_syncs(impl):
+    x, w_in, w_out = (t.cuda().requires_grad_(True) for t in _ffn_operands(8, 256, 16, 16, BF16))
     offsets = _offsets([32] * 8)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -156,7 +165,7 @@ def test_expert_compute_never_syncs():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_bf16_weight_gradient_accumulates_in_float32():
+def test_bf16_weight_gradient_accumulates_in_float32(impl):
     # one expert of 16,384 rows: a 16-bit running sum over chunks would lose most of the bits that
     # the float32 accumulation keeps (error ~ a bf16 ulp of the result, not ~ rows * ulp)
     rows = 16384

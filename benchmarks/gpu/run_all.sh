@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call (issue 15), on a machine with an NVIDIA GPU and a CUDA build of
-# torch 2.13.0 in $PYTHON's environment (default python3); needs no network:
+# torch 2.13.0, setuptools and ninja (else the build is serial) in $PYTHON's environment (default
+# python3); needs no network:
 #   1. build   softmoe with SOFTMOE_CUDA=1 for this GPU's architecture, into that environment
 #              (editable, from this checkout)                                  -> OUT/build.log
 #   2. tests   every CUDA test (pytest -m cuda over tests/test_cuda*.py)      -> OUT/tests.log, tests.xml
 #   3. bench   router, layer (with kernel launches per step) and HF benchmarks -> OUT/bench.log, bench_gpu.json
 #   4. summary one page of all of it                                           -> OUT/summary.md
-# Each step has its own time limit (150 s, 150 s, 150 s: 7.5 minutes at most, within 8 on one
+# Each step has its own time limit (build 150 s, tests 180 s, bench 120 s: 7.5 minutes at most, within 8 on one
 # H100 / H200); a failed step is recorded (OUT/steps.tsv) and the next ones still run. Exits 1 when
 # a step failed.
 #
@@ -61,9 +62,9 @@ else
     echo "run_all.sh: no CUDA device visible to $PYTHON's torch (use --dry-run without a GPU)" >&2; exit 2; }
   run_step build 150 "$OUT/build.log" env SOFTMOE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
     "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
-  run_step tests 150 "$OUT/tests.log" "$PYTHON" -m pytest -q -rs -m cuda -p no:cacheprovider \
+  run_step tests 180 "$OUT/tests.log" "$PYTHON" -m pytest -q -rs -m cuda -p no:cacheprovider \
     --junitxml="$OUT/tests.xml" $CUDA_TESTS
-  run_step bench 150 "$OUT/bench.log" "$PYTHON" benchmarks/gpu/bench_gpu.py --out "$OUT"
+  run_step bench 120 "$OUT/bench.log" "$PYTHON" benchmarks/gpu/bench_gpu.py --out "$OUT"
 fi
 "$PYTHON" benchmarks/gpu/summary.py "$OUT" || failed=1
 echo "== summary: $OUT/summary.md"

@@ -115,10 +115,12 @@ $(CUDA_TORCH_STAMP):
 	$(CUDA_VENV_PIP) install -q torch==$(TORCH_VERSION) "setuptools>=77" ninja pytest numpy hypothesis
 	@touch $@
 
-# The copy is refreshed on every run (tar keeps mtimes: ninja recompiles only what changed); the
-# build runs when a source, setup.py or pyproject.toml changed since the last one.
+# The copy is refreshed on every run (tar keeps the files' mtimes); the build runs when a source,
+# setup.py or pyproject.toml changed since the copy that the last build compiled (the stamp takes
+# the copy's time, so an edit made while a build runs is built the next time).
 cuda-build: $(CUDA_TORCH_STAMP)
 	@mkdir -p $(CUDA_SRC)
+	@touch $(CUDA_SRC)/.copy-time
 	@git ls-files -z --cached --others --exclude-standard | xargs -0 sh -c 'for f; do [ -e "$$f" ] && printf "%s\0" "$$f"; done' _ \
 	  | tar --null -T - -cf - | tar -xf - -C $(CUDA_SRC)
 	@$(MAKE) --no-print-directory $(CUDA_BUILD_STAMP)
@@ -127,7 +129,7 @@ cuda-build: $(CUDA_TORCH_STAMP)
 $(CUDA_BUILD_STAMP): $(CUDA_TORCH_STAMP) setup.py pyproject.toml $(CSRC)
 	cd $(CUDA_SRC) && SOFTMOE_CUDA=1 SOFTMOE_WERROR=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCH_LIST)" MAX_JOBS=$(CUDA_JOBS) \
 	  nice -n 10 $(CURDIR)/$(CUDA_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
-	@touch $@
+	@touch -r $(CUDA_SRC)/.copy-time $@
 
 # The README demo: trains a small SoftMoE LM on the bundled text (under 4 minutes on 2 cores).
 # DEMO_ARGS: options of examples/train_lm.py (e.g. DEMO_ARGS="--steps 50" for a short run).

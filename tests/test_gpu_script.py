@@ -8,9 +8,14 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 
-import summary  # noqa: E402  (benchmarks/gpu/summary.py)
+
+def _summary(out) -> str:
+    """Runs benchmarks/gpu/summary.py OUT (as run_all.sh does) and returns OUT/summary.md."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu/summary.py"), str(out)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    return (out / "summary.md").read_text()
 
 
 def test_dry_run(tmp_path):
@@ -60,8 +65,7 @@ def test_summary_of_a_full_run(tmp_path):
         "hf": {"ms": {"softmoe": 3.0, "topk": 2.5}, "softmoe_x_topk": 1.2},
     }}
     (tmp_path / "bench_gpu.json").write_text(json.dumps(data))
-    assert summary.main([str(tmp_path)]) == 0
-    text = (tmp_path / "summary.md").read_text()
+    text = _summary(tmp_path)
     assert "| tests | failed | 90 | exit status 1 |" in text
     assert "CUDA tests: 3 run, 1 failed, 0 errors, 1 skipped." in text and "test_b: assert 1 == 2" in text
     assert "| 4096 | 8 | 0.0200 | 0.0500 | 0.0100 | 2.00 |" in text
@@ -71,5 +75,5 @@ def test_summary_of_a_full_run(tmp_path):
 
 
 def test_summary_says_what_is_missing(tmp_path):
-    text = summary.summary(str(tmp_path))
+    text = _summary(tmp_path)
     assert "not run (no bench_gpu.json)" in text and "did not run here" in text

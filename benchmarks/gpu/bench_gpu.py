@@ -17,11 +17,12 @@ step on one CUDA device, with the kernel launches of a layer step counted by the
           of the converted model (softmoe.hf.convert, lossless) against the original.
 
 Timing: CUDA events around each call after warm-up, median over --repeats; the methods of one
-comparison interleaved. Writes OUT/bench_gpu.json and prints a table per section.
+comparison interleaved. Writes OUT/bench_gpu.json and prints a table per section. The hf section
+imports bench_hf (benchmarks/): run_all.sh puts that folder on PYTHONPATH.
 --dry-run (no GPU needed): checks the arguments and the imports and writes the JSON with every
 section marked skipped and why, so that the script's plumbing is tested on a CPU-only machine.
 
-  python3 benchmarks/gpu/bench_gpu.py --out OUTDIR [--sections router,layer,hf] [--quick] [--dry-run]
+  PYTHONPATH=benchmarks python3 benchmarks/gpu/bench_gpu.py --out OUTDIR [--sections router,layer,hf] [--quick] [--dry-run]
 """
 from __future__ import annotations
 
@@ -37,8 +38,6 @@ from typing import Any, Callable, Dict, List
 import torch
 from torch.nn import functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: bench_hf's model
 SECTIONS = ("router", "layer", "hf")
 
 
@@ -238,7 +237,9 @@ def main(argv=None) -> int:
         ap.error("--repeats must be >= 1")
     os.makedirs(args.out, exist_ok=True)
     import softmoe  # noqa: F401  (the build under test)
-    import bench_hf  # noqa: F401  (the HF section's model)
+
+    if "hf" in sections:
+        import bench_hf  # noqa: F401  (the HF section's model: benchmarks/ on PYTHONPATH)
 
     data: Dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "sections": {}}
     gpu = torch.cuda.is_available() and not args.dry_run

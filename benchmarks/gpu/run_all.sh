@@ -28,6 +28,7 @@ mkdir -p "$OUT" || exit 2
 STEPS="$OUT/steps.tsv"
 printf 'step\tstatus\tseconds\tnote\n' > "$STEPS"
 CUDA_TESTS=$(ls tests/test_cuda*.py)
+BENCH_PATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"  # bench_gpu.py's hf section imports bench_hf
 failed=0
 
 # record NAME STATUS SECONDS NOTE
@@ -56,7 +57,7 @@ if [ $DRY -eq 1 ]; then
   record build skipped 0 "$note (would run: SOFTMOE_CUDA=1 pip install --no-build-isolation --no-deps -e .)"
   run_step tests-collect 150 "$OUT/tests.log" "$PYTHON" -m pytest -q --collect-only -m cuda -p no:cacheprovider $CUDA_TESTS
   record tests skipped 0 "$note (collected only)"
-  run_step bench 150 "$OUT/bench.log" "$PYTHON" benchmarks/gpu/bench_gpu.py --out "$OUT" --dry-run
+  run_step bench 150 "$OUT/bench.log" env PYTHONPATH="$BENCH_PATH" "$PYTHON" benchmarks/gpu/bench_gpu.py --out "$OUT" --dry-run
 else
   arch=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || {
     echo "run_all.sh: no CUDA device visible to $PYTHON's torch (use --dry-run without a GPU)" >&2; exit 2; }
@@ -64,7 +65,7 @@ else
     "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
   run_step tests 180 "$OUT/tests.log" "$PYTHON" -m pytest -q -rs -m cuda -p no:cacheprovider \
     --junitxml="$OUT/tests.xml" $CUDA_TESTS
-  run_step bench 120 "$OUT/bench.log" "$PYTHON" benchmarks/gpu/bench_gpu.py --out "$OUT"
+  run_step bench 120 "$OUT/bench.log" env PYTHONPATH="$BENCH_PATH" "$PYTHON" benchmarks/gpu/bench_gpu.py --out "$OUT"
 fi
 "$PYTHON" benchmarks/gpu/summary.py "$OUT" || failed=1
 echo "== summary: $OUT/summary.md"

@@ -4,7 +4,7 @@
 # python3); needs no network:
 #   1. build   softmoe with SOFTMOE_CUDA=1 for this GPU's architecture, into that environment
 #              (editable, from this checkout)                                  -> OUT/build.log
-#   2. tests   every CUDA test (pytest -m cuda over tests/test_cuda*.py)      -> OUT/tests.log, tests.xml
+#   2. tests   every CUDA test (pytest -m cuda tests)                         -> OUT/tests.log, tests.xml
 #   3. bench   router, layer (with kernel launches per step) and HF benchmarks -> OUT/bench.log, bench_gpu.json
 #   4. summary one page of all of it                                           -> OUT/summary.md
 # Each step has its own time limit (build 150 s, tests 180 s, bench 120 s: 7.5 minutes at most, within 8 on one
@@ -27,7 +27,7 @@ OUT=$1
 mkdir -p "$OUT" || exit 2
 STEPS="$OUT/steps.tsv"
 printf 'step\tstatus\tseconds\tnote\n' > "$STEPS"
-CUDA_TESTS=$(ls tests/test_cuda*.py)
+CUDA_TESTS=tests  # every test marked cuda, wherever it is
 BENCH_PATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"  # bench_gpu.py's hf section imports bench_hf
 failed=0
 
@@ -50,7 +50,7 @@ run_step() {
 
 if [ $DRY -eq 1 ]; then
   note="dry run: no GPU work"
-  for f in setup.py benchmarks/gpu/bench_gpu.py benchmarks/gpu/summary.py $CUDA_TESTS; do
+  for f in setup.py benchmarks/gpu/bench_gpu.py benchmarks/gpu/summary.py tests/test_cuda.py tests/test_cuda_experts.py; do
     [ -f "$f" ] || { record check failed 0 "missing $f"; failed=1; }
   done
   command -v timeout >/dev/null || { record check failed 0 "timeout (coreutils) not found"; failed=1; }

@@ -34,7 +34,7 @@ C_TESTS = $(patsubst tests/c/%.c,$(BUILD_DIR)/%,$(wildcard tests/c/test_*.c))
 TEST_HARNESS = tests/c/harness.h
 CUDA_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 
-.PHONY: setup test pytest ctest cuda-check demo bench clean
+.PHONY: setup test pytest ctest cuda-check cuda-build demo bench clean
 
 # Installs torch, the build/test tools and softmoe itself (editable, built against that torch) into
 # the environment. The stamp makes a re-run free unless a source file changed.
@@ -92,6 +92,45 @@ cuda-check:
 	  $(NVCC) -std=c++17 -Icsrc $(TORCH_INCLUDES) -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
 	    -Xcompiler -Wall,-Wextra,-fsyntax-only --Werror all-warnings -c $$f -o /dev/null || exit 1; done
 
+# ==== The real CUDA extension, built and imported without a GPU (CI) ==========================
+# `make cuda-build` installs the CUDA build of torch (PyPI's, with its nvidia-* wheels) into its own
+# environment CUDA_VENV (once: a stamp keeps it), builds softmoe there with SOFTMOE_CUDA=1 for sm_80
+# and sm_90, warnings in softmoe's own files as errors, from a copy of this checkout's files (git's
+# tracked and unignored ones, mtimes kept, so an unchanged file is not recompiled and the CPU build in
+# softmoe/ is left alone), checks that it imports without a GPU with a CUDA kernel for every op, and
+# runs CUDA_BUILD_TESTS with that build. The build stamp makes a re-run only repeat the tests.
+# CUDA_VENV_PIP: the CUDA torch comes from PyPI itself, whatever index or find-links pip is set up with.
+CUDA_VENV ?= .venv-cuda
+CUDA_SRC = build/cuda-src
+CUDA_VENV_PIP = env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null $(CUDA_VENV)/bin/python -m pip
+CUDA_TORCH_STAMP = $(CUDA_VENV)/softmoe-cuda-torch-$(TORCH_VERSION).stamp
+CUDA_BUILD_STAMP = $(CUDA_VENV)/softmoe-cuda-build-$(firstword $(shell echo '$(CURDIR)' | cksum)).stamp
+CUDA_ARCH_LIST = 8.0;9.0
+CUDA_JOBS ?= 2
+CUDA_BUILD_TESTS = tests/test_cuda_build.py tests/test_fake_devices.py tests/test_cuda.py \
+  tests/test_cuda_experts.py tests/test_experts.py tests/test_dispatch.py
+
+$(CUDA_TORCH_STAMP):
+	$(BASE_PYTHON) -m venv $(CUDA_VENV) || { rm -rf $(CUDA_VENV); echo "make: could not create $(CUDA_VENV)"; exit 1; }
+	$(CUDA_VENV_PIP) install -q torch==$(TORCH_VERSION) "setuptools>=77" ninja pytest numpy hypothesis
+	@touch $@
+
+# The copy is refreshed on every run (tar keeps the files' mtimes); the build runs when a source,
+# setup.py or pyproject.toml changed since the copy that the last build compiled (the stamp takes
+# the copy's time, so an edit made while a build runs is built the next time).
+cuda-build: $(CUDA_TORCH_STAMP)
+	@mkdir -p $(CUDA_SRC)
+	@touch $(CUDA_SRC)/.copy-time
+	@git ls-files -z --cached --others --exclude-standard | xargs -0 sh -c 'for f; do [ -e "$$f" ] && printf "%s\0" "$$f"; done' _ \
+	  | tar --null -T - -cf - | tar -xf - -C $(CUDA_SRC)
+	@$(MAKE) --no-print-directory $(CUDA_BUILD_STAMP)
+	cd $(CUDA_SRC) && $(CURDIR)/$(CUDA_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider $(CUDA_BUILD_TESTS)
+
+$(CUDA_BUILD_STAMP): $(CUDA_TORCH_STAMP) setup.py pyproject.toml $(CSRC)
+	cd $(CUDA_SRC) && SOFTMOE_CUDA=1 SOFTMOE_WERROR=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCH_LIST)" MAX_JOBS=$(CUDA_JOBS) \
+	  nice -n 10 $(CURDIR)/$(CUDA_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	@touch -r $(CUDA_SRC)/.copy-time $@
+
 # The README demo: trains a small SoftMoE LM on the bundled text (under 4 minutes on 2 cores).
 # DEMO_ARGS: options of examples/train_lm.py (e.g. DEMO_ARGS="--steps 50" for a short run).
 demo: setup
@@ -101,7 +140,7 @@ bench: setup
 	$(PYTHON) benchmarks/bench_router.py
 
 clean:
-	rm -rf build $(BUILD_DIR) softmoe/*.so $(STAMP) *.egg-info
+	rm -rf build $(BUILD_DIR) softmoe/*.so $(STAMP) $(CUDA_BUILD_STAMP) *.egg-info
 
 # ==== Fuzzing the C core (tests/fuzz/README.md) ===============================================
 # `make fuzz` runs each libFuzzer target for FUZZ_SECONDS (needs clang with libFuzzer: on Debian

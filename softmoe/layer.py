@@ -334,10 +334,12 @@ class SoftMoELayer(nn.Module):
         logits, p = self.route(tokens, k)
         weights = self.combine_weights(logits, p, k)
         plan = ops.dispatch_plan(p, self.max_active)
-        if not torch.compiler.is_compiling() and p.device.type != "meta":
-            # Eager code can afford to read the routed count: the expert buffers then hold N rows
-            # instead of T * max_active (padding rows cost memory, though no FLOPs). Meta tensors
-            # have no count to read; they keep the fixed shapes, as compiled code does.
+        capturing = p.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not torch.compiler.is_compiling() and p.device.type != "meta" and not capturing:
+            # Eager code can afford to read the routed count (once per forward): the expert buffers
+            # then hold N rows instead of T * max_active (padding rows cost memory, though no FLOPs).
+            # Meta tensors have no count to read, and a CUDA graph being captured cannot wait for
+            # one; they keep the fixed shapes, as compiled code does.
             plan = plan.trim()
         xs = ops.gather_rows(tokens, plan)
         ys = self.experts(xs, plan.offsets)

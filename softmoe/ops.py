@@ -62,6 +62,7 @@ def _soft_topk_fake(scores, k, alpha, eps, max_active):
 
 @torch.library.register_fake("softmoe::soft_topk_backward")
 def _soft_topk_backward_fake(grad_p, scores, p, threshold, k, alpha, eps, max_active):
+    _check_same_device("soft_topk_backward", grad_p, scores, p, threshold, k, alpha)
     grad_scores = torch.empty_like(scores, memory_format=torch.contiguous_format)
     return grad_scores, torch.empty_like(k), torch.empty_like(alpha)
 
@@ -232,6 +233,7 @@ def _gather_rows_fake(x, pair_token, token_pairs):
 
 @torch.library.register_fake("softmoe::gather_rows_backward")
 def _gather_rows_backward_fake(grad_xs, token_pairs):
+    _check_same_device("gather_rows_backward", grad_xs, token_pairs)
     return grad_xs.new_empty((token_pairs.shape[0], grad_xs.shape[1]))
 
 
@@ -243,6 +245,7 @@ def _combine_rows_fake(ys, p, pair_token, pair_expert, token_pairs):
 
 @torch.library.register_fake("softmoe::combine_rows_backward")
 def _combine_rows_backward_fake(grad_y, ys, p, pair_token, pair_expert, token_pairs):
+    _check_same_device("combine_rows_backward", grad_y, ys, p, pair_token, pair_expert, token_pairs)
     return ys.new_empty(ys.shape), p.new_empty(p.shape)
 
 
@@ -532,6 +535,7 @@ def _grouped_mm_fake(x, w, offsets):
 
 @torch.library.register_fake("softmoe::grouped_mm_weight_grad")
 def _grouped_mm_weight_grad_fake(x, grad_y, offsets, experts):
+    _check_same_device("grouped_mm_weight_grad", x, grad_y, offsets)
     return x.new_empty((experts, x.shape[1], grad_y.shape[1]))
 
 
@@ -612,6 +616,7 @@ def _expert_ffn_fake(x, w_in, w_out, offsets, activation, keep_hidden):
 
 @torch.library.register_fake("softmoe::expert_ffn_backward")
 def _expert_ffn_backward_fake(grad_y, x, hidden, w_in, w_out, offsets, activation, output_mask):
+    _check_same_device("expert_ffn_backward", grad_y, x, hidden, w_in, w_out, offsets)
     grad_x = x.new_empty((x.shape[0] if output_mask[0] else 0, x.shape[1]))
     grad_w_in = w_in.new_empty(w_in.shape) if output_mask[1] else x.new_empty((0,))
     grad_w_out = w_out.new_empty(w_out.shape) if output_mask[2] else x.new_empty((0,))

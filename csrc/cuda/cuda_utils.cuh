@@ -16,10 +16,17 @@
 
 #include "core/softmoe.h"
 
+// Notes the CUDA error behind a SMOE_ERR_DEVICE for smoe_cuda_last_error (status.cu, launch.h).
+extern "C" void smoe_cuda_note_error(int error);
+
 // Status of the launch just made: cudaGetLastError reports (and clears) a launch-configuration or
-// earlier asynchronous error. Called right after every <<<...>>>.
+// earlier asynchronous error, which is noted for the binding's message. Called right after every
+// <<<...>>>.
 static inline smoe_status smoe_cuda_launch_status(void) {
-  return cudaGetLastError() == cudaSuccess ? SMOE_OK : SMOE_ERR_DEVICE;
+  const cudaError_t error = cudaGetLastError();
+  if (error == cudaSuccess) return SMOE_OK;
+  smoe_cuda_note_error(static_cast<int>(error));
+  return SMOE_ERR_DEVICE;
 }
 
 // Whether a device pointer may be read as an array of `align`-byte words.

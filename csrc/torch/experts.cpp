@@ -1,10 +1,12 @@
 // The expert compute ops on the CPU, and the argument checks and row blocks they share with
-// experts_cuda.cpp (the compute itself is experts.h's, run side by side on torch's threads).
+// experts_cuda.cpp (the CPU's compute is experts.h's, run side by side on torch's threads).
 #include "experts.h"
 
 #include <torch/library.h>
 
 #include <string>
+
+#include "common.h"
 
 namespace softmoe {
 
@@ -21,10 +23,14 @@ void check_matmul(const at::Tensor &a, const at::Tensor &b) {
   TORCH_CHECK(a.device() == b.device(), "softmoe: matmul: a and b must be on one device");
 }
 
-std::vector<int64_t> segment_bounds(const at::Tensor &offsets, int64_t experts, int64_t rows, const char *op) {
+void check_offsets(const at::Tensor &offsets, int64_t experts, const char *op) {
   TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.size(0) == experts + 1,
               "softmoe: ", op, ": offsets must be int64 of shape [", experts + 1, "] (experts + 1), got ",
               offsets.scalar_type(), " of shape ", offsets.sizes());
+}
+
+std::vector<int64_t> segment_bounds(const at::Tensor &offsets, int64_t experts, int64_t rows, const char *op) {
+  check_offsets(offsets, experts, op);
   at::Tensor host = offsets.to(at::kCPU).contiguous();
   const int64_t *o = host.data_ptr<int64_t>();
   std::vector<int64_t> bounds(o, o + experts + 1);
@@ -46,11 +52,14 @@ void check_grouped_operands(const at::Tensor &x, const at::Tensor &w, const at::
               ": x, w and offsets must be on one device");
 }
 
-void check_weight_grad_operands(const at::Tensor &x, const at::Tensor &grad_y, int64_t experts) {
+void check_weight_grad_operands(const at::Tensor &x, const at::Tensor &grad_y, const at::Tensor &offsets,
+                                int64_t experts) {
   TORCH_CHECK(x.dim() == 2 && grad_y.dim() == 2 && x.size(0) == grad_y.size(0),
               "softmoe: grouped_mm_weight_grad: x and grad_y must be 2-D with one row count, got ", x.sizes(),
               " and ", grad_y.sizes());
   TORCH_CHECK(experts >= 1, "softmoe: grouped_mm_weight_grad: experts must be >= 1, got ", experts);
+  check_same_device("grouped_mm_weight_grad", grad_y, "grad_y", x, "x");
+  check_same_device("grouped_mm_weight_grad", offsets, "offsets", x, "x");
 }
 
 Activation parse_activation(c10::string_view name, const char *op) {
@@ -90,6 +99,8 @@ void check_ffn_backward_operands(const at::Tensor &grad_y, const at::Tensor &x, 
               hidden.sizes());
   TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type() && hidden.scalar_type() == x.scalar_type(), "softmoe: ",
                    op, ": grad_y and hidden must have x's dtype ", x.scalar_type());
+  check_same_device(op, grad_y, "grad_y", x, "x");
+  check_same_device(op, hidden, "hidden", x, "x");
 }
 
 // ---- row blocks -----------------------------------------------------------------------------------

@@ -1,19 +1,17 @@
 // The expert compute ops (grouped_mm, grouped_mm_weight_grad, expert_ffn, expert_ffn_backward; and
-// matmul, the router's product): the argument checks and the device-independent compute shared by
-// the CPU (experts.cpp) and CUDA (experts_cuda.cpp) implementations.
+// matmul, the router's product): the argument checks shared by the CPU (experts.cpp) and CUDA
+// (experts_cuda.cpp) implementations, and the CPU's compute.
 //
-// Rows offsets[e]:offsets[e+1] of x belong to expert e; rows from offsets[E] on are padding. The ops
-// read the segment bounds on the host (free on the CPU; one sync per call on a GPU), cut the
-// segments into row blocks by the shapes and the bounds alone, and hand each block's products to
-// (cu)BLAS. Being ops, they keep torch.compile graphs whole. How the blocks run is the device's
-// Schedule, a type with
+// Rows offsets[e]:offsets[e+1] of x belong to expert e; rows from offsets[E] on are padding. On the
+// CPU the ops read the segment bounds on the host (free there), cut the segments into row blocks by
+// the shapes and the bounds alone, and hand each block's products to BLAS; a GPU never reads them
+// on the host (experts_cuda.cpp: grouped kernels, a fixed number of launches). Being ops, they keep
+// torch.compile graphs whole. How the blocks run is a Schedule, a type with
 //   static void run(std::vector<RowBlock> blocks, MakeScratch make_scratch, Body body)
 //       calls body(block, scratch) for every block, scratch = make_scratch() once per thread;
 //   static constexpr int backward_chunk_log2
 //       the backward's chunks hold about 2^backward_chunk_log2 elements of the widest buffer.
-// The CPU runs the blocks side by side on torch's threads (cpu_runtime.h), a GPU in order on the
-// current stream; a GPU grouped GEMM can replace experts_cuda.cpp's implementations behind the same
-// op names and schemas.
+// The CPU runs the blocks side by side on torch's threads (cpu_runtime.h).
 //
 // expert_ffn fuses both matmuls and the activation: the same math as grouped_mm -> activation ->
 // grouped_mm, but the activation and, in the backward, the activation's gradient only ever exist for
@@ -54,10 +52,13 @@ struct FfnShape {
 
 // a @ b of two 2-D floating tensors of one dtype and device.
 void check_matmul(const at::Tensor &a, const at::Tensor &b);
+// offsets: int64 of shape [experts + 1] (its values are not read).
+void check_offsets(const at::Tensor &offsets, int64_t experts, const char *op);
 // The segment bounds offsets [experts + 1] on the host, checked: 0, nondecreasing, at most `rows`.
 std::vector<int64_t> segment_bounds(const at::Tensor &offsets, int64_t experts, int64_t rows, const char *op);
 void check_grouped_operands(const at::Tensor &x, const at::Tensor &w, const at::Tensor &offsets, const char *op);
-void check_weight_grad_operands(const at::Tensor &x, const at::Tensor &grad_y, int64_t experts);
+void check_weight_grad_operands(const at::Tensor &x, const at::Tensor &grad_y, const at::Tensor &offsets,
+                                int64_t experts);
 Activation parse_activation(c10::string_view name, const char *op);
 FfnShape check_ffn_operands(const at::Tensor &x, const at::Tensor &w_in, const at::Tensor &w_out,
                             const at::Tensor &offsets, Activation act, const char *op);
@@ -67,9 +68,8 @@ void check_ffn_backward_operands(const at::Tensor &grad_y, const at::Tensor &x, 
 // ---- row blocks (experts.cpp) ----------------------------------------------------------------------
 
 // Rows per chunk: about 2^21 elements of the widest buffer ([chunk, W]), 8 MB in float32 per thread,
-// which bounds the peak memory the buffers add. A GPU has one set of buffers and pays a launch per
-// product, so its backward takes chunks four times as long.
-constexpr int kChunkLog2 = 21, kDeviceBackwardChunkLog2 = 23;
+// which bounds the peak memory the buffers add.
+constexpr int kChunkLog2 = 21;
 int64_t ffn_chunk_rows(int64_t width, int elements_log2 = kChunkLog2);
 // Every segment in chunks of `chunk` rows (the last one of a segment shorter).
 std::vector<RowBlock> chunk_blocks(const std::vector<int64_t> &bounds, int64_t chunk);
@@ -104,7 +104,7 @@ at::Tensor grouped_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor
 template <typename Schedule>
 at::Tensor grouped_mm_weight_grad(const at::Tensor &x, const at::Tensor &grad_y, const at::Tensor &offsets,
                                   int64_t experts) {
-  check_weight_grad_operands(x, grad_y, experts);
+  check_weight_grad_operands(x, grad_y, offsets, experts);
   const auto bounds = segment_bounds(offsets, experts, x.size(0), "grouped_mm_weight_grad");
   at::Tensor grad_w = at::empty({experts, x.size(1), grad_y.size(1)}, x.options());
   int64_t slots = 0;

@@ -80,6 +80,10 @@ TopkBackward topk_backward(const at::Tensor &grad_p_in, const at::Tensor &scores
   auto lead = scores_in.sizes().slice(0, scores_in.dim() - 1);
   TORCH_CHECK(threshold_in.sizes() == lead && threshold_in.scalar_type() == at::kDouble,
               "softmoe: threshold must be float64 of shape ", lead);
+  // A GPU kernel handed a CPU tensor's pointer would read host memory.
+  check_same_device("soft_topk_backward", grad_p_in, "grad_p", scores_in, "scores");
+  check_same_device("soft_topk_backward", p_in, "p", scores_in, "scores");
+  check_same_device("soft_topk_backward", threshold_in, "threshold", scores_in, "scores");
   TopkBackward call;
   std::tie(std::ignore, call.k_stride) = row_param(k_in, scores_in, "k");
   std::tie(call.alpha, call.alpha_stride) = row_param(alpha_in, scores_in, "alpha");

@@ -359,26 +359,39 @@ class SoftMoELayer(nn.Module):
         (token, expert) pairs per expert (no gradient), P the mean router probability per expert
         (the first term is lb_coef when balanced); the second is TopKMoE's router z-loss."""
         loss = logits.new_zeros(())
-        if logits.shape[0] == 0:
-            return loss
         if self.lb_coef:
-            routed = active.sum(0).to(logits.dtype)
-            share = routed / routed.sum()
-            probs = torch.softmax(logits, dim=-1).mean(0)
-            loss = loss + self.lb_coef * self.num_experts * (share * probs).sum()
-        if self.z_coef:
+            # f over every rank's tokens when the experts are sharded (each rank routes its own rows):
+            # the ranks' averaged gradients are then those of the whole batch's loss
+            routed = self._sum_over_shards(active.sum(0).to(logits.dtype))
+            if logits.shape[0]:
+                share = routed / routed.sum().clamp_min(1)
+                probs = torch.softmax(logits, dim=-1).mean(0)
+                loss = loss + self.lb_coef * self.num_experts * (share * probs).sum()
+        if self.z_coef and logits.shape[0]:
             loss = loss + self.z_coef * torch.logsumexp(logits, dim=-1).square().mean()
         return loss
+
+    def _sum_over_shards(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks of the expert group (a sharded layer: every rank routes its own
+        tokens), without gradient; ``t`` itself otherwise. Every rank calls it, whatever its tokens."""
+        if self.expert_shard is None:
+            return t
+        import torch.distributed as dist
+
+        total = t.detach().clone()
+        dist.all_reduce(total, group=self.expert_shard.group)
+        return total
 
     @torch.no_grad()
     def _steer_count(self, target: torch.Tensor, active: torch.Tensor) -> None:
         """One step of the count controller: log(k / target) += count_gain * (target - measured count),
         kept in [log K_RATIO_MIN, 0]. In-place on a buffer and without a host sync, so it runs under
         torch.compile; under DDP the buffer is broadcast from rank 0 at each forward."""
-        if active.shape[0] == 0:
-            return
-        measured = active.sum(-1).to(torch.float32).mean()
-        self.log_k_ratio.add_(self.count_gain * (target.detach() - measured)).clamp_(math.log(K_RATIO_MIN), 0.0)
+        tokens = torch.full((), active.shape[0], dtype=torch.float32, device=active.device)
+        counts = self._sum_over_shards(torch.stack([active.sum().to(torch.float32), tokens]))
+        measured = counts[0] / counts[1].clamp_min(1)  # every rank's tokens when the experts are sharded
+        step = torch.where(counts[1] > 0, self.count_gain * (target.detach() - measured), 0.0)
+        self.log_k_ratio.add_(step).clamp_(math.log(K_RATIO_MIN), 0.0)
 
     # k, alpha and the steering state are a handful of scalars that decide routing: they stay float32
     # unless the layer goes to float64 (softmoe/_keep_float32.py).

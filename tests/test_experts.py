@@ -285,3 +285,23 @@ def test_weight_gradients_split_over_blocks_are_exact_and_thread_independent():
     for e in range(4):
         seg = slice(bounds[e], bounds[e + 1])
         torch.testing.assert_close(gw[e].double(), x64[seg].detach().t() @ g[seg].double(), rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_weight_gradients_are_summed_over_chunks_in_float32():
+    """bf16 weights, one long segment of positive terms cut into 16 chunks (W = 2^17 columns: 16-row
+    chunks) and 4 blocks: each weight-gradient element is a sum of 256 positive products. Rounding
+    the hidden and the activation to bf16, each chunk's product and the final sum once each bounds
+    the relative error by 4 half-ulps, 2 * 2^-8 (measured: 1.39 * 2^-8); a running sum kept in bf16
+    (one rounding per chunk, as before: 2.7 * 2^-8, emulated with torch's bf16 addmm_) exceeds it."""
+    h = 2**17
+    x, w_in, w_out, offsets = make(1, 256, 2, h, 3, "gelu", counts=[256], requires_grad=False)
+    x, w_in, w_out = (t.abs().bfloat16().requires_grad_(True) for t in (x, w_in, w_out))
+    y = ops.expert_ffn(x, w_in, w_out, offsets, "gelu")
+    gy = torch.rand(y.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    _, g_w_in, g_w_out = torch.autograd.grad(y, (x, w_in, w_out), gy)
+    del y
+    x32, w_in32, w_out32 = (t.detach().float().requires_grad_(True) for t in (x, w_in, w_out))
+    ref = torch.autograd.grad(reference_ffn(x32, w_in32, w_out32, offsets, "gelu"), (w_in32, w_out32), gy.float())
+    for got, want in zip((g_w_in, g_w_out), ref):
+        assert got.dtype == torch.bfloat16
+        assert ((got.float() - want).abs() / want.abs()).max() <= 2 * 2.0**-8

@@ -142,8 +142,20 @@ std::vector<RowBlock> weight_grad_blocks(const std::vector<int64_t> &bounds, int
 
 void finish_weight_grad(at::Tensor &grad_w, const at::Tensor &partial, const std::vector<RowBlock> &blocks,
                         const std::vector<int64_t> &bounds) {
-  for (const RowBlock &block : blocks)
-    if (block.slot > 0) grad_w.select(0, block.expert).add_(partial.select(0, block.slot - 1));
+  // An expert's blocks are consecutive, its slot-0 block first. bf16 / f16 sums go through float32:
+  // each addition rounded to an 8-bit mantissa would lose a share of the later blocks.
+  const at::ScalarType sum_type = at::toOpMathType(grad_w.scalar_type());
+  for (size_t i = 0; i < blocks.size();) {
+    size_t end = i + 1;
+    while (end < blocks.size() && blocks[end].expert == blocks[i].expert) ++end;
+    if (end - i > 1) {
+      at::Tensor g = grad_w.select(0, blocks[i].expert);
+      at::Tensor sum = sum_type == g.scalar_type() ? g : g.to(sum_type);
+      for (size_t j = i + 1; j < end; ++j) sum.add_(partial.select(0, blocks[j].slot - 1));
+      if (!sum.is_same(g)) g.copy_(sum);
+    }
+    i = end;
+  }
   for (int64_t e = 0; e + 1 < static_cast<int64_t>(bounds.size()); ++e)
     if (bounds[e + 1] == bounds[e]) grad_w.select(0, e).zero_();
 }

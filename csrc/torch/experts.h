@@ -25,6 +25,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <algorithm>
 #include <array>
@@ -76,8 +77,8 @@ std::vector<RowBlock> chunk_blocks(const std::vector<int64_t> &bounds, int64_t c
 // The blocks of a weight gradient and, in *slots, how many partial sums they need (experts.cpp).
 std::vector<RowBlock> weight_grad_blocks(const std::vector<int64_t> &bounds, int64_t experts, int64_t chunk,
                                          int64_t *slots);
-// Adds each block's partial sum (slot > 0) to its expert's gradient, in block order, and zeroes the
-// gradients of experts without rows.
+// Adds each block's partial sum (slot > 0) to its expert's gradient, in block order (in float32 for
+// bf16 / f16 gradients), and zeroes the gradients of experts without rows.
 void finish_weight_grad(at::Tensor &grad_w, const at::Tensor &partial, const std::vector<RowBlock> &blocks,
                         const std::vector<int64_t> &bounds);
 // out[c, d_hidden] = activation(h[c, W]).
@@ -168,30 +169,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward(
   const auto bounds = segment_bounds(offsets, s.experts, s.rows, op);
   const bool want_x = output_mask[0], want_w_in = output_mask[1], want_w_out = output_mask[2];
   const at::Tensor grad_y = grad_y_in.contiguous();
+  // The weight gradients are sums over chunks and blocks: for bf16 / f16 weights they are summed in
+  // float32 (a running sum rounded to an 8-bit mantissa after every chunk would lose a share of the
+  // later chunks) and rounded once at the end. Each chunk's product is computed in the weights' dtype
+  // (BLAS accumulates it in float32) into a per-thread buffer and added.
+  const at::TensorOptions sum_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  const bool reduced = sum_options.dtype() != x.options().dtype();
   at::Tensor grad_x = empty_activation({want_x ? s.rows : 0, s.d_in}, x.options());
-  at::Tensor grad_w_in = empty_activation(want_w_in ? w_in.sizes() : at::IntArrayRef{0}, x.options());
-  at::Tensor grad_w_out = empty_activation(want_w_out ? w_out.sizes() : at::IntArrayRef{0}, x.options());
+  at::Tensor grad_w_in = empty_activation(want_w_in ? w_in.sizes() : at::IntArrayRef{0}, sum_options);
+  at::Tensor grad_w_out = empty_activation(want_w_out ? w_out.sizes() : at::IntArrayRef{0}, sum_options);
   const int64_t chunk = ffn_chunk_rows(s.width, Schedule::backward_chunk_log2);
   int64_t slots = 0;
   const std::vector<RowBlock> blocks = weight_grad_blocks(bounds, s.experts, chunk, &slots);
-  at::Tensor partial_w_in = want_w_in ? at::empty({slots, s.d_in, s.width}, x.options()) : at::Tensor();
-  at::Tensor partial_w_out = want_w_out ? at::empty({slots, s.d_hidden, s.d_out}, x.options()) : at::Tensor();
+  at::Tensor partial_w_in = want_w_in ? at::empty({slots, s.d_in, s.width}, sum_options) : at::Tensor();
+  at::Tensor partial_w_out = want_w_out ? at::empty({slots, s.d_hidden, s.d_out}, sum_options) : at::Tensor();
   const int64_t buffer_rows = std::min(chunk, s.rows);
   const bool swiglu = act == Activation::swiglu;
-  // swiglu: silu = silu(gate), a = silu * up, t = grad_a * up; gelu: a = gelu(h)
+  // swiglu: silu = silu(gate), a = silu * up, t = grad_a * up; gelu: a = gelu(h);
+  // product_w_in / product_w_out: one chunk's weight-gradient product (bf16 / f16 only)
   struct Scratch {
-    at::Tensor a, silu, t, grad_a, grad_h;
+    at::Tensor a, silu, t, grad_a, grad_h, product_w_in, product_w_out;
   };
-  auto mm_into = [](at::Tensor &out, const at::Tensor &a, const at::Tensor &b, bool accumulate) {
-    if (accumulate) out.addmm_(a, b);
-    else at::mm_out(out, a, b);
+  // out = a @ b, or out += a @ b
+  auto mm_into = [reduced](at::Tensor &out, const at::Tensor &a, const at::Tensor &b, bool accumulate,
+                           at::Tensor &product) {
+    if (reduced) {
+      at::mm_out(product, a, b);
+      if (accumulate) out.add_(product);
+      else out.copy_(product);
+    } else if (accumulate) {
+      out.addmm_(a, b);
+    } else {
+      at::mm_out(out, a, b);
+    }
   };
   Schedule::run(
       blocks,
       [&] {
         auto rows = [&](int64_t cols) { return empty_activation({buffer_rows, cols}, x.options()); };
-        return Scratch{rows(s.d_hidden), swiglu ? rows(s.d_hidden) : at::Tensor(), swiglu ? rows(s.d_hidden) : at::Tensor(),
-                       rows(s.d_hidden), rows(s.width)};
+        auto product = [&](bool want, int64_t r, int64_t c) {
+          return reduced && want ? at::empty({r, c}, x.options()) : at::Tensor();
+        };
+        return Scratch{rows(s.d_hidden),
+                       swiglu ? rows(s.d_hidden) : at::Tensor(),
+                       swiglu ? rows(s.d_hidden) : at::Tensor(),
+                       rows(s.d_hidden),
+                       rows(s.width),
+                       product(want_w_in, s.d_in, s.width),
+                       product(want_w_out, s.d_hidden, s.d_out)};
       },
       [&](const RowBlock &block, Scratch &scratch) {
         const at::Tensor wi = w_in.select(0, block.expert), wo = w_out.select(0, block.expert);
@@ -210,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward(
           } else if (want_w_out) {
             at::gelu_out(a, h);
           }
-          if (want_w_out) mm_into(gwo, a.t(), gy, !first);
+          if (want_w_out) mm_into(gwo, a.t(), gy, !first, scratch.product_w_out);
           if (!want_x && !want_w_in) continue;
           at::Tensor ga = scratch.grad_a.narrow(0, 0, len), gh = scratch.grad_h.narrow(0, 0, len);
           at::mm_out(ga, gy, wo.t());
@@ -223,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward(
           } else {
             at::gelu_backward_out(gh, ga, h);
           }
-          if (want_w_in) mm_into(gwi, x.narrow(0, r, len).t(), gh, !first);
+          if (want_w_in) mm_into(gwi, x.narrow(0, r, len).t(), gh, !first, scratch.product_w_in);
           if (want_x) {
             at::Tensor gx = grad_x.narrow(0, r, len);
             at::mm_out(gx, gh, wi.t());
@@ -233,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward(
   if (want_w_in) finish_weight_grad(grad_w_in, partial_w_in, blocks, bounds);
   if (want_w_out) finish_weight_grad(grad_w_out, partial_w_out, blocks, bounds);
   if (want_x) grad_x.narrow(0, bounds[s.experts], s.rows - bounds[s.experts]).zero_();
-  return {grad_x, grad_w_in, grad_w_out};
+  return {grad_x, grad_w_in.to(x.scalar_type()), grad_w_out.to(x.scalar_type())};
 }
 
 }  // namespace softmoe

@@ -225,8 +225,9 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
 
 class _AllToAll(torch.autograd.Function):
     """Differentiable variable-split all_to_all_single: the backward sends the gradients back along
-    the reversed splits. (torch.distributed.nn.functional.all_to_all_single does the same but is
-    deprecated in torch 2.13 and not counted in comm_stats.)"""
+    the reversed splits, as this function again, so that a backward taken with create_graph=True stays
+    differentiable (the exchange is linear). (torch.distributed.nn.functional.all_to_all_single does
+    the same but is deprecated in torch 2.13 and not counted in comm_stats.)"""
 
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group, rank):
@@ -235,7 +236,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _exchange(grad, ctx.in_splits, ctx.out_splits, ctx.group, ctx.rank), None, None, None, None
+        return _AllToAll.apply(grad, ctx.in_splits, ctx.out_splits, ctx.group, ctx.rank), None, None, None, None
 
 
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}

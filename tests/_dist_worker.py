@@ -142,7 +142,25 @@ def scenario_ep2(rank, world):
     check_close("meta-built layer loaded from a full checkpoint", lazy(x), want, 0, 0)
 
 
+def all_to_all_twice_differentiable(rank, world):
+    """The exchange is linear and its backward is the reverse exchange, itself differentiable: with
+    y = A x and g = A^T v taken with create_graph=True, d<g, w>/dv = A w."""
+    in_splits = [1 + 2 * rank + r for r in range(world)]  # rows sent to rank r
+    out_splits = [1 + 2 * r + rank for r in range(world)]  # rows rank r sends here
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(sum(in_splits), 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    y = parallel._AllToAll.apply(x, out_splits, in_splits, dist.group.WORLD, rank)
+    v = torch.randn(y.shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    (g,) = torch.autograd.grad(y, x, v, create_graph=True)
+    assert g.requires_grad, "the exchange's backward is not differentiable"
+    w = torch.randn(g.shape, dtype=torch.float64, generator=gen)
+    (grad_v,) = torch.autograd.grad(g, v, w)
+    check_close("second-order gradient through the exchange", grad_v,
+                parallel._AllToAll.apply(w, out_splits, in_splits, dist.group.WORLD, rank), 0, 0)
+
+
 def scenario_ep4(rank, world):
+    all_to_all_twice_differentiable(rank, world)
     ep_forward_backward(rank, world, num_experts=8, activation="gelu", combine="sum")  # 2 experts per rank
     ep_forward_backward(rank, world, num_experts=4, activation="swiglu", combine="normalized")  # 1 per rank
 

@@ -47,7 +47,7 @@ def test_sdist_carries_every_csrc_source_and_no_tests(sdist):
     sources = csrc_sources()
     assert sources and any(name.endswith(".cuh") for name in sources)
     assert sources <= members, sorted(sources - members)
-    assert {"setup.py", "pyproject.toml", "README.md", "softmoe/_extension.py"} <= members
+    assert {"setup.py", "pyproject.toml", "README.md", "LICENSE", "softmoe/_extension.py"} <= members
     assert not any(name.startswith("tests/") for name in members)
 
 
@@ -56,6 +56,8 @@ def test_metadata_pins_the_build_torch_and_uses_an_spdx_license(sdist):
     assert f"Requires-Dist: torch=={torch.__version__.split('+')[0]}\n" in pkg_info
     assert "Dynamic: requires-dist" in pkg_info  # a wheel built from the sdist pins its own torch
     assert "License-Expression: Apache-2.0" in pkg_info
+    assert "License-File: LICENSE\n" in pkg_info  # the text, and the bundled demo text's licence
+    assert "License-File: softmoe/data/LICENSE-python-docs.txt\n" in pkg_info
     assert "license" not in output.lower(), output  # setuptools' deprecation of the license table
 
 

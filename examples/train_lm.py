@@ -328,7 +328,7 @@ def train(args: argparse.Namespace, ctx: "Distributed | None") -> int:
                 active = ctx.mean(torch.tensor(active, device=device)).tolist()
             history["step"].append(step)
             history["k"].append(model.budget.allocation().tolist())
-            history.setdefault("soft_count", []).append([float(layer.k) for layer in model.moe_layers()])
+            history.setdefault("soft_count", []).append([float(layer.k.detach()) for layer in model.moe_layers()])
             history["active"].append(active)
             history["loss"].append(global_loss.item())
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
@@ -361,7 +361,7 @@ def train(args: argparse.Namespace, ctx: "Distributed | None") -> int:
     say("--- end of sample ---\n")
 
     alloc = model.budget.allocation().tolist()
-    soft = [float(layer.k) for layer in model.moe_layers()]
+    soft = [float(layer.k.detach()) for layer in model.moe_layers()]
     # the realised count of the last 10 % of the steps (as the quality benchmark averages it)
     recent = history["active"][-max(1, len(history["active"]) // 10):]
     active = [sum(col) / len(col) for col in zip(*recent)]

@@ -1,6 +1,7 @@
 """The README demo's training script, run end to end at a toy size: checkpoints, resume, the NaN
 guard, the budget invariant and the outputs it promises."""
 import json
+import warnings
 
 import torch
 
@@ -29,6 +30,19 @@ def test_trains_saves_resumes_and_reports(tmp_path, capsys):
     assert run(tmp_path, "--steps", "9", "--eval-every", "3", "--resume") == 0
     assert "resumed from" in capsys.readouterr().out
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 9
+
+
+def test_the_default_budget_runs_without_warnings_of_its_own(tmp_path, capsys):
+    """The demo's default (a budget in realised active experts) at toy size: the script itself
+    raises no warning (it once read the soft count of a layer, a tensor that requires grad, with
+    float(), which torch warns about on every logged step)."""
+    tiny_active = [a for a in TINY if a not in ("--mean-k", "1.5")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert train_lm.main(tiny_active + ["--out", str(tmp_path), "--steps", "12", "--eval-every", "6"]) == 0
+    assert "realised active experts per token" in capsys.readouterr().out
+    own = [w for w in caught if w.filename.endswith("train_lm.py")]
+    assert not own, [str(w.message) for w in own]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):

@@ -289,10 +289,12 @@ def test_weight_gradients_split_over_blocks_are_exact_and_thread_independent():
 
 def test_bf16_weight_gradients_are_summed_over_chunks_in_float32():
     """bf16 weights, one long segment of positive terms cut into 16 chunks (W = 2^17 columns: 16-row
-    chunks) and 4 blocks: each weight-gradient element is a sum of 256 positive products. Rounding
-    the hidden and the activation to bf16, each chunk's product and the final sum once each bounds
-    the relative error by 4 half-ulps, 2 * 2^-8 (measured: 1.39 * 2^-8); a running sum kept in bf16
-    (one rounding per chunk, as before: 2.7 * 2^-8, emulated with torch's bf16 addmm_) exceeds it."""
+    chunks) and 4 blocks: each weight-gradient element is a sum of 256 positive products. Four
+    roundings to bf16 (u = 2^-8) stand between it and the float32 reference: the hidden, the
+    activation, each chunk's product, the final sum; they partly cancel. Measured: 1.39 * 2^-8; a
+    running sum kept in bf16 (one more rounding per chunk, as before; emulated with torch's bf16
+    addmm_) gives 2.7 * 2^-8. The bound 2 * 2^-8 separates the two on these fixed inputs (the
+    worst case of the four roundings, 4 * 2^-8, would not)."""
     h = 2**17
     x, w_in, w_out, offsets = make(1, 256, 2, h, 3, "gelu", counts=[256], requires_grad=False)
     x, w_in, w_out = (t.abs().bfloat16().requires_grad_(True) for t in (x, w_in, w_out))
@@ -305,3 +307,18 @@ def test_bf16_weight_gradients_are_summed_over_chunks_in_float32():
     for got, want in zip((g_w_in, g_w_out), ref):
         assert got.dtype == torch.bfloat16
         assert ((got.float() - want).abs() / want.abs()).max() <= 2 * 2.0**-8
+
+
+def test_bf16_grouped_weight_gradient_blocks_are_added_in_float32():
+    """grouped_mm's weight gradient in bf16 over one segment cut into 4 row blocks (N = 2^16
+    columns: 32-row chunks, 256 rows), positive terms: each block's product is rounded to bf16
+    once (u = 2^-8 of the block's share) and the float32 sum of the blocks once more, so the
+    relative error is at most 2 * 2^-8 (measured 1.82 * 2^-8; adding the blocks in bf16, as before,
+    gave 2.59 * 2^-8, emulated with torch's bf16 matmuls; one bf16 matmul of all rows: 1.0 * 2^-8)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(256, 3, generator=g).bfloat16()
+    grad_y = torch.rand(256, 2**16, generator=g).bfloat16()
+    grad_w = OPS.grouped_mm_weight_grad(x, grad_y, torch.tensor([0, 256]), 1)
+    assert grad_w.dtype == torch.bfloat16
+    want = x.float().t() @ grad_y.float()
+    assert ((grad_w[0].float() - want).abs() / want).max() <= 2 * 2.0**-8

@@ -34,7 +34,7 @@ C_TESTS = $(patsubst tests/c/%.c,$(BUILD_DIR)/%,$(wildcard tests/c/test_*.c))
 TEST_HARNESS = tests/c/harness.h
 CUDA_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 
-.PHONY: setup test pytest ctest cuda-check cuda-build demo bench clean
+.PHONY: setup test pytest ctest cuda-check cuda-build demo bench bench-core clean
 
 # Installs torch, the build/test tools and softmoe itself (editable, built against that torch) into
 # the environment. The stamp makes a re-run free unless a source file changed.
@@ -72,8 +72,9 @@ pytest: setup
 	$(PYTEST) tests
 
 # The C core alone, as strict C11, under AddressSanitizer and UndefinedBehaviorSanitizer.
-ctest: $(C_TESTS) fuzz-regress
+ctest: $(C_TESTS) fuzz-regress $(BENCH_CORE)
 	@for t in $(C_TESTS); do echo "== $$t"; ASAN_OPTIONS=detect_leaks=1 $$t || exit 1; done
+	$(BENCH_CORE) -e 4,8,64 -n 999 -r 1 && $(BENCH_CORE) -e 8 -n 999 -r 1 -s 4 -p
 
 $(BUILD_DIR)/%: tests/c/%.c $(TEST_HARNESS) $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD_DIR)
@@ -138,6 +139,17 @@ demo: setup
 
 bench: setup
 	$(PYTHON) benchmarks/bench_router.py
+
+# The C core's soft top-k kernels timed alone, no torch (benchmarks/bench_core.c), built like the
+# extension (-O3, OpenMP). `make ctest` builds it and runs it once on a few rows so it cannot rot.
+BENCH_CORE = $(BUILD_DIR)/bench_core
+BENCH_CORE_ARGS ?=
+bench-core: $(BENCH_CORE)
+	$(BENCH_CORE) $(BENCH_CORE_ARGS)
+
+$(BENCH_CORE): benchmarks/bench_core.c $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p $(BUILD_DIR)
+	$(CC) -std=c11 -O3 -fopenmp -Wall -Wextra -Wpedantic -Werror -Icsrc $< $(CORE_SRC) -lm -o $@
 
 clean:
 	rm -rf build $(BUILD_DIR) softmoe/*.so $(STAMP) $(CUDA_BUILD_STAMP) *.egg-info

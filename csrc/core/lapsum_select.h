@@ -128,16 +128,14 @@ SMOE_HD void smoe_key_cx(uint64_t *key, int a, int b) {
   key[b] = x > y ? y : x;
 }
 
-/* Sorts the keys best first: the 19-comparator network for 8 inputs (n <= 8) or the
- * 60-comparator one for 16 (Knuth, TAOCP vol. 3, 5.3.4; Green's network for 16). */
+/* Sorts the keys best first: the 19-comparator network for 8 inputs (n <= 8; also the network of
+ * lapsum_rows8.h) or the 60-comparator one for 16 (Knuth, TAOCP vol. 3, 5.3.4; Green's network
+ * for 16). */
 SMOE_HD void smoe_key_sort(uint64_t *k, int64_t n) {
   if (n <= 8) {
-    smoe_key_cx(k, 0, 2), smoe_key_cx(k, 1, 3), smoe_key_cx(k, 4, 6), smoe_key_cx(k, 5, 7);
-    smoe_key_cx(k, 0, 4), smoe_key_cx(k, 1, 5), smoe_key_cx(k, 2, 6), smoe_key_cx(k, 3, 7);
-    smoe_key_cx(k, 0, 1), smoe_key_cx(k, 2, 3), smoe_key_cx(k, 4, 5), smoe_key_cx(k, 6, 7);
-    smoe_key_cx(k, 2, 4), smoe_key_cx(k, 3, 5);
-    smoe_key_cx(k, 1, 4), smoe_key_cx(k, 3, 6);
-    smoe_key_cx(k, 1, 2), smoe_key_cx(k, 3, 4), smoe_key_cx(k, 5, 6);
+#define SMOE_KEY_CX8(a, b) smoe_key_cx(k, a, b);
+    SMOE_SORT8_NETWORK(SMOE_KEY_CX8)
+#undef SMOE_KEY_CX8
     return;
   }
   smoe_key_cx(k, 0, 13), smoe_key_cx(k, 1, 12), smoe_key_cx(k, 2, 15), smoe_key_cx(k, 3, 14);

@@ -226,6 +226,17 @@ SMOE_HD float smoe_order_key_value_f32(uint64_t key) {
 
 SMOE_HD int32_t smoe_order_key_index(uint64_t key) { return (int32_t)~(uint32_t)key; }
 
+/* The 19-comparator sorting network for 8 inputs (Knuth, TAOCP vol. 3, 5.3.4), as a list of
+ * cx(i, j) steps, each putting the larger of slots i < j first: applied to order keys by
+ * lapsum_select.h and to eight rows of scores at once by lapsum_rows8.h. */
+#define SMOE_SORT8_NETWORK(cx)                          \
+  cx(0, 2) cx(1, 3) cx(4, 6) cx(5, 7)                   \
+  cx(0, 4) cx(1, 5) cx(2, 6) cx(3, 7)                   \
+  cx(0, 1) cx(2, 3) cx(4, 5) cx(6, 7)                   \
+  cx(2, 4) cx(3, 5)                                     \
+  cx(1, 4) cx(3, 6)                                     \
+  cx(1, 2) cx(3, 4) cx(5, 6)
+
 /* The cut c of the left-truncated kernel for a given eps = F(-c); +inf for the plain kernel. */
 SMOE_HD double smoe_cut_from_eps(double eps) { return eps > 0.0 ? -log(2.0 * eps) : INFINITY; }
 

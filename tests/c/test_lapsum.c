@@ -5,6 +5,12 @@
 #include "core/smoe_math.h" /* smoe_exp_f32, tested on its own below */
 #include "harness.h"
 
+/* The float per-row functions themselves: the reference of the eight-row path of lapsum.c. */
+#include "core/lapsum_args.h"
+#define SMOE_SUFFIX f32
+#include "core/lapsum_row.h"
+#undef SMOE_SUFFIX
+
 static void check_close(double got, double want, double tol, const char *what, int i) {
   CHECK(fabs(got - want) <= tol, "%s[%d]: got %.15g want %.15g (tol %g)", what, i, got, want, tol);
 }
@@ -286,6 +292,87 @@ static void random_scores(unsigned *seed, double *r, int64_t n, int kind) {
     if (kind == 3 && uniform(seed) < 0.3) v = uniform(seed) < 0.5 ? 0.0 : -0.0;
     r[i] = v;
   }
+}
+
+/* Rows of 2 to 8 scores with every score a candidate run eight at a time, the rows in the vector
+ * lanes (lapsum_rows8.h); the per-row functions run one row at a time. Both must give the same bits
+ * for every row, whatever group or call range the row falls in: plain and ties, signed zeros,
+ * -inf, NaN and +inf scores; differences that overflow; k at and near its limits, tiny and huge
+ * alpha, bad alpha; the plain and truncated kernels (truncated rows whose worst score falls below
+ * the cut take the active-set search, down to one active score); float32 and bfloat16 storage. */
+static void test_rows8_match_row_functions(void) {
+  unsigned seed = 808u;
+  enum { ROWS = 203 }; /* not a whole number of groups */
+  for (int bf = 0; bf < 2; ++bf)
+    for (int64_t n = 2; n <= 8; ++n)
+      for (int e = 0; e < 3; ++e) {
+        const double eps = e == 0 ? 0.0 : e == 1 ? 1e-2 : 0.2;
+        const smoe_dtype dt = bf ? SMOE_BF16 : SMOE_F32;
+        const size_t es = bf ? 2 : 4;
+        float k[ROWS], alpha[ROWS], r[ROWS * 8], g[ROWS * 8];
+        for (int row = 0; row < ROWS; ++row) {
+          double v[8];
+          random_scores(&seed, v, n, row % 4);
+          for (int64_t i = 0; i < n; ++i) r[row * n + i] = (float)v[i], g[row * n + i] = (float)gauss(&seed);
+          const int special = row % 23;
+          if (special == 5) r[row * n + row % n] = NAN;
+          if (special == 6) r[row * n + row % n] = INFINITY;
+          if (special == 7) r[row * n] = 3e38f, r[row * n + n - 1] = -3e38f; /* differences overflow */
+          if (special == 8) r[row * n + 1] = r[row * n]; /* a tie at the top */
+          k[row] = (float)(n * uniform(&seed));
+          if (special == 9) k[row] = 0.0f;
+          if (special == 10) k[row] = (float)n;
+          if (special == 11) k[row] = nextafterf((float)n, 0.0f);
+          if (special == 12) k[row] = 1e-40f;
+          if (special == 13) k[row] = 1.0f;
+          if (special == 14) k[row] = (float)n + 0.5f;
+          alpha[row] = (float)(0.05 + 2.0 * uniform(&seed));
+          if (special == 15) alpha[row] = 1e-3f;
+          if (special == 16) alpha[row] = 1e30f;
+          if (special == 17) alpha[row] = row % 2 ? 0.0f : -1.0f;
+          if (special == 18) alpha[row] = INFINITY;
+          if (special == 19) alpha[row] = 1e-39f; /* 1 / alpha overflows */
+          if (special == 20) alpha[row] = 40.0f;   /* flat: nothing below the cut */
+        }
+        uint16_t rb[ROWS * 8], gb[ROWS * 8];
+        for (int i = 0; i < ROWS * n; ++i) rb[i] = smoe_float_to_bf16(r[i]), gb[i] = smoe_float_to_bf16(g[i]);
+        const void *scores = bf ? (const void *)rb : (const void *)r, *grad_p = bf ? (const void *)gb : (const void *)g;
+        /* [0] the per-row functions, [1] one call, [2] two calls split inside a group */
+        unsigned char p[3][ROWS * 8 * 4], grad[3][ROWS * 8 * 4];
+        double threshold[3][ROWS];
+        float gk[3][ROWS], ga[3][ROWS];
+        for (int way = 0; way < 3; ++way) {
+          memset(p[way], 0xA5, sizeof p[way]); /* every entry of a row must be written */
+          memset(grad[way], 0xA5, sizeof grad[way]);
+          smoe_topk_fwd_args fa = {ROWS, n, dt, scores, k, 1, alpha, 1, eps, n, p[way], threshold[way]};
+          smoe_topk_bwd_args ba = {ROWS, n, dt, grad_p, scores, p[way], threshold[way], alpha, 1, eps, n,
+                                   grad[way], gk[way], ga[way]};
+          if (way == 0) {
+            for (int64_t row = 0; row < ROWS; ++row) smoe_topk_fwd_row_f32(&fa, row, 0, 0, 1);
+            for (int64_t row = 0; row < ROWS; ++row) smoe_topk_bwd_row_f32(&ba, row, 0, 0, 1, gk[0] + row, ga[0] + row);
+          } else {
+            const int64_t cut = way == 1 ? ROWS : 13;
+            CHECK(smoe_topk_fwd(&fa, 0, cut) == SMOE_OK && smoe_topk_fwd(&fa, cut, ROWS) == SMOE_OK, "forward status");
+            CHECK(smoe_topk_bwd(&ba, 0, cut) == SMOE_OK && smoe_topk_bwd(&ba, cut, ROWS) == SMOE_OK, "backward status");
+          }
+        }
+        for (int way = 1; way < 3; ++way) {
+          int bad_p = 0, bad_t = 0, bad_g = 0;
+          for (int row = 0; row < ROWS; ++row) {
+            const int row_bad_p = memcmp(p[0] + es * n * row, p[way] + es * n * row, es * n) != 0;
+            const int row_bad_t = memcmp(&threshold[0][row], &threshold[way][row], sizeof(double)) != 0;
+            const int row_bad_g = memcmp(grad[0] + es * n * row, grad[way] + es * n * row, es * n) != 0 ||
+                                  memcmp(&gk[0][row], &gk[way][row], 4) != 0 || memcmp(&ga[0][row], &ga[way][row], 4) != 0;
+            if ((row_bad_p || row_bad_t || row_bad_g) && bad_p + bad_t + bad_g == 0)
+              printf("  first differing row %d (kind %d, special %d): k %g alpha %g threshold %.9g vs %.9g\n", row,
+                     row % 4, row % 23, k[row], alpha[row], threshold[0][row], threshold[way][row]);
+            bad_p += row_bad_p, bad_t += row_bad_t, bad_g += row_bad_g;
+          }
+          CHECK(bad_p == 0 && bad_t == 0 && bad_g == 0,
+                "%s n %lld eps %g, %s: %d rows' p, %d thresholds, %d rows' gradients differ from the per-row functions",
+                bf ? "bf16" : "f32", (long long)n, eps, way == 1 ? "one call" : "two calls", bad_p, bad_t, bad_g);
+        }
+      }
 }
 
 /* A row of n0 <= 16 scores takes the sorting network (float math) and keeps its candidates in
@@ -662,6 +749,7 @@ static void test_half_conversions(void) {
 int main(void) {
   test_exp_polynomial();
   test_selection_paths_agree();
+  test_rows8_match_row_functions();
   test_long_rows_match_their_candidates();
   test_instruction_sets_agree();
   test_truncated_rows();

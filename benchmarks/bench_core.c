@@ -1,0 +1,94 @@
+/* The soft top-k kernels of the C core alone: no torch, no allocation, no autograd around them.
+ *
+ *   make bench-core                      # E = 8, 16, 32, 64, 128, 256; scores N(0, 1)
+ *   make bench-core BENCH_CORE_ARGS="-e 8 -s 4 -p"
+ *
+ * For each E: forward and backward of `rows` rows (k = 2, alpha = 1; truncated eps = 1e-2 with
+ * max_active = min(8, E) as in bench_router.py's softmoe_trunc, or -p: plain, every score a
+ * candidate), one thread, the minimum over the repeats in ns per row, and the realised active
+ * scores per row. -s scales the scores: at alpha = 1, N(0, 1) scores leave nearly every candidate
+ * active, N(0, 4^2) ones truncate most rows (a trained router's logits are spread like that).
+ */
+#define _POSIX_C_SOURCE 199309L
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/softmoe.h"
+
+static double now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static unsigned long long rng = 88172645463325252ull;
+static double uniform(void) {
+  rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+  return ((double)(rng >> 11) + 0.5) / 9007199254740992.0;
+}
+static double gauss(void) { return sqrt(-2.0 * log(uniform())) * cos(6.283185307179586 * uniform()); }
+
+static void usage(void) {
+  fprintf(stderr, "usage: bench_core [-e E[,E...]] [-s spread] [-r repeats] [-n rows] [-p]\n");
+  exit(2);
+}
+
+int main(int argc, char **argv) {
+  char experts[256] = "8,16,32,64,128,256";
+  double spread = 1.0;
+  int repeats = 15, plain = 0;
+  int64_t rows = 65536;
+  for (int i = 1; i < argc; ++i) {
+    if (!strcmp(argv[i], "-p")) {
+      plain = 1;
+    } else if (i + 1 < argc && !strcmp(argv[i], "-e")) {
+      snprintf(experts, sizeof experts, "%s", argv[++i]);
+    } else if (i + 1 < argc && !strcmp(argv[i], "-s")) {
+      spread = atof(argv[++i]);
+    } else if (i + 1 < argc && !strcmp(argv[i], "-r")) {
+      repeats = atoi(argv[++i]);
+    } else if (i + 1 < argc && !strcmp(argv[i], "-n")) {
+      rows = atoll(argv[++i]);
+    } else {
+      usage();
+    }
+  }
+  if (repeats < 1 || rows < 1 || !(spread > 0)) usage();
+  printf("%-5s %-9s %7s %7s %12s %12s %8s\n", "E", "kernel", "spread", "rows", "fwd ns/row", "bwd ns/row", "active");
+  for (char *tok = strtok(experts, ","); tok; tok = strtok(NULL, ",")) {
+    const int64_t n = atoll(tok);
+    if (n < 1) usage();
+    const int64_t cap = plain ? n : (n < 8 ? n : 8);
+    const double eps = plain ? 0.0 : 1e-2;
+    float *scores = malloc(sizeof(float) * rows * n), *p = malloc(sizeof(float) * rows * n);
+    float *g = malloc(sizeof(float) * rows * n), *grad = malloc(sizeof(float) * rows * n);
+    float *gk = malloc(sizeof(float) * rows), *ga = malloc(sizeof(float) * rows);
+    double *threshold = malloc(sizeof(double) * rows);
+    if (!scores || !p || !g || !grad || !gk || !ga || !threshold) return 1;
+    for (int64_t i = 0; i < rows * n; ++i) scores[i] = (float)(spread * gauss()), g[i] = (float)gauss();
+    float k = 2.0f, alpha = 1.0f;
+    if (k >= (float)cap) k = 0.5f * (float)cap;
+    smoe_topk_fwd_args fa = {rows, n, SMOE_F32, scores, &k, 0, &alpha, 0, eps, cap, p, threshold};
+    smoe_topk_bwd_args ba = {rows, n, SMOE_F32, g, scores, p, threshold, &alpha, 0, eps, cap, grad, gk, ga};
+    double fwd = INFINITY, bwd = INFINITY;
+    for (int r = 0; r < repeats; ++r) {
+      double t = now();
+      if (smoe_topk_fwd(&fa, 0, rows) != SMOE_OK) return 1;
+      t = now() - t;
+      fwd = t < fwd ? t : fwd;
+      t = now();
+      if (smoe_topk_bwd(&ba, 0, rows) != SMOE_OK) return 1;
+      t = now() - t;
+      bwd = t < bwd ? t : bwd;
+    }
+    double active = 0;
+    for (int64_t i = 0; i < rows * n; ++i) active += p[i] != 0.0f;
+    printf("%-5lld %-9s %7.2f %7lld %12.1f %12.1f %8.2f\n", (long long)n, plain ? "plain" : "truncated", spread,
+           (long long)rows, 1e9 * fwd / (double)rows, 1e9 * bwd / (double)rows, active / (double)rows);
+    free(scores), free(p), free(g), free(grad), free(gk), free(ga), free(threshold);
+  }
+  return 0;
+}

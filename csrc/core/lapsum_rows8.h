@@ -1,0 +1,441 @@
+/* Soft top-k of short rows, eight rows at a time: rows of 2 to 8 float32 scores (bf16 / f16
+ * storage too: their math type is float) with every score a candidate (max_active = n), the shape
+ * of most MoE routers (Mixtral's E = 8).
+ *
+ * These are the per-row functions of lapsum_row.h with the rows in the vector lanes instead of the
+ * scores: a row's numbers live in one lane of [score][row] arrays, every step is a loop over the
+ * eight rows that the compiler turns into vector instructions, and the sequential parts of a row
+ * (the sorting network, the prefix and suffix sums, the bracket search) run eight rows per
+ * instruction. A lane performs exactly the operations of smoe_topk_fwd_row_f32 and
+ * smoe_topk_bwd_row_f32 in the same order (the same sorted values, the same polynomial exp, the
+ * backward's active entries compacted in index order into the same lane tree), so the results are
+ * the same bits; tests/c/test_lapsum.c compares them on every kind of row. The CUDA kernels run the
+ * per-row functions (thread per row, the same bits again).
+ *
+ * A row the lanes do not take is redone by the per-row function after its group: a NaN or
+ * infinite score, k or alpha at or outside a limit, a difference of scores that overflows, a
+ * truncated row whose worst candidate falls below the cut (the active-set search), a backward row
+ * at a limit or without an active entry.
+ *
+ * Part of lapsum.c (CPU only): included after lapsum_row.h's float32 functions.
+ */
+#ifndef SMOE_LAPSUM_ROWS8_H
+#define SMOE_LAPSUM_ROWS8_H
+
+#include "lapsum_args.h"
+#include "smoe_math.h"
+
+/* Rows per group and the longest row the groups take. */
+#define SMOE_ROWS8 8
+
+/* 1 where the forward / backward of a call takes the eight-row path. */
+static inline int smoe_rows8_fits(smoe_dtype dtype, int64_t n, int64_t max_active) {
+  return dtype != SMOE_F64 && n >= 2 && n <= SMOE_ROWS8 && max_active >= n;
+}
+
+/* a > b ? a : b for the sorting network, through smoe_where_f32 (vectorised; see there). The
+ * values are finite in every lane whose result is used. */
+static inline float smoe_rows8_max(float a, float b) { return smoe_where_f32(a > b, a, b); }
+static inline float smoe_rows8_min(float a, float b) { return smoe_where_f32(a > b, b, a); }
+
+/* c ? a : b for integers through bit masks (a ?: that the vectoriser keeps as a branch). */
+static inline int32_t smoe_rows8_pick(int32_t c, int32_t a, int32_t b) { return b ^ ((a ^ b) & -(int32_t)(c != 0)); }
+
+/* One comparator of the network on all eight rows: the larger score to slot i. */
+#define SMOE_ROWS8_CX(i, j)                                     \
+  SMOE_SIMD for (int g = 0; g < SMOE_ROWS8; ++g) {              \
+    const float x_ = s[i][g], y_ = s[j][g];                     \
+    s[i][g] = smoe_rows8_max(x_, y_);                           \
+    s[j][g] = smoe_rows8_min(x_, y_);                           \
+  }
+
+/* The lanes' sum tree of smoe_lane_sum_f32, over the score slots of eight rows. */
+static inline void smoe_rows8_lane_sum(float v[SMOE_LANES][SMOE_ROWS8], float *out) {
+  SMOE_SIMD
+  for (int g = 0; g < SMOE_ROWS8; ++g)
+    out[g] = ((v[0][g] + v[1][g]) + (v[2][g] + v[3][g])) + ((v[4][g] + v[5][g]) + (v[6][g] + v[7][g]));
+}
+
+/* smoe_lapsum_solve_f32 in the lanes: the threshold of each row's best a[g] sorted scores s (the
+ * counts differ by row after the active-set search) for the targets K, as tau and the pivot score
+ * s_piv. nn: the longest a (the loops' bound). U, V: scratch. */
+static inline void smoe_rows8_solve(float s[SMOE_ROWS8][SMOE_ROWS8], int nn, const int32_t *a, const float *K,
+                                    const float *alpha, const float *inv_alpha, float U[SMOE_ROWS8][SMOE_ROWS8],
+                                    float V[SMOE_ROWS8][SMOE_ROWS8], float *tau, float *s_piv) {
+  enum { G = SMOE_ROWS8 };
+  /* the factors e^{-gap} (into V), the prefix sums U, the suffix sums V (0 from a - 1 on) */
+  for (int i = 0; i + 1 < nn; ++i) {
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) V[i][g] = smoe_exp_f32((s[i + 1][g] - s[i][g]) * inv_alpha[g]);
+  }
+  SMOE_SIMD
+  for (int g = 0; g < G; ++g) U[0][g] = 0.0f, V[nn - 1][g] = 0.0f;
+  for (int i = 0; i + 1 < nn; ++i) {
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) U[i + 1][g] = V[i][g] * (1.0f + U[i][g]);
+  }
+  for (int i = nn - 2; i >= 0; --i) {
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) V[i][g] = smoe_where_f32(i >= a[g] - 1, 0.0f, V[i][g] * (1.0f + V[i + 1][g]));
+  }
+  /* The bracket: the last i < a whose soft count C_i = i + 1/2 + (V_i - U_i) / 2 is below K; the
+   * counts at the ends; the bracket's two scores and sums. */
+  int32_t last[G];
+  float count_last[G], U_last[G], s_l[G], s_l1[G], U_l[G], V_l1[G];
+  SMOE_SIMD
+  for (int g = 0; g < G; ++g) last[g] = 0, count_last[g] = U_last[g] = 0.0f;
+  for (int i = 0; i < nn; ++i) {
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) {
+      const float count = ((float)i + 0.5f) + 0.5f * (V[i][g] - U[i][g]);
+      last[g] = (count < K[g]) & (i < a[g]) ? i : last[g];
+      count_last[g] = smoe_where_f32(i == a[g] - 1, count, count_last[g]);
+      U_last[g] = smoe_where_f32(i == a[g] - 1, U[i][g], U_last[g]);
+    }
+  }
+  SMOE_SIMD
+  for (int g = 0; g < G; ++g) s_l[g] = s_l1[g] = U_l[g] = V_l1[g] = 0.0f;
+  for (int i = 0; i + 1 < nn; ++i) {
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) {
+      const int at = last[g] == i;
+      s_l[g] = smoe_where_f32(at, s[i][g], s_l[g]);
+      s_l1[g] = smoe_where_f32(at, s[i + 1][g], s_l1[g]);
+      U_l[g] = smoe_where_f32(at, U[i][g], U_l[g]);
+      V_l1[g] = smoe_where_f32(at, V[i + 1][g], V_l1[g]);
+    }
+  }
+  /* The three cases, each a log of one argument or a difference of two: the arguments in the
+   * lanes, then sqrt and the logarithms lane by lane (libm's logf is a scalar call: a vector logf
+   * would not give the same bits), then tau in the lanes. */
+  enum { AT_TOP, AT_TOP_TINY, AT_BOTTOM, D_POS, D_NEG, D_ZERO };
+  int32_t kase[G], piv[G];
+  float rad[G], D[G], P[G], Q[G], gap[G], q_top[G], log1[G], log2[G];
+  SMOE_SIMD
+  for (int g = 0; g < G; ++g) {
+    const float count0 = 0.5f + 0.5f * (V[0][g] - U[0][g]);
+    gap[g] = (s_l[g] - s_l1[g]) / alpha[g];
+    const float E = smoe_exp_f32(-gap[g]);
+    Q[g] = 1 + U_l[g], P[g] = 1 + V_l1[g];
+    D[g] = K[g] - (float)(last[g] + 1);
+    rad[g] = D[g] * D[g] + P[g] * Q[g] * E;
+    q_top[g] = 2 * K[g] / (1 + V[0][g]);
+    /* every comparison made unconditionally: a float compare inside a ?: stays a branch (it may
+     * trap under -ftrapping-math) and would stop the vectoriser */
+    const int32_t d_pos = D[g] > 0, d_neg = D[g] < 0, tiny = !(q_top[g] > 1e-30f);
+    const int32_t at_top = K[g] <= count0, at_bottom = K[g] >= count_last[g];
+    const int32_t bracket = smoe_rows8_pick(d_pos, D_POS, smoe_rows8_pick(d_neg, D_NEG, D_ZERO));
+    const int32_t top = smoe_rows8_pick(tiny, AT_TOP_TINY, AT_TOP);
+    kase[g] = smoe_rows8_pick(at_top, top, smoe_rows8_pick(at_bottom, AT_BOTTOM, bracket));
+  }
+  for (int g = 0; g < G; ++g) {
+    const float root = sqrtf(rad[g]);
+    float a1, a2 = 1.0f;
+    switch (kase[g]) {
+      case AT_TOP: a1 = q_top[g]; break;
+      case AT_TOP_TINY: a1 = 2 * K[g], a2 = 1 + V[0][g]; break;
+      case AT_BOTTOM: a1 = (1 + U_last[g]) / (2 * ((float)a[g] - K[g])); break;
+      case D_POS: a1 = (D[g] + root) / P[g]; break;
+      case D_NEG: a1 = Q[g], a2 = root - D[g]; break;
+      default: a1 = Q[g], a2 = P[g]; break;
+    }
+    log1[g] = logf(a1);
+    log2[g] = logf(a2);
+  }
+  SMOE_SIMD
+  for (int g = 0; g < G; ++g) {
+    const int32_t c = kase[g];
+    const int32_t gap_finite = gap[g] < SMOE_GEN_MAX_f32;
+    const float capped_gap = smoe_where_f32(gap_finite, gap[g], SMOE_GEN_MAX_f32);
+    const float one_log = log1[g], two_logs = log1[g] - log2[g];
+    const float zero_d = 0.5f * ((capped_gap + log1[g]) - log2[g]);
+    tau[g] = smoe_where_f32((c == AT_TOP_TINY) | (c == D_NEG), two_logs, smoe_where_f32(c == D_ZERO, zero_d, one_log));
+    const int32_t pivot_at = (c == AT_BOTTOM) * (a[g] - 1) + (c == D_POS) * (last[g] + 1) +
+                             ((c == D_NEG) | (c == D_ZERO)) * last[g];
+    piv[g] = pivot_at; /* 0 at the top */
+    s_piv[g] = 0.0f;
+  }
+  for (int i = 0; i < nn; ++i) {
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) s_piv[g] = smoe_where_f32(piv[g] == i, s[i][g], s_piv[g]);
+  }
+}
+
+/* smoe_active_count_f32 in the lanes for the rows with search[g] set: which candidates the
+ * truncated count keeps (its galloping and bisection steps replayed on every count it can
+ * test, so the same count comes out). Sets a[g], and K[g] for the solve on that many. */
+static inline void smoe_rows8_active(float s[SMOE_ROWS8][SMOE_ROWS8], int nn, const int32_t *search, const float *k,
+                                     const float *inv_alpha, float eps, float cut, int32_t *a, float *K) {
+  enum { G = SMOE_ROWS8 };
+  /* below[g] bit j: the truncated count at the cut of candidate j is below k */
+  uint32_t below[G];
+  SMOE_SIMD
+  for (int g = 0; g < G; ++g) below[g] = 0;
+  for (int j = 1; j < nn; ++j) {
+    float acc[SMOE_LANES][G];
+    for (int i = 0; i < j; ++i) {
+      SMOE_SIMD
+      for (int g = 0; g < G; ++g) acc[i][g] = 0.0f + smoe_lap_cdf_f32((s[i][g] - s[j][g]) * inv_alpha[g] - cut);
+    }
+    for (int i = j; i < SMOE_LANES; ++i) {
+      SMOE_SIMD
+      for (int g = 0; g < G; ++g) acc[i][g] = 0.0f;
+    }
+    float count[G];
+    smoe_rows8_lane_sum(acc, count);
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) below[g] |= (uint32_t)(count[g] < k[g] * (1 - eps) + (float)j * eps) << j;
+  }
+  for (int g = 0; g < G; ++g) {
+    if (!search[g]) continue;
+#define SMOE_BELOW_K(j) ((below[g] >> (j)) & 1u)
+    int lo = 0, hi = 1;
+    while (hi < nn && SMOE_BELOW_K(hi)) lo = hi, hi *= 2;
+    if (hi > nn) hi = nn;
+    while (hi - lo > 1) {
+      const int mid = lo + (hi - lo) / 2;
+      if (SMOE_BELOW_K(mid))
+        lo = mid;
+      else
+        hi = mid;
+    }
+#undef SMOE_BELOW_K
+    int active = lo + 1;
+    const int need = (int)(int64_t)k[g] + 1;
+    if (active < need) active = need < nn ? need : nn;
+    while (active < nn && s[active][g] == s[active - 1][g]) ++active;
+    a[g] = active;
+    const float Kg = k[g] * (1 - eps) + (float)active * eps;
+    K[g] = Kg < (float)active ? Kg : nextafterf((float)active, 0.0f);
+  }
+}
+
+/* Forward of rows [row0, row0 + rows), rows <= 8 (smoe_rows8_fits). */
+static inline void smoe_topk_fwd_rows8(const smoe_topk_fwd_args *a, int64_t row0, int rows) {
+  enum { G = SMOE_ROWS8 };
+  const int64_t n = a->n;
+  const int nn = (int)n;
+  const float eps = (float)a->eps;
+  const int truncated = eps > 0;
+  float r[SMOE_ROWS8][G], s[SMOE_ROWS8][G], p[SMOE_ROWS8][G], U[SMOE_ROWS8][G], V[SMOE_ROWS8][G];
+  float k[G], alpha[G], inv_alpha[G], K[G], tau[G], s_piv[G];
+  int32_t redo[G], active[G], search[G];
+  double threshold[G];
+
+  /* Rows to lanes; the lanes past `rows` repeat row0 (computed, never stored). */
+  for (int g = 0; g < G; ++g) {
+    const int64_t row = row0 + (g < rows ? g : 0);
+    k[g] = ((const float *)a->k)[row * a->k_stride];
+    alpha[g] = ((const float *)a->alpha)[row * a->alpha_stride];
+    if (a->dtype == SMOE_F32) {
+      const float *src = (const float *)a->scores + row * n;
+      for (int j = 0; j < nn; ++j) r[j][g] = src[j];
+    } else {
+      for (int j = 0; j < nn; ++j) r[j][g] = smoe_load_f32(a->scores, a->dtype, row * n + j);
+    }
+  }
+  const float n_f = (float)nn, K_max = nextafterf(n_f, 0.0f);
+  SMOE_SIMD
+  for (int g = 0; g < G; ++g) {
+    inv_alpha[g] = 1.0f / alpha[g];
+    /* the per-row function's argument rule, and its limits k = 0 and k = m */
+    const int bad_alpha = !((alpha[g] > 0.0f) & (alpha[g] < INFINITY) & (inv_alpha[g] < INFINITY));
+    redo[g] = bad_alpha | !((k[g] > 0.0f) & (k[g] < n_f));
+    const float Kg = truncated ? k[g] * (1.0f - eps) + n_f * eps : k[g];
+    K[g] = smoe_where_f32(!(Kg < n_f), K_max, Kg);
+    active[g] = nn;
+  }
+  /* Sorted best first; -0 is read as +0, and the slots past n hold -inf, as in the key network. */
+  for (int j = 0; j < nn; ++j) {
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) {
+      redo[g] |= !(fabsf(r[j][g]) < INFINITY);
+      s[j][g] = r[j][g] + 0.0f;
+    }
+  }
+  for (int j = nn; j < G; ++j) {
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) s[j][g] = -INFINITY;
+  }
+  SMOE_SORT8_NETWORK(SMOE_ROWS8_CX)
+  /* A difference of two scores that overflows (|s| near FLT_MAX) takes the per-row function's
+   * division of each score instead: the largest difference, the best minus the worst, decides. */
+  SMOE_SIMD
+  for (int g = 0; g < G; ++g) redo[g] |= !(s[0][g] - s[nn - 1][g] <= SMOE_GEN_MAX_f32);
+
+  /* First every candidate active: p in the row's own order (the per-row function's dense rows). */
+  smoe_rows8_solve(s, nn, active, K, alpha, inv_alpha, U, V, tau, s_piv);
+  int32_t above_cut[G];
+  SMOE_SIMD
+  for (int g = 0; g < G; ++g) above_cut[g] = 1;
+  for (int j = 0; j < nn; ++j) {
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) {
+      const float F = smoe_lap_cdf_f32((r[j][g] - s_piv[g]) * inv_alpha[g] + tau[g]);
+      const float pl = (F - eps) / (1.0f - eps);
+      above_cut[g] &= pl > 0.0f;
+      p[j][g] = truncated ? smoe_where_f32(pl > 0.0f, pl, 0.0f) : F;
+    }
+  }
+  int any_search = 0;
+  SMOE_SIMD_REDUCE(|, any_search)
+  for (int g = 0; g < G; ++g) {
+    search[g] = truncated & !above_cut[g] & !redo[g];
+    any_search |= search[g];
+    threshold[g] = (double)s_piv[g] - (double)alpha[g] * (double)tau[g];
+  }
+  /* A truncated row whose worst candidate fell below the cut: the active set, then the solve on
+   * it, p on the active scores (those at or above the last active one: ties are kept whole) and 0
+   * elsewhere. The search may keep every candidate (rounding at the cut): that row keeps the first
+   * solve. */
+  if (any_search) {
+    smoe_rows8_active(s, nn, search, k, inv_alpha, eps, (float)smoe_cut_from_eps(a->eps), active, K);
+    int any_fewer = 0;
+    SMOE_SIMD_REDUCE(|, any_fewer)
+    for (int g = 0; g < G; ++g) {
+      search[g] &= active[g] < nn;
+      any_fewer |= search[g];
+    }
+    if (any_fewer) {
+      smoe_rows8_solve(s, nn, active, K, alpha, inv_alpha, U, V, tau, s_piv);
+      float s_worst[G];
+      SMOE_SIMD
+      for (int g = 0; g < G; ++g) s_worst[g] = 0.0f;
+      for (int i = 0; i < nn; ++i) {
+        SMOE_SIMD
+        for (int g = 0; g < G; ++g) s_worst[g] = smoe_where_f32(i == active[g] - 1, s[i][g], s_worst[g]);
+      }
+      for (int j = 0; j < nn; ++j) {
+        SMOE_SIMD
+        for (int g = 0; g < G; ++g) {
+          const float F = smoe_lap_cdf_f32((r[j][g] - s_piv[g]) * inv_alpha[g] + tau[g]);
+          const float pl = (F - eps) / (1.0f - eps);
+          /* the one active expert carries all of k (the per-row function's exact case) */
+          const float pj = smoe_where_f32(active[g] == 1, k[g], smoe_where_f32(pl > 0.0f, pl, 0.0f));
+          p[j][g] = smoe_where_f32(search[g], smoe_where_f32(r[j][g] >= s_worst[g], pj, 0.0f), p[j][g]);
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        if (search[g]) threshold[g] = (double)s_piv[g] - (double)alpha[g] * (double)tau[g];
+    }
+  }
+  for (int g = 0; g < rows; ++g) {
+    const int64_t row = row0 + g;
+    if (redo[g]) {
+      smoe_topk_fwd_row_f32(a, row, 0, 0, 1); /* n <= 8 candidates: no scratch */
+      continue;
+    }
+    if (a->dtype == SMOE_F32) {
+      float *dst = (float *)a->p + row * n;
+      for (int j = 0; j < nn; ++j) dst[j] = p[j][g];
+    } else {
+      for (int j = 0; j < nn; ++j) smoe_store_f32(a->p, a->dtype, row * n + j, p[j][g]);
+    }
+    a->threshold[row] = threshold[g];
+  }
+}
+
+/* Backward of rows [row0, row0 + rows), rows <= 8 (smoe_rows8_fits); gk / ga: the rows'
+ * gradient contributions, indexed by row. */
+static inline void smoe_topk_bwd_rows8(const smoe_topk_bwd_args *a, int64_t row0, int rows, float *gk, float *ga) {
+  enum { G = SMOE_ROWS8, L = SMOE_LANES };
+  const int64_t n = a->n;
+  const int nn = (int)n;
+  const float eps = (float)a->eps;
+  const int every_finite = a->eps == 0 && a->max_active >= n;
+  /* The active entries of each row compacted in index order (X: score then x, Gr: upstream
+   * gradient, I: index), zeros past them: the per-row function's one block. */
+  float X[L][G], Gr[L][G], W[L][G], alpha[G], mu[G], s_ratio[G], phi_scale[G];
+  int32_t I[L][G], count[G], redo[G], wide[G];
+  double b[G];
+  for (int g = 0; g < G; ++g) {
+    const int64_t row = row0 + (g < rows ? g : 0), base = row * n;
+    b[g] = a->threshold[row];
+    alpha[g] = ((const float *)a->alpha)[row * a->alpha_stride];
+    int c = 0;
+    for (int j = 0; j < nn; ++j) {
+      const float rj = smoe_load_f32(a->scores, a->dtype, base + j);
+      X[c][g] = rj;
+      Gr[c][g] = smoe_load_f32(a->grad_p, a->dtype, base + j);
+      I[c][g] = j;
+      c += every_finite ? (rj > -INFINITY) & (rj < INFINITY) : smoe_load_f32(a->p, a->dtype, base + j) != 0.0f;
+    }
+    for (int j = c; j < L; ++j) X[j][g] = Gr[j][g] = 0.0f;
+    count[g] = c;
+    redo[g] = !((b[g] > -INFINITY) & (b[g] < INFINITY)) | (c == 0);
+  }
+  /* x = (r - b) / alpha, the threshold in double */
+  SMOE_SIMD
+  for (int g = 0; g < G; ++g) wide[g] = 0, mu[g] = INFINITY;
+  for (int j = 0; j < L; ++j) {
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) {
+      const float xl = (float)((double)X[j][g] - b[g]) / alpha[g];
+      wide[g] |= !(fabsf(xl) < INFINITY);
+      W[j][g] = xl;
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    if (wide[g])
+      for (int j = 0; j < count[g]; ++j)
+        if (!(fabsf(W[j][g]) < INFINITY)) W[j][g] = (float)(((double)X[j][g] - b[g]) / (double)alpha[g]);
+  for (int j = 0; j < L; ++j) {
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) {
+      float xl = smoe_where_f32(W[j][g] > SMOE_GEN_MAX_f32, SMOE_GEN_MAX_f32, W[j][g]);
+      xl = smoe_where_f32(xl < -SMOE_GEN_MAX_f32, -SMOE_GEN_MAX_f32, xl);
+      X[j][g] = xl;
+      /* mu: the smallest |x| of the active entries, taken over the slots in the per-row order */
+      const float ax = smoe_where_f32(j < count[g], fabsf(xl), INFINITY);
+      mu[g] = smoe_where_f32(ax < mu[g], ax, mu[g]);
+    }
+  }
+  float Z[L][G], GW[L][G], z[G], gw[G];
+  for (int j = 0; j < L; ++j) {
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) {
+      const float e = smoe_where_f32(j < count[g], smoe_exp_f32(-(fabsf(X[j][g]) - mu[g])), 0.0f);
+      W[j][g] = e;
+      Z[j][g] = 0.0f + e;
+      GW[j][g] = 0.0f + Gr[j][g] * e;
+    }
+  }
+  smoe_rows8_lane_sum(Z, z);
+  smoe_rows8_lane_sum(GW, gw);
+  SMOE_SIMD
+  for (int g = 0; g < G; ++g) {
+    s_ratio[g] = gw[g] / z[g];
+    phi_scale[g] = 0.5f * smoe_exp_f32(-mu[g]) / ((1.0f - eps) * alpha[g]);
+  }
+  for (int j = 0; j < L; ++j) {
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) {
+      const float gr = phi_scale[g] * W[j][g] * (Gr[j][g] - s_ratio[g]);
+      W[j][g] = gr;
+      Z[j][g] = 0.0f - gr * X[j][g];
+    }
+  }
+  float ga_sum[G];
+  smoe_rows8_lane_sum(Z, ga_sum);
+  for (int g = 0; g < rows; ++g) {
+    const int64_t row = row0 + g, base = row * n;
+    if (redo[g]) {
+      smoe_topk_bwd_row_f32(a, row, 0, 0, 1, gk + row, ga + row); /* n <= 8: no scratch */
+      continue;
+    }
+    if (a->dtype == SMOE_F32) {
+      float *dst = (float *)a->grad_scores + base;
+      for (int j = 0; j < nn; ++j) dst[j] = 0.0f;
+      for (int j = 0; j < count[g]; ++j) dst[I[j][g]] = W[j][g];
+    } else {
+      for (int j = 0; j < nn; ++j) smoe_store_f32(a->grad_scores, a->dtype, base + j, 0.0f);
+      for (int j = 0; j < count[g]; ++j) smoe_store_f32(a->grad_scores, a->dtype, base + I[j][g], W[j][g]);
+    }
+    gk[row] = s_ratio[g];
+    ga[row] = ga_sum[g];
+  }
+}
+
+#undef SMOE_ROWS8_CX
+
+#endif /* SMOE_LAPSUM_ROWS8_H */

@@ -4,8 +4,8 @@
  *   make bench-core BENCH_CORE_ARGS="-e 8 -s 4 -p"
  *
  * For each E: forward and backward of `rows` rows (k = 2, alpha = 1; truncated eps = 1e-2 with
- * max_active = min(8, E) as in bench_router.py's softmoe_trunc, or -p: plain, every score a
- * candidate), one thread, the minimum over the repeats in ns per row, and the realised active
+ * max_active = min(8, E) as in bench_router.py's softmoe_trunc or -c's cap, or -p: plain, every
+ * score a candidate), one thread, the minimum over the repeats in ns per row, and the realised active
  * scores per row. -s scales the scores: at alpha = 1, N(0, 1) scores leave nearly every candidate
  * active, N(0, 4^2) ones truncate most rows (a trained router's logits are spread like that).
  */
@@ -32,14 +32,14 @@ static double uniform(void) {
 static double gauss(void) { return sqrt(-2.0 * log(uniform())) * cos(6.283185307179586 * uniform()); }
 
 static void usage(void) {
-  fprintf(stderr, "usage: bench_core [-e E[,E...]] [-s spread] [-r repeats] [-n rows] [-p]\n");
+  fprintf(stderr, "usage: bench_core [-e E[,E...]] [-s spread] [-c max_active] [-r repeats] [-n rows] [-p]\n");
   exit(2);
 }
 
 int main(int argc, char **argv) {
   char experts[256] = "8,16,32,64,128,256";
   double spread = 1.0;
-  int repeats = 15, plain = 0;
+  int repeats = 15, plain = 0, cap_arg = 8;
   int64_t rows = 65536;
   for (int i = 1; i < argc; ++i) {
     if (!strcmp(argv[i], "-p")) {
@@ -48,6 +48,8 @@ int main(int argc, char **argv) {
       snprintf(experts, sizeof experts, "%s", argv[++i]);
     } else if (i + 1 < argc && !strcmp(argv[i], "-s")) {
       spread = atof(argv[++i]);
+    } else if (i + 1 < argc && !strcmp(argv[i], "-c")) {
+      cap_arg = atoi(argv[++i]);
     } else if (i + 1 < argc && !strcmp(argv[i], "-r")) {
       repeats = atoi(argv[++i]);
     } else if (i + 1 < argc && !strcmp(argv[i], "-n")) {
@@ -56,12 +58,13 @@ int main(int argc, char **argv) {
       usage();
     }
   }
-  if (repeats < 1 || rows < 1 || !(spread > 0)) usage();
-  printf("%-5s %-9s %7s %7s %12s %12s %8s\n", "E", "kernel", "spread", "rows", "fwd ns/row", "bwd ns/row", "active");
+  if (repeats < 1 || rows < 1 || cap_arg < 1 || !(spread > 0)) usage();
+  printf("%-5s %-9s %4s %7s %7s %12s %12s %8s\n", "E", "kernel", "cap", "spread", "rows", "fwd ns/row", "bwd ns/row",
+         "active");
   for (char *tok = strtok(experts, ","); tok; tok = strtok(NULL, ",")) {
     const int64_t n = atoll(tok);
     if (n < 1) usage();
-    const int64_t cap = plain ? n : (n < 8 ? n : 8);
+    const int64_t cap = plain || n < cap_arg ? n : cap_arg;
     const double eps = plain ? 0.0 : 1e-2;
     float *scores = malloc(sizeof(float) * rows * n), *p = malloc(sizeof(float) * rows * n);
     float *g = malloc(sizeof(float) * rows * n), *grad = malloc(sizeof(float) * rows * n);
@@ -86,8 +89,9 @@ int main(int argc, char **argv) {
     }
     double active = 0;
     for (int64_t i = 0; i < rows * n; ++i) active += p[i] != 0.0f;
-    printf("%-5lld %-9s %7.2f %7lld %12.1f %12.1f %8.2f\n", (long long)n, plain ? "plain" : "truncated", spread,
-           (long long)rows, 1e9 * fwd / (double)rows, 1e9 * bwd / (double)rows, active / (double)rows);
+    printf("%-5lld %-9s %4lld %7.2f %7lld %12.1f %12.1f %8.2f\n", (long long)n, plain ? "plain" : "truncated",
+           (long long)cap, spread, (long long)rows, 1e9 * fwd / (double)rows, 1e9 * bwd / (double)rows,
+           active / (double)rows);
     free(scores), free(p), free(g), free(grad), free(gk), free(ga), free(threshold);
   }
   return 0;

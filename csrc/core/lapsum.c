@@ -46,7 +46,7 @@ static int valid_range(int64_t rows, int64_t row_begin, int64_t row_end) {
                                    int32_t *is) {                                                         \
     if (a->dtype == SMOE_F64)                                                                             \
       for (int64_t row = begin; row < end; ++row) smoe_topk_fwd_row_f64(a, row, (double *)rs, is, 1);     \
-    else if (smoe_rows8_fits(a->dtype, a->n, a->max_active))                                              \
+    else if (smoe_rows8_fits(a->dtype, a->n))                                              \
       for (int64_t row = begin; row < end; row += SMOE_ROWS8)                                             \
         smoe_topk_fwd_rows8(a, row, (int)(end - row < SMOE_ROWS8 ? end - row : SMOE_ROWS8));              \
     else                                                                                                  \
@@ -60,7 +60,7 @@ static int valid_range(int64_t rows, int64_t row_begin, int64_t row_end) {
         smoe_topk_bwd_row_f64(a, row, (double *)rs, is, 1, gk + row, ga + row);                           \
     } else {                                                                                              \
       float *gk = (float *)a->grad_k_rows, *ga = (float *)a->grad_alpha_rows;                             \
-      if (smoe_rows8_fits(a->dtype, a->n, a->max_active))                                                 \
+      if (smoe_rows8_fits(a->dtype, a->n))                                                 \
         for (int64_t row = begin; row < end; row += SMOE_ROWS8)                                           \
           smoe_topk_bwd_rows8(a, row, (int)(end - row < SMOE_ROWS8 ? end - row : SMOE_ROWS8), gk, ga);    \
       else                                                                                                \

@@ -1,6 +1,6 @@
 /* Soft top-k of short rows, eight rows at a time: rows of 2 to 8 float32 scores (bf16 / f16
- * storage too: their math type is float) with every score a candidate (max_active = n), the shape
- * of most MoE routers (Mixtral's E = 8).
+ * storage too: their math type is float), any max_active, the shape of many MoE routers
+ * (Mixtral's E = 8).
  *
  * These are the per-row functions of lapsum_row.h with the rows in the vector lanes instead of the
  * scores: a row's numbers live in one lane of [score][row] arrays, every step is a loop over the
@@ -8,8 +8,9 @@
  * (the sorting network, the prefix and suffix sums, the bracket search) run eight rows per
  * instruction. A lane performs exactly the operations of smoe_topk_fwd_row_f32 and
  * smoe_topk_bwd_row_f32 in the same order (the same sorted values, the same polynomial exp, the
- * backward's active entries compacted in index order into the same lane tree), so the results are
- * the same bits; tests/c/test_lapsum.c compares them on every kind of row. The CUDA kernels run the
+ * same candidates under a cap, the backward's active entries compacted in index order into the
+ * same lane tree), so the results are the same bits; tests/c/test_lapsum.c compares them on every
+ * kind of row. The CUDA kernels run the
  * per-row functions (thread per row, the same bits again).
  *
  * A row the lanes do not take is redone by the per-row function after its group: a NaN or
@@ -28,10 +29,8 @@
 /* Rows per group and the longest row the groups take. */
 #define SMOE_ROWS8 8
 
-/* 1 where the forward / backward of a call takes the eight-row path. */
-static inline int smoe_rows8_fits(smoe_dtype dtype, int64_t n, int64_t max_active) {
-  return dtype != SMOE_F64 && n >= 2 && n <= SMOE_ROWS8 && max_active >= n;
-}
+/* 1 where the forward / backward of a call takes the eight-row path (any max_active). */
+static inline int smoe_rows8_fits(smoe_dtype dtype, int64_t n) { return dtype != SMOE_F64 && n >= 2 && n <= SMOE_ROWS8; }
 
 /* a > b ? a : b for the sorting network, through smoe_where_f32 (vectorised; see there). The
  * values are finite in every lane whose result is used. */
@@ -164,14 +163,14 @@ static inline void smoe_rows8_solve(float s[SMOE_ROWS8][SMOE_ROWS8], int nn, con
 /* smoe_active_count_f32 in the lanes for the rows with search[g] set: which candidates the
  * truncated count keeps (its galloping and bisection steps replayed on every count it can
  * test, so the same count comes out). Sets a[g], and K[g] for the solve on that many. */
-static inline void smoe_rows8_active(float s[SMOE_ROWS8][SMOE_ROWS8], int nn, const int32_t *search, const float *k,
+static inline void smoe_rows8_active(float s[SMOE_ROWS8][SMOE_ROWS8], int m, const int32_t *search, const float *k,
                                      const float *inv_alpha, float eps, float cut, int32_t *a, float *K) {
   enum { G = SMOE_ROWS8 };
   /* below[g] bit j: the truncated count at the cut of candidate j is below k */
   uint32_t below[G];
   SMOE_SIMD
   for (int g = 0; g < G; ++g) below[g] = 0;
-  for (int j = 1; j < nn; ++j) {
+  for (int j = 1; j < m; ++j) {
     float acc[SMOE_LANES][G];
     for (int i = 0; i < j; ++i) {
       SMOE_SIMD
@@ -190,8 +189,8 @@ static inline void smoe_rows8_active(float s[SMOE_ROWS8][SMOE_ROWS8], int nn, co
     if (!search[g]) continue;
 #define SMOE_BELOW_K(j) ((below[g] >> (j)) & 1u)
     int lo = 0, hi = 1;
-    while (hi < nn && SMOE_BELOW_K(hi)) lo = hi, hi *= 2;
-    if (hi > nn) hi = nn;
+    while (hi < m && SMOE_BELOW_K(hi)) lo = hi, hi *= 2;
+    if (hi > m) hi = m;
     while (hi - lo > 1) {
       const int mid = lo + (hi - lo) / 2;
       if (SMOE_BELOW_K(mid))
@@ -202,8 +201,8 @@ static inline void smoe_rows8_active(float s[SMOE_ROWS8][SMOE_ROWS8], int nn, co
 #undef SMOE_BELOW_K
     int active = lo + 1;
     const int need = (int)(int64_t)k[g] + 1;
-    if (active < need) active = need < nn ? need : nn;
-    while (active < nn && s[active][g] == s[active - 1][g]) ++active;
+    if (active < need) active = need < m ? need : m;
+    while (active < m && s[active][g] == s[active - 1][g]) ++active;
     a[g] = active;
     const float Kg = k[g] * (1 - eps) + (float)active * eps;
     K[g] = Kg < (float)active ? Kg : nextafterf((float)active, 0.0f);
@@ -234,16 +233,18 @@ static inline void smoe_topk_fwd_rows8(const smoe_topk_fwd_args *a, int64_t row0
       for (int j = 0; j < nn; ++j) r[j][g] = smoe_load_f32(a->scores, a->dtype, row * n + j);
     }
   }
-  const float n_f = (float)nn, K_max = nextafterf(n_f, 0.0f);
+  /* m candidates: the best max_active scores (every score when max_active >= n) */
+  const int m = (int)(a->max_active < n ? a->max_active : n);
+  const float m_f = (float)m, K_max = nextafterf(m_f, 0.0f);
   SMOE_SIMD
   for (int g = 0; g < G; ++g) {
     inv_alpha[g] = 1.0f / alpha[g];
     /* the per-row function's argument rule, and its limits k = 0 and k = m */
     const int bad_alpha = !((alpha[g] > 0.0f) & (alpha[g] < INFINITY) & (inv_alpha[g] < INFINITY));
-    redo[g] = bad_alpha | !((k[g] > 0.0f) & (k[g] < n_f));
-    const float Kg = truncated ? k[g] * (1.0f - eps) + n_f * eps : k[g];
-    K[g] = smoe_where_f32(!(Kg < n_f), K_max, Kg);
-    active[g] = nn;
+    redo[g] = bad_alpha | !((k[g] > 0.0f) & (k[g] < m_f));
+    const float Kg = truncated ? k[g] * (1.0f - eps) + m_f * eps : k[g];
+    K[g] = smoe_where_f32(!(Kg < m_f), K_max, Kg);
+    active[g] = m;
   }
   /* Sorted best first; -0 is read as +0, and the slots past n hold -inf, as in the key network. */
   for (int j = 0; j < nn; ++j) {
@@ -263,8 +264,34 @@ static inline void smoe_topk_fwd_rows8(const smoe_topk_fwd_args *a, int64_t row0
   SMOE_SIMD
   for (int g = 0; g < G; ++g) redo[g] |= !(s[0][g] - s[nn - 1][g] <= SMOE_GEN_MAX_f32);
 
-  /* First every candidate active: p in the row's own order (the per-row function's dense rows). */
-  smoe_rows8_solve(s, nn, active, K, alpha, inv_alpha, U, V, tau, s_piv);
+  /* Which scores are candidates, in the row's own order: under a cap (m < n) those above the m-th
+   * best score v, and of the scores equal to v the first ones by index, as many as are left. */
+  int32_t cand[SMOE_ROWS8][G];
+  for (int j = 0; j < nn; ++j) {
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) cand[j][g] = 1;
+  }
+  if (m < nn) {
+    int32_t left[G];
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) left[g] = m;
+    for (int j = 0; j < nn; ++j) {
+      SMOE_SIMD
+      for (int g = 0; g < G; ++g) left[g] -= r[j][g] > s[m - 1][g];
+    }
+    for (int j = 0; j < nn; ++j) {
+      SMOE_SIMD
+      for (int g = 0; g < G; ++g) {
+        const int32_t tie = r[j][g] == s[m - 1][g];
+        cand[j][g] = (r[j][g] > s[m - 1][g]) | (tie & (left[g] > 0));
+        left[g] -= tie;
+      }
+    }
+  }
+  /* First every candidate active: p in the row's own order (the per-row function computes the same
+   * x from the sorted copy of the score), 0 off the candidates; a lone candidate carries all of k
+   * (the per-row function's exact case). */
+  smoe_rows8_solve(s, m, active, K, alpha, inv_alpha, U, V, tau, s_piv);
   int32_t above_cut[G];
   SMOE_SIMD
   for (int g = 0; g < G; ++g) above_cut[g] = 1;
@@ -273,8 +300,9 @@ static inline void smoe_topk_fwd_rows8(const smoe_topk_fwd_args *a, int64_t row0
     for (int g = 0; g < G; ++g) {
       const float F = smoe_lap_cdf_f32((r[j][g] - s_piv[g]) * inv_alpha[g] + tau[g]);
       const float pl = (F - eps) / (1.0f - eps);
-      above_cut[g] &= pl > 0.0f;
-      p[j][g] = truncated ? smoe_where_f32(pl > 0.0f, pl, 0.0f) : F;
+      above_cut[g] &= !cand[j][g] | (pl > 0.0f);
+      const float pj = smoe_where_f32(m == 1, k[g], truncated ? smoe_where_f32(pl > 0.0f, pl, 0.0f) : F);
+      p[j][g] = smoe_where_f32(cand[j][g], pj, 0.0f);
     }
   }
   int any_search = 0;
@@ -289,19 +317,19 @@ static inline void smoe_topk_fwd_rows8(const smoe_topk_fwd_args *a, int64_t row0
    * elsewhere. The search may keep every candidate (rounding at the cut): that row keeps the first
    * solve. */
   if (any_search) {
-    smoe_rows8_active(s, nn, search, k, inv_alpha, eps, (float)smoe_cut_from_eps(a->eps), active, K);
+    smoe_rows8_active(s, m, search, k, inv_alpha, eps, (float)smoe_cut_from_eps(a->eps), active, K);
     int any_fewer = 0;
     SMOE_SIMD_REDUCE(|, any_fewer)
     for (int g = 0; g < G; ++g) {
-      search[g] &= active[g] < nn;
+      search[g] &= active[g] < m;
       any_fewer |= search[g];
     }
     if (any_fewer) {
-      smoe_rows8_solve(s, nn, active, K, alpha, inv_alpha, U, V, tau, s_piv);
+      smoe_rows8_solve(s, m, active, K, alpha, inv_alpha, U, V, tau, s_piv);
       float s_worst[G];
       SMOE_SIMD
       for (int g = 0; g < G; ++g) s_worst[g] = 0.0f;
-      for (int i = 0; i < nn; ++i) {
+      for (int i = 0; i < m; ++i) {
         SMOE_SIMD
         for (int g = 0; g < G; ++g) s_worst[g] = smoe_where_f32(i == active[g] - 1, s[i][g], s_worst[g]);
       }
@@ -312,7 +340,8 @@ static inline void smoe_topk_fwd_rows8(const smoe_topk_fwd_args *a, int64_t row0
           const float pl = (F - eps) / (1.0f - eps);
           /* the one active expert carries all of k (the per-row function's exact case) */
           const float pj = smoe_where_f32(active[g] == 1, k[g], smoe_where_f32(pl > 0.0f, pl, 0.0f));
-          p[j][g] = smoe_where_f32(search[g], smoe_where_f32(r[j][g] >= s_worst[g], pj, 0.0f), p[j][g]);
+          const int32_t kept = cand[j][g] & (r[j][g] >= s_worst[g]);
+          p[j][g] = smoe_where_f32(search[g], smoe_where_f32(kept, pj, 0.0f), p[j][g]);
         }
       }
       for (int g = 0; g < G; ++g)

@@ -294,19 +294,21 @@ static void random_scores(unsigned *seed, double *r, int64_t n, int kind) {
   }
 }
 
-/* Rows of 2 to 8 scores with every score a candidate run eight at a time, the rows in the vector
- * lanes (lapsum_rows8.h); the per-row functions run one row at a time. Both must give the same bits
- * for every row, whatever group or call range the row falls in: plain and ties, signed zeros,
- * -inf, NaN and +inf scores; differences that overflow; k at and near its limits, tiny and huge
- * alpha, bad alpha; the plain and truncated kernels (truncated rows whose worst score falls below
- * the cut take the active-set search, down to one active score); float32 and bfloat16 storage. */
+/* Rows of 2 to 8 float scores run eight at a time, the rows in the vector lanes (lapsum_rows8.h);
+ * the per-row functions run one row at a time. Both must give the same bits for every row,
+ * whatever group or call range the row falls in: plain and ties, signed zeros, -inf, NaN and +inf
+ * scores; differences that overflow; k at and near its limits, tiny and huge alpha, bad alpha; the
+ * plain and truncated kernels (truncated rows whose worst score falls below the cut take the
+ * active-set search, down to one active score); every score a candidate or a cap of 1, 2 or about
+ * half (ties at the cap: the lower index wins); float32 and bfloat16 storage. */
 static void test_rows8_match_row_functions(void) {
   unsigned seed = 808u;
   enum { ROWS = 203 }; /* not a whole number of groups */
   for (int bf = 0; bf < 2; ++bf)
     for (int64_t n = 2; n <= 8; ++n)
-      for (int e = 0; e < 3; ++e) {
-        const double eps = e == 0 ? 0.0 : e == 1 ? 1e-2 : 0.2;
+      for (int e = 0; e < 12; ++e) {
+        const double eps = e % 3 == 0 ? 0.0 : e % 3 == 1 ? 1e-2 : 0.2;
+        const int64_t caps[4] = {n, 1, 2, (n + 1) / 2}, cap = caps[e / 3];
         const smoe_dtype dt = bf ? SMOE_BF16 : SMOE_F32;
         const size_t es = bf ? 2 : 4;
         float k[ROWS], alpha[ROWS], r[ROWS * 8], g[ROWS * 8];
@@ -319,13 +321,14 @@ static void test_rows8_match_row_functions(void) {
           if (special == 6) r[row * n + row % n] = INFINITY;
           if (special == 7) r[row * n] = 3e38f, r[row * n + n - 1] = -3e38f; /* differences overflow */
           if (special == 8) r[row * n + 1] = r[row * n]; /* a tie at the top */
-          k[row] = (float)(n * uniform(&seed));
+          if (special == 21) r[row * n + n - 1] = r[row * n + 1] = r[row * n]; /* ties across a cap */
+          k[row] = (float)(cap * uniform(&seed));
           if (special == 9) k[row] = 0.0f;
-          if (special == 10) k[row] = (float)n;
-          if (special == 11) k[row] = nextafterf((float)n, 0.0f);
+          if (special == 10) k[row] = (float)cap;
+          if (special == 11) k[row] = nextafterf((float)cap, 0.0f);
           if (special == 12) k[row] = 1e-40f;
           if (special == 13) k[row] = 1.0f;
-          if (special == 14) k[row] = (float)n + 0.5f;
+          if (special == 14) k[row] = (float)cap + 0.5f;
           alpha[row] = (float)(0.05 + 2.0 * uniform(&seed));
           if (special == 15) alpha[row] = 1e-3f;
           if (special == 16) alpha[row] = 1e30f;
@@ -344,8 +347,8 @@ static void test_rows8_match_row_functions(void) {
         for (int way = 0; way < 3; ++way) {
           memset(p[way], 0xA5, sizeof p[way]); /* every entry of a row must be written */
           memset(grad[way], 0xA5, sizeof grad[way]);
-          smoe_topk_fwd_args fa = {ROWS, n, dt, scores, k, 1, alpha, 1, eps, n, p[way], threshold[way]};
-          smoe_topk_bwd_args ba = {ROWS, n, dt, grad_p, scores, p[way], threshold[way], alpha, 1, eps, n,
+          smoe_topk_fwd_args fa = {ROWS, n, dt, scores, k, 1, alpha, 1, eps, cap, p[way], threshold[way]};
+          smoe_topk_bwd_args ba = {ROWS, n, dt, grad_p, scores, p[way], threshold[way], alpha, 1, eps, cap,
                                    grad[way], gk[way], ga[way]};
           if (way == 0) {
             for (int64_t row = 0; row < ROWS; ++row) smoe_topk_fwd_row_f32(&fa, row, 0, 0, 1);
@@ -369,8 +372,9 @@ static void test_rows8_match_row_functions(void) {
             bad_p += row_bad_p, bad_t += row_bad_t, bad_g += row_bad_g;
           }
           CHECK(bad_p == 0 && bad_t == 0 && bad_g == 0,
-                "%s n %lld eps %g, %s: %d rows' p, %d thresholds, %d rows' gradients differ from the per-row functions",
-                bf ? "bf16" : "f32", (long long)n, eps, way == 1 ? "one call" : "two calls", bad_p, bad_t, bad_g);
+                "%s n %lld cap %lld eps %g, %s: %d rows' p, %d thresholds, %d rows' gradients differ from the per-row "
+                "functions", bf ? "bf16" : "f32", (long long)n, (long long)cap, eps, way == 1 ? "one call" : "two calls",
+                bad_p, bad_t, bad_g);
         }
       }
 }

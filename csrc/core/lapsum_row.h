@@ -182,27 +182,11 @@ SMOE_HD int64_t SMOE_FN(smoe_active_count)(const R *s, int64_t m, R k, R alpha, 
   const R target = k * (1 - eps);
   const R inv_alpha = 1 / alpha;
 #define SMOE_BELOW_K(j) (SMOE_FN(smoe_count_at_cut)(s, j, inv_alpha, alpha, c, ss) < target + (R)(j) * eps)
-  int64_t lo = 0, hi = 1; /* invariant: count(lo) < k; count(m) is taken as +inf */
-  while (hi < m && SMOE_BELOW_K(hi)) {
-    lo = hi;
-    hi *= 2;
-  }
-  if (hi > m) hi = m;
-  while (hi - lo > 1) {
-    int64_t mid = lo + (hi - lo) / 2;
-    if (SMOE_BELOW_K(mid))
-      lo = mid;
-    else
-      hi = mid;
-  }
+#define SMOE_TIED(j) (SMOE_AT(s, j) == SMOE_AT(s, (j) - 1))
+  int64_t active;
+  SMOE_ACTIVE_COUNT(m, k, SMOE_BELOW_K, SMOE_TIED, active);
+#undef SMOE_TIED
 #undef SMOE_BELOW_K
-  int64_t active = lo + 1;
-  /* sum p = k needs more than k active entries; rounding must not break that. */
-  int64_t need = (int64_t)k + 1;
-  if (active < need) active = need < m ? need : m;
-  /* tied candidates have one x: keep a tie group whole (the minimum above, or rounding in the
-   * search, could otherwise cut it and give equal scores different p, one of them 0) */
-  while (active < m && SMOE_AT(s, active) == SMOE_AT(s, active - 1)) ++active;
   return active;
 }
 

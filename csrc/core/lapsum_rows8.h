@@ -87,7 +87,7 @@ static inline void smoe_rows8_solve(float s[SMOE_ROWS8][SMOE_ROWS8], int nn, con
     SMOE_SIMD
     for (int g = 0; g < G; ++g) {
       const float count = ((float)i + 0.5f) + 0.5f * (V[i][g] - U[i][g]);
-      last[g] = (count < K[g]) & (i < a[g]) ? i : last[g];
+      last[g] = ((count < K[g]) & (i < a[g])) ? i : last[g];
       count_last[g] = smoe_where_f32(i == a[g] - 1, count, count_last[g]);
       U_last[g] = smoe_where_f32(i == a[g] - 1, U[i][g], U_last[g]);
     }
@@ -188,22 +188,12 @@ static inline void smoe_rows8_active(float s[SMOE_ROWS8][SMOE_ROWS8], int m, con
   for (int g = 0; g < G; ++g) {
     if (!search[g]) continue;
 #define SMOE_BELOW_K(j) ((below[g] >> (j)) & 1u)
-    int lo = 0, hi = 1;
-    while (hi < m && SMOE_BELOW_K(hi)) lo = hi, hi *= 2;
-    if (hi > m) hi = m;
-    while (hi - lo > 1) {
-      const int mid = lo + (hi - lo) / 2;
-      if (SMOE_BELOW_K(mid))
-        lo = mid;
-      else
-        hi = mid;
-    }
+#define SMOE_TIED(j) (s[j][g] == s[(j) - 1][g])
+    int64_t active;
+    SMOE_ACTIVE_COUNT(m, k[g], SMOE_BELOW_K, SMOE_TIED, active);
+#undef SMOE_TIED
 #undef SMOE_BELOW_K
-    int active = lo + 1;
-    const int need = (int)(int64_t)k[g] + 1;
-    if (active < need) active = need < m ? need : m;
-    while (active < m && s[active][g] == s[active - 1][g]) ++active;
-    a[g] = active;
+    a[g] = (int32_t)active;
     const float Kg = k[g] * (1 - eps) + (float)active * eps;
     K[g] = Kg < (float)active ? Kg : nextafterf((float)active, 0.0f);
   }

@@ -237,6 +237,33 @@ SMOE_HD int32_t smoe_order_key_index(uint64_t key) { return (int32_t)~(uint32_t)
   cx(1, 4) cx(3, 6)                                     \
   cx(1, 2) cx(3, 4) cx(5, 6)
 
+/* The active count of a truncated row from its m sorted candidates (research/lapsum.md §6.4):
+ * candidate j stays active iff the truncated count at the cut of j is below k, `below(j)`, which is
+ * nondecreasing in j, so a galloping search (the active set is usually small) followed by bisection
+ * finds the boundary; then at least floor(k) + 1 candidates (sum p = k needs more than k, rounding
+ * must not break that), and a tie group kept whole (`tied(j)`: candidate j equals candidate j - 1;
+ * tied candidates have one x, and cutting the group would give equal scores different p). Sets the
+ * integer lvalue `active`. One definition for the per-row function and the eight-row lanes, so both
+ * test the same counts in the same order. */
+#define SMOE_ACTIVE_COUNT(m, k, below, tied, active)                                  \
+  do {                                                                                \
+    int64_t lo_ = 0, hi_ = 1; /* invariant: below(lo); below(m) is taken as false */  \
+    while (hi_ < (m) && below(hi_)) lo_ = hi_, hi_ *= 2;                              \
+    if (hi_ > (m)) hi_ = (m);                                                         \
+    while (hi_ - lo_ > 1) {                                                           \
+      const int64_t mid_ = lo_ + (hi_ - lo_) / 2;                                     \
+      if (below(mid_))                                                                \
+        lo_ = mid_;                                                                   \
+      else                                                                            \
+        hi_ = mid_;                                                                   \
+    }                                                                                 \
+    int64_t n_ = lo_ + 1;                                                             \
+    const int64_t need_ = (int64_t)(k) + 1;                                           \
+    if (n_ < need_) n_ = need_ < (m) ? need_ : (m);                                   \
+    while (n_ < (m) && tied(n_)) ++n_;                                                \
+    (active) = n_;                                                                    \
+  } while (0)
+
 /* The cut c of the left-truncated kernel for a given eps = F(-c); +inf for the plain kernel. */
 SMOE_HD double smoe_cut_from_eps(double eps) { return eps > 0.0 ? -log(2.0 * eps) : INFINITY; }
 

@@ -30,6 +30,8 @@ CORE_SRC = $(wildcard csrc/core/*.c)
 CORE_HDR = $(wildcard csrc/core/*.h)
 BUILD_DIR = tests/c/build
 C_TESTS = $(patsubst tests/c/%.c,$(BUILD_DIR)/%,$(wildcard tests/c/test_*.c))
+# the kernels' timing binary (bench-core below); defined here, before the rules that name it
+BENCH_CORE = $(BUILD_DIR)/bench_core
 # CHECK, allocation and plan buffers shared by the C tests and the fuzz targets
 TEST_HARNESS = tests/c/harness.h
 CUDA_ARCHS = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
@@ -142,7 +144,6 @@ bench: setup
 
 # The C core's soft top-k kernels timed alone, no torch (benchmarks/bench_core.c), built like the
 # extension (-O3, OpenMP). `make ctest` builds it and runs it once on a few rows so it cannot rot.
-BENCH_CORE = $(BUILD_DIR)/bench_core
 BENCH_CORE_ARGS ?=
 bench-core: $(BENCH_CORE)
 	$(BENCH_CORE) $(BENCH_CORE_ARGS)

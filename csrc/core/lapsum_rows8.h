@@ -9,14 +9,13 @@
  * instruction. A lane performs exactly the operations of smoe_topk_fwd_row_f32 and
  * smoe_topk_bwd_row_f32 in the same order (the same sorted values, the same polynomial exp, the
  * same candidates under a cap, the backward's active entries compacted in index order into the
- * same lane tree), so the results are the same bits; tests/c/test_lapsum.c compares them on every
- * kind of row. The CUDA kernels run the
- * per-row functions (thread per row, the same bits again).
+ * same lane tree, the truncated rows' active-set search testing the same counts), so the results
+ * are the same bits; tests/c/test_lapsum.c compares them on every kind of row. The CUDA kernels
+ * run the per-row functions (thread per row, the same bits again).
  *
  * A row the lanes do not take is redone by the per-row function after its group: a NaN or
  * infinite score, k or alpha at or outside a limit, a difference of scores that overflows, a
- * truncated row whose worst candidate falls below the cut (the active-set search), a backward row
- * at a limit or without an active entry.
+ * backward row at a limit or without an active entry.
  *
  * Part of lapsum.c (CPU only): included after lapsum_row.h's float32 functions.
  */

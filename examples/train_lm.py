@@ -110,6 +110,10 @@ class Distributed:
         return value / self.world
 
     def close(self) -> None:
+        # Every rank waits for the others before tearing gloo down: rank 0 still samples and prints
+        # after training, and a rank that destroyed its group and exited meanwhile was seen to abort
+        # in gloo's teardown ("terminate called without an active exception", one CI run in many).
+        self.dist.barrier()
         self.dist.destroy_process_group()
 
 

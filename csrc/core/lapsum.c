@@ -8,7 +8,7 @@
 #define SMOE_SUFFIX f32
 #include "lapsum_row.h"
 #undef SMOE_SUFFIX
-#include "lapsum_rows8.h" /* short float rows, eight at a time */
+#include "lapsum_rows8.h" /* float rows with at most 8 candidates, eight at a time */
 #define SMOE_SUFFIX f64
 #include "lapsum_row.h"
 #undef SMOE_SUFFIX
@@ -32,23 +32,31 @@ static int valid_range(int64_t rows, int64_t row_begin, int64_t row_end) {
 #define SMOE_X86_DISPATCH 1
 #define SMOE_FLATTEN __attribute__((flatten))
 #define SMOE_FLATTEN_AVX2 __attribute__((flatten, target("avx2")))
+#define SMOE_NOINLINE __attribute__((noinline))
 #else
 #define SMOE_X86_DISPATCH 0
 #if defined(__GNUC__)
 #define SMOE_FLATTEN __attribute__((flatten))
+#define SMOE_NOINLINE __attribute__((noinline))
 #else
 #define SMOE_FLATTEN
+#define SMOE_NOINLINE
 #endif
 #endif
 
 #define SMOE_DEFINE_ROW_LOOPS(isa, attrs)                                                                 \
+  attrs SMOE_NOINLINE static void fwd_long_rows8_##isa(const smoe_topk_fwd_args *a, int64_t begin,        \
+                                                       int64_t end) {                                     \
+    smoe_topk_fwd_rows8_long(a, begin, end);                                                              \
+  }                                                                                                       \
   attrs static void fwd_rows_##isa(const smoe_topk_fwd_args *a, int64_t begin, int64_t end, void *rs,     \
                                    int32_t *is) {                                                         \
     if (a->dtype == SMOE_F64)                                                                             \
       for (int64_t row = begin; row < end; ++row) smoe_topk_fwd_row_f64(a, row, (double *)rs, is, 1);     \
-    else if (smoe_rows8_fits(a->dtype, a->n))                                              \
-      for (int64_t row = begin; row < end; row += SMOE_ROWS8)                                             \
-        smoe_topk_fwd_rows8(a, row, (int)(end - row < SMOE_ROWS8 ? end - row : SMOE_ROWS8));              \
+    else if (smoe_rows8_fits(a->dtype, a->n, a->max_active) && a->n <= SMOE_ROWS8)                        \
+      smoe_topk_fwd_rows8_short(a, begin, end);                                                           \
+    else if (smoe_rows8_fits(a->dtype, a->n, a->max_active))                                              \
+      fwd_long_rows8_##isa(a, begin, end);                                                                \
     else                                                                                                  \
       for (int64_t row = begin; row < end; ++row) smoe_topk_fwd_row_f32(a, row, (float *)rs, is, 1);      \
   }                                                                                                       \
@@ -60,9 +68,10 @@ static int valid_range(int64_t rows, int64_t row_begin, int64_t row_end) {
         smoe_topk_bwd_row_f64(a, row, (double *)rs, is, 1, gk + row, ga + row);                           \
     } else {                                                                                              \
       float *gk = (float *)a->grad_k_rows, *ga = (float *)a->grad_alpha_rows;                             \
-      if (smoe_rows8_fits(a->dtype, a->n))                                                 \
+      if (smoe_rows8_fits(a->dtype, a->n, a->max_active))                                                 \
         for (int64_t row = begin; row < end; row += SMOE_ROWS8)                                           \
-          smoe_topk_bwd_rows8(a, row, (int)(end - row < SMOE_ROWS8 ? end - row : SMOE_ROWS8), gk, ga);    \
+          smoe_topk_bwd_rows8(a, row, (int)(end - row < SMOE_ROWS8 ? end - row : SMOE_ROWS8), (float *)rs, \
+                              is, gk, ga);                                                                \
       else                                                                                                \
         for (int64_t row = begin; row < end; ++row)                                                       \
           smoe_topk_bwd_row_f32(a, row, (float *)rs, is, 1, gk + row, ga + row);                          \

@@ -1,21 +1,24 @@
-/* Soft top-k of short rows, eight rows at a time: rows of 2 to 8 float32 scores (bf16 / f16
- * storage too: their math type is float), any max_active, the shape of many MoE routers
- * (Mixtral's E = 8).
+/* Soft top-k eight rows at a time on the CPU, float math (float32 scores, and bf16 / f16 storage):
+ * rows of 2 to 8 scores with any max_active (Mixtral's E = 8), and longer rows with at most 8
+ * candidates (max_active <= 8: the truncated router of E = 16 to 256 experts).
  *
  * These are the per-row functions of lapsum_row.h with the rows in the vector lanes instead of the
- * scores: a row's numbers live in one lane of [score][row] arrays, every step is a loop over the
+ * scores: a row's numbers live in one lane of [slot][row] arrays, every step is a loop over the
  * eight rows that the compiler turns into vector instructions, and the sequential parts of a row
  * (the sorting network, the prefix and suffix sums, the bracket search) run eight rows per
- * instruction. A lane performs exactly the operations of smoe_topk_fwd_row_f32 and
- * smoe_topk_bwd_row_f32 in the same order (the same sorted values, the same polynomial exp, the
- * same candidates under a cap, the backward's active entries compacted in index order into the
- * same lane tree, the truncated rows' active-set search testing the same counts), so the results
- * are the same bits; tests/c/test_lapsum.c compares them on every kind of row. The CUDA kernels
- * run the per-row functions (thread per row, the same bits again).
+ * instruction. A short row's scores go into the lanes and are sorted there; a longer row's
+ * candidates are picked by the per-row selection (smoe_select_f32) and go into the lanes sorted.
+ * A lane performs exactly the operations of smoe_topk_fwd_row_f32 and smoe_topk_bwd_row_f32 in the
+ * same order (the same sorted values, the same polynomial exp, the same candidates under a cap, the
+ * backward's active entries compacted in index order into the same lane tree, the truncated rows'
+ * active-set search testing the same counts), so the results are the same bits;
+ * tests/c/test_lapsum.c compares them on every kind of row. The CUDA kernels run the per-row
+ * functions (thread per row, the same bits again).
  *
  * A row the lanes do not take is redone by the per-row function after its group: a NaN or
- * infinite score, k or alpha at or outside a limit, a difference of scores that overflows, a
- * backward row at a limit or without an active entry.
+ * infinite score (a longer row: fewer finite scores than candidates), k or alpha at or outside a
+ * limit, a difference of scores that overflows, a backward row at a limit, without an active entry
+ * or with more than 8.
  *
  * Part of lapsum.c (CPU only): included after lapsum_row.h's float32 functions.
  */
@@ -25,11 +28,14 @@
 #include "lapsum_args.h"
 #include "smoe_math.h"
 
-/* Rows per group and the longest row the groups take. */
+/* Rows per group, the longest row taken with any max_active, and the most candidates of a longer
+ * row. */
 #define SMOE_ROWS8 8
 
-/* 1 where the forward / backward of a call takes the eight-row path (any max_active). */
-static inline int smoe_rows8_fits(smoe_dtype dtype, int64_t n) { return dtype != SMOE_F64 && n >= 2 && n <= SMOE_ROWS8; }
+/* 1 where the forward / backward of a call takes the eight-row path. */
+static inline int smoe_rows8_fits(smoe_dtype dtype, int64_t n, int64_t max_active) {
+  return dtype != SMOE_F64 && n >= 2 && (n <= SMOE_ROWS8 || max_active <= SMOE_ROWS8);
+}
 
 /* a > b ? a : b for the sorting network, through smoe_where_f32 (vectorised; see there). The
  * values are finite in every lane whose result is used. */
@@ -38,6 +44,17 @@ static inline float smoe_rows8_min(float a, float b) { return smoe_where_f32(a >
 
 /* c ? a : b for integers through bit masks (a ?: that the vectoriser keeps as a branch). */
 static inline int32_t smoe_rows8_pick(int32_t c, int32_t a, int32_t b) { return b ^ ((a ^ b) & -(int32_t)(c != 0)); }
+
+/* The index of the lowest set bit of a nonzero mask. */
+static inline int smoe_rows8_low_bit(uint32_t mask) {
+#if defined(__GNUC__)
+  return __builtin_ctz(mask);
+#else
+  int l = 0;
+  while (!((mask >> l) & 1u)) ++l;
+  return l;
+#endif
+}
 
 /* One comparator of the network on all eight rows: the larger score to slot i. */
 #define SMOE_ROWS8_CX(i, j)                                     \
@@ -67,7 +84,7 @@ static inline void smoe_rows8_solve(float s[SMOE_ROWS8][SMOE_ROWS8], int nn, con
     for (int g = 0; g < G; ++g) V[i][g] = smoe_exp_f32((s[i + 1][g] - s[i][g]) * inv_alpha[g]);
   }
   SMOE_SIMD
-  for (int g = 0; g < G; ++g) U[0][g] = 0.0f, V[nn - 1][g] = 0.0f;
+  for (int g = 0; g < G; ++g) U[0][g] = 0.0f, V[nn > 1 ? nn - 1 : 0][g] = 0.0f; /* (nn >= 1: the test tells GCC) */
   for (int i = 0; i + 1 < nn; ++i) {
     SMOE_SIMD
     for (int g = 0; g < G; ++g) U[i + 1][g] = V[i][g] * (1.0f + U[i][g]);
@@ -198,16 +215,21 @@ static inline void smoe_rows8_active(float s[SMOE_ROWS8][SMOE_ROWS8], int m, con
   }
 }
 
-/* Forward of rows [row0, row0 + rows), rows <= 8 (smoe_rows8_fits). */
-static inline void smoe_topk_fwd_rows8(const smoe_topk_fwd_args *a, int64_t row0, int rows) {
+/* The forward of smoe_topk_fwd_rows8 for short rows (short_rows = 1: n <= 8) or longer ones (0), a
+ * constant at each call so that each gets its own code. */
+static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int rows, const int short_rows) {
   enum { G = SMOE_ROWS8 };
-  const int64_t n = a->n;
-  const int nn = (int)n;
+  const int64_t n = a->n, cap = a->max_active;
   const float eps = (float)a->eps;
   const int truncated = eps > 0;
+  /* m candidates: the best max_active scores (every score when max_active >= n). The slots of a
+   * short row hold its scores (r in the row's order, s sorted); those of a longer row its m
+   * candidates, sorted (r = s, and idx their place in the row). */
+  const int m = (int)(cap < n ? cap : n);
+  const int nn = short_rows ? (int)n : m;
   float r[SMOE_ROWS8][G], s[SMOE_ROWS8][G], p[SMOE_ROWS8][G], U[SMOE_ROWS8][G], V[SMOE_ROWS8][G];
   float k[G], alpha[G], inv_alpha[G], K[G], tau[G], s_piv[G];
-  int32_t redo[G], active[G], search[G];
+  int32_t idx[SMOE_ROWS8][G], redo[G], active[G], search[G], picked[G];
   double threshold[G];
 
   /* Rows to lanes; the lanes past `rows` repeat row0 (computed, never stored). */
@@ -215,15 +237,20 @@ static inline void smoe_topk_fwd_rows8(const smoe_topk_fwd_args *a, int64_t row0
     const int64_t row = row0 + (g < rows ? g : 0);
     k[g] = ((const float *)a->k)[row * a->k_stride];
     alpha[g] = ((const float *)a->alpha)[row * a->alpha_stride];
-    if (a->dtype == SMOE_F32) {
+    if (!short_rows) {
+      /* the per-row function's selection (no merge buffers below SMOE_INSERTION_CAP candidates) */
+      float val[SMOE_TOPK_SMALL_CAP + SMOE_LANES];
+      int32_t at[SMOE_TOPK_SMALL_CAP];
+      const int64_t got = smoe_select_f32(a->scores, a->dtype, row * n, n, cap, val, at, val, at, 1);
+      picked[g] = got == m; /* else a NaN or +inf score, or fewer finite scores than m */
+      for (int j = 0; j < m; ++j) r[j][g] = picked[g] ? val[j] : 0.0f, idx[j][g] = at[j];
+    } else if (a->dtype == SMOE_F32) {
       const float *src = (const float *)a->scores + row * n;
-      for (int j = 0; j < nn; ++j) r[j][g] = src[j];
+      for (int j = 0; j < n; ++j) r[j][g] = src[j];
     } else {
-      for (int j = 0; j < nn; ++j) r[j][g] = smoe_load_f32(a->scores, a->dtype, row * n + j);
+      for (int j = 0; j < n; ++j) r[j][g] = smoe_load_f32(a->scores, a->dtype, row * n + j);
     }
   }
-  /* m candidates: the best max_active scores (every score when max_active >= n) */
-  const int m = (int)(a->max_active < n ? a->max_active : n);
   const float m_f = (float)m, K_max = nextafterf(m_f, 0.0f);
   SMOE_SIMD
   for (int g = 0; g < G; ++g) {
@@ -235,19 +262,30 @@ static inline void smoe_topk_fwd_rows8(const smoe_topk_fwd_args *a, int64_t row0
     K[g] = smoe_where_f32(!(Kg < m_f), K_max, Kg);
     active[g] = m;
   }
-  /* Sorted best first; -0 is read as +0, and the slots past n hold -inf, as in the key network. */
-  for (int j = 0; j < nn; ++j) {
+  if (!short_rows) {
     SMOE_SIMD
-    for (int g = 0; g < G; ++g) {
-      redo[g] |= !(fabsf(r[j][g]) < INFINITY);
-      s[j][g] = r[j][g] + 0.0f;
+    for (int g = 0; g < G; ++g) redo[g] |= !picked[g];
+  }
+  if (short_rows) {
+    /* Sorted best first; -0 is read as +0, and the slots past n hold -inf, as in the key network. */
+    for (int j = 0; j < nn; ++j) {
+      SMOE_SIMD
+      for (int g = 0; g < G; ++g) {
+        redo[g] |= !(fabsf(r[j][g]) < INFINITY);
+        s[j][g] = r[j][g] + 0.0f;
+      }
+    }
+    for (int j = nn; j < G; ++j) {
+      SMOE_SIMD
+      for (int g = 0; g < G; ++g) s[j][g] = -INFINITY;
+    }
+    SMOE_SORT8_NETWORK(SMOE_ROWS8_CX)
+  } else {
+    for (int j = 0; j < nn; ++j) {
+      SMOE_SIMD
+      for (int g = 0; g < G; ++g) s[j][g] = r[j][g];
     }
   }
-  for (int j = nn; j < G; ++j) {
-    SMOE_SIMD
-    for (int g = 0; g < G; ++g) s[j][g] = -INFINITY;
-  }
-  SMOE_SORT8_NETWORK(SMOE_ROWS8_CX)
   /* A difference of two scores that overflows (|s| near FLT_MAX) takes the per-row function's
    * division of each score instead: the largest difference, the best minus the worst, decides. */
   SMOE_SIMD
@@ -340,47 +378,83 @@ static inline void smoe_topk_fwd_rows8(const smoe_topk_fwd_args *a, int64_t row0
   for (int g = 0; g < rows; ++g) {
     const int64_t row = row0 + g;
     if (redo[g]) {
-      smoe_topk_fwd_row_f32(a, row, 0, 0, 1); /* n <= 8 candidates: no scratch */
+      smoe_topk_fwd_row_f32(a, row, 0, 0, 1); /* at most 8 candidates: no scratch */
       continue;
     }
-    if (a->dtype == SMOE_F32) {
+    if (!short_rows) { /* 0 off the candidates */
+      smoe_fill_row_f32(a->p, a->dtype, row * n, n, 0.0f);
+      for (int j = 0; j < nn; ++j) smoe_store_f32(a->p, a->dtype, row * n + idx[j][g], p[j][g]);
+    } else if (a->dtype == SMOE_F32) {
       float *dst = (float *)a->p + row * n;
-      for (int j = 0; j < nn; ++j) dst[j] = p[j][g];
+      for (int j = 0; j < n; ++j) dst[j] = p[j][g];
     } else {
-      for (int j = 0; j < nn; ++j) smoe_store_f32(a->p, a->dtype, row * n + j, p[j][g]);
+      for (int j = 0; j < n; ++j) smoe_store_f32(a->p, a->dtype, row * n + j, p[j][g]);
     }
     a->threshold[row] = threshold[g];
   }
 }
 
+/* Forward of rows [begin, end) (smoe_rows8_fits), a group of eight at a time: short rows (n <= 8)
+ * and longer ones, in two functions (lapsum.c builds them apart: in one function with the longer
+ * rows' selection, the short rows' code takes 6 % more instructions). */
+static inline void smoe_topk_fwd_rows8_short(const smoe_topk_fwd_args *a, int64_t begin, int64_t end) {
+  for (int64_t row = begin; row < end; row += SMOE_ROWS8)
+    smoe_rows8_fwd(a, row, (int)(end - row < SMOE_ROWS8 ? end - row : SMOE_ROWS8), 1);
+}
+static inline void smoe_topk_fwd_rows8_long(const smoe_topk_fwd_args *a, int64_t begin, int64_t end) {
+  for (int64_t row = begin; row < end; row += SMOE_ROWS8)
+    smoe_rows8_fwd(a, row, (int)(end - row < SMOE_ROWS8 ? end - row : SMOE_ROWS8), 0);
+}
+
 /* Backward of rows [row0, row0 + rows), rows <= 8 (smoe_rows8_fits); gk / ga: the rows'
- * gradient contributions, indexed by row. */
-static inline void smoe_topk_bwd_rows8(const smoe_topk_bwd_args *a, int64_t row0, int rows, float *gk, float *ga) {
+ * gradient contributions, indexed by row; rs / is: the per-row function's scratch (lapsum.c), for
+ * the rows it redoes. */
+static inline void smoe_topk_bwd_rows8(const smoe_topk_bwd_args *a, int64_t row0, int rows, float *rs, int32_t *is,
+                                       float *gk, float *ga) {
   enum { G = SMOE_ROWS8, L = SMOE_LANES };
   const int64_t n = a->n;
-  const int nn = (int)n;
   const float eps = (float)a->eps;
   const int every_finite = a->eps == 0 && a->max_active >= n;
   /* The active entries of each row compacted in index order (X: score then x, Gr: upstream
-   * gradient, I: index), zeros past them: the per-row function's one block. */
-  float X[L][G], Gr[L][G], W[L][G], alpha[G], mu[G], s_ratio[G], phi_scale[G];
-  int32_t I[L][G], count[G], redo[G], wide[G];
+   * gradient, I: index), zeros past them: the per-row function's one block. Slot L takes the
+   * entries past the first L (a row with more than L active entries is redone). */
+  float X[L + 1][G], Gr[L + 1][G], W[L][G], alpha[G], mu[G], s_ratio[G], phi_scale[G];
+  int32_t I[L + 1][G], count[G], redo[G], wide[G];
   double b[G];
   for (int g = 0; g < G; ++g) {
     const int64_t row = row0 + (g < rows ? g : 0), base = row * n;
     b[g] = a->threshold[row];
     alpha[g] = ((const float *)a->alpha)[row * a->alpha_stride];
     int c = 0;
-    for (int j = 0; j < nn; ++j) {
-      const float rj = smoe_load_f32(a->scores, a->dtype, base + j);
-      X[c][g] = rj;
-      Gr[c][g] = smoe_load_f32(a->grad_p, a->dtype, base + j);
-      I[c][g] = j;
-      c += every_finite ? (rj > -INFINITY) & (rj < INFINITY) : smoe_load_f32(a->p, a->dtype, base + j) != 0.0f;
+    if (n <= L) {
+      for (int j = 0; j < n; ++j) {
+        const float rj = smoe_load_f32(a->scores, a->dtype, base + j);
+        X[c][g] = rj;
+        Gr[c][g] = smoe_load_f32(a->grad_p, a->dtype, base + j);
+        I[c][g] = j;
+        c += every_finite ? (rj > -INFINITY) & (rj < INFINITY) : smoe_load_f32(a->p, a->dtype, base + j) != 0.0f;
+      }
+    } else { /* p != 0 (at most max_active <= 8 entries): a bit mask per block, one step per entry */
+      for (int64_t i0 = 0; i0 < n; i0 += L) {
+        float pbuf[L], rbuf[L], gbuf[L];
+        const float *pv = smoe_block_f32(a->p, a->dtype, base, i0, n, 0.0f, pbuf);
+        uint32_t active = 0;
+        SMOE_SIMD_REDUCE(|, active)
+        for (int l = 0; l < L; ++l) active |= (uint32_t)(pv[l] != 0.0f) << l;
+        if (!active) continue;
+        const float *rv = smoe_block_f32(a->scores, a->dtype, base, i0, n, 0.0f, rbuf);
+        const float *gv = smoe_block_f32(a->grad_p, a->dtype, base, i0, n, 0.0f, gbuf);
+        for (; active; active &= active - 1, ++c) {
+          const int l = smoe_rows8_low_bit(active), slot = c < L ? c : L;
+          X[slot][g] = rv[l];
+          Gr[slot][g] = gv[l];
+          I[slot][g] = (int32_t)(i0 + l);
+        }
+      }
     }
     for (int j = c; j < L; ++j) X[j][g] = Gr[j][g] = 0.0f;
-    count[g] = c;
-    redo[g] = !((b[g] > -INFINITY) & (b[g] < INFINITY)) | (c == 0);
+    redo[g] = !((b[g] > -INFINITY) & (b[g] < INFINITY)) | (c == 0) | (c > L);
+    count[g] = c < L ? c : L; /* (a row with more is redone) */
   }
   /* x = (r - b) / alpha, the threshold in double */
   SMOE_SIMD
@@ -438,15 +512,15 @@ static inline void smoe_topk_bwd_rows8(const smoe_topk_bwd_args *a, int64_t row0
   for (int g = 0; g < rows; ++g) {
     const int64_t row = row0 + g, base = row * n;
     if (redo[g]) {
-      smoe_topk_bwd_row_f32(a, row, 0, 0, 1, gk + row, ga + row); /* n <= 8: no scratch */
+      smoe_topk_bwd_row_f32(a, row, rs, is, 1, gk + row, ga + row);
       continue;
     }
     if (a->dtype == SMOE_F32) {
       float *dst = (float *)a->grad_scores + base;
-      for (int j = 0; j < nn; ++j) dst[j] = 0.0f;
+      for (int64_t j = 0; j < n; ++j) dst[j] = 0.0f;
       for (int j = 0; j < count[g]; ++j) dst[I[j][g]] = W[j][g];
     } else {
-      for (int j = 0; j < nn; ++j) smoe_store_f32(a->grad_scores, a->dtype, base + j, 0.0f);
+      smoe_fill_row_f32(a->grad_scores, a->dtype, base, n, 0.0f);
       for (int j = 0; j < count[g]; ++j) smoe_store_f32(a->grad_scores, a->dtype, base + I[j][g], W[j][g]);
     }
     gk[row] = s_ratio[g];

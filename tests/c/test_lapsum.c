@@ -294,26 +294,31 @@ static void random_scores(unsigned *seed, double *r, int64_t n, int kind) {
   }
 }
 
-/* Rows of 2 to 8 float scores run eight at a time, the rows in the vector lanes (lapsum_rows8.h);
- * the per-row functions run one row at a time. Both must give the same bits for every row,
- * whatever group or call range the row falls in: plain and ties, signed zeros, -inf, NaN and +inf
- * scores; differences that overflow; k at and near its limits, tiny and huge alpha, bad alpha; the
- * plain and truncated kernels (truncated rows whose worst score falls below the cut take the
- * active-set search, down to one active score); every score a candidate or a cap of 1, 2 or about
- * half (ties at the cap: the lower index wins); float32 and bfloat16 storage. */
+/* Rows of 2 to 8 float scores, and longer rows with at most 8 candidates, run eight at a time, the
+ * rows in the vector lanes (lapsum_rows8.h); the per-row functions run one row at a time. Both must
+ * give the same bits for every row, whatever group or call range the row falls in: plain and ties,
+ * signed zeros, -inf, NaN and +inf scores, fewer finite scores than candidates; differences that
+ * overflow; k at and near its limits, tiny and huge alpha, bad alpha; the plain and truncated
+ * kernels (truncated rows whose worst score falls below the cut take the active-set search, down to
+ * one active score); every score a candidate or a cap of 1, 2 or about half (ties at the cap: the
+ * lower index wins); float32 and bfloat16 storage. */
 static void test_rows8_match_row_functions(void) {
   unsigned seed = 808u;
   enum { ROWS = 203 }; /* not a whole number of groups */
+  const int64_t widths[] = {2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 17, 40, 64, 100};
   for (int bf = 0; bf < 2; ++bf)
-    for (int64_t n = 2; n <= 8; ++n)
+    for (size_t wi = 0; wi < sizeof widths / sizeof widths[0]; ++wi)
       for (int e = 0; e < 12; ++e) {
+        const int64_t n = widths[wi];
         const double eps = e % 3 == 0 ? 0.0 : e % 3 == 1 ? 1e-2 : 0.2;
-        const int64_t caps[4] = {n, 1, 2, (n + 1) / 2}, cap = caps[e / 3];
+        /* a longer row takes the lanes with at most 8 candidates */
+        const int64_t caps[4] = {n <= 8 ? n : 8, 1, 2, n <= 8 ? (n + 1) / 2 : 5}, cap = caps[e / 3];
         const smoe_dtype dt = bf ? SMOE_BF16 : SMOE_F32;
         const size_t es = bf ? 2 : 4;
-        float k[ROWS], alpha[ROWS], r[ROWS * 8], g[ROWS * 8];
+        float k[ROWS], alpha[ROWS];
+        float *r = (float *)malloc(sizeof(float) * ROWS * n), *g = (float *)malloc(sizeof(float) * ROWS * n);
+        double *v = (double *)malloc(sizeof(double) * n);
         for (int row = 0; row < ROWS; ++row) {
-          double v[8];
           random_scores(&seed, v, n, row % 4);
           for (int64_t i = 0; i < n; ++i) r[row * n + i] = (float)v[i], g[row * n + i] = (float)gauss(&seed);
           const int special = row % 23;
@@ -322,6 +327,8 @@ static void test_rows8_match_row_functions(void) {
           if (special == 7) r[row * n] = 3e38f, r[row * n + n - 1] = -3e38f; /* differences overflow */
           if (special == 8) r[row * n + 1] = r[row * n]; /* a tie at the top */
           if (special == 21) r[row * n + n - 1] = r[row * n + 1] = r[row * n]; /* ties across a cap */
+          if (special == 22)
+            for (int64_t i = 2; i < n; ++i) r[row * n + i] = -INFINITY; /* two finite scores */
           k[row] = (float)(cap * uniform(&seed));
           if (special == 9) k[row] = 0.0f;
           if (special == 10) k[row] = (float)cap;
@@ -337,22 +344,27 @@ static void test_rows8_match_row_functions(void) {
           if (special == 19) alpha[row] = 1e-39f; /* 1 / alpha overflows */
           if (special == 20) alpha[row] = 40.0f;   /* flat: nothing below the cut */
         }
-        uint16_t rb[ROWS * 8], gb[ROWS * 8];
-        for (int i = 0; i < ROWS * n; ++i) rb[i] = smoe_float_to_bf16(r[i]), gb[i] = smoe_float_to_bf16(g[i]);
+        uint16_t *rb = (uint16_t *)malloc(2 * ROWS * n), *gb = (uint16_t *)malloc(2 * ROWS * n);
+        for (int64_t i = 0; i < ROWS * n; ++i) rb[i] = smoe_float_to_bf16(r[i]), gb[i] = smoe_float_to_bf16(g[i]);
         const void *scores = bf ? (const void *)rb : (const void *)r, *grad_p = bf ? (const void *)gb : (const void *)g;
         /* [0] the per-row functions, [1] one call, [2] two calls split inside a group */
-        unsigned char p[3][ROWS * 8 * 4], grad[3][ROWS * 8 * 4];
+        unsigned char *p[3], *grad[3];
         double threshold[3][ROWS];
         float gk[3][ROWS], ga[3][ROWS];
+        const size_t row_bytes = es * (size_t)n;
+        float *rs = (float *)malloc(smoe_topk_scratch_bytes(dt, n, cap));
+        int32_t *is = (int32_t *)((char *)rs + smoe_topk_scratch_index_offset(dt, n, cap, 1));
         for (int way = 0; way < 3; ++way) {
-          memset(p[way], 0xA5, sizeof p[way]); /* every entry of a row must be written */
-          memset(grad[way], 0xA5, sizeof grad[way]);
+          p[way] = (unsigned char *)malloc(row_bytes * ROWS);
+          grad[way] = (unsigned char *)malloc(row_bytes * ROWS);
+          memset(p[way], 0xA5, row_bytes * ROWS); /* every entry of a row must be written */
+          memset(grad[way], 0xA5, row_bytes * ROWS);
           smoe_topk_fwd_args fa = {ROWS, n, dt, scores, k, 1, alpha, 1, eps, cap, p[way], threshold[way]};
           smoe_topk_bwd_args ba = {ROWS, n, dt, grad_p, scores, p[way], threshold[way], alpha, 1, eps, cap,
                                    grad[way], gk[way], ga[way]};
           if (way == 0) {
-            for (int64_t row = 0; row < ROWS; ++row) smoe_topk_fwd_row_f32(&fa, row, 0, 0, 1);
-            for (int64_t row = 0; row < ROWS; ++row) smoe_topk_bwd_row_f32(&ba, row, 0, 0, 1, gk[0] + row, ga[0] + row);
+            for (int64_t row = 0; row < ROWS; ++row) smoe_topk_fwd_row_f32(&fa, row, rs, is, 1);
+            for (int64_t row = 0; row < ROWS; ++row) smoe_topk_bwd_row_f32(&ba, row, rs, is, 1, gk[0] + row, ga[0] + row);
           } else {
             const int64_t cut = way == 1 ? ROWS : 13;
             CHECK(smoe_topk_fwd(&fa, 0, cut) == SMOE_OK && smoe_topk_fwd(&fa, cut, ROWS) == SMOE_OK, "forward status");
@@ -362,9 +374,9 @@ static void test_rows8_match_row_functions(void) {
         for (int way = 1; way < 3; ++way) {
           int bad_p = 0, bad_t = 0, bad_g = 0;
           for (int row = 0; row < ROWS; ++row) {
-            const int row_bad_p = memcmp(p[0] + es * n * row, p[way] + es * n * row, es * n) != 0;
+            const int row_bad_p = memcmp(p[0] + row_bytes * row, p[way] + row_bytes * row, row_bytes) != 0;
             const int row_bad_t = memcmp(&threshold[0][row], &threshold[way][row], sizeof(double)) != 0;
-            const int row_bad_g = memcmp(grad[0] + es * n * row, grad[way] + es * n * row, es * n) != 0 ||
+            const int row_bad_g = memcmp(grad[0] + row_bytes * row, grad[way] + row_bytes * row, row_bytes) != 0 ||
                                   memcmp(&gk[0][row], &gk[way][row], 4) != 0 || memcmp(&ga[0][row], &ga[way][row], 4) != 0;
             if ((row_bad_p || row_bad_t || row_bad_g) && bad_p + bad_t + bad_g == 0)
               printf("  first differing row %d (kind %d, special %d): k %g alpha %g threshold %.9g vs %.9g\n", row,
@@ -376,7 +388,44 @@ static void test_rows8_match_row_functions(void) {
                 "functions", bf ? "bf16" : "f32", (long long)n, (long long)cap, eps, way == 1 ? "one call" : "two calls",
                 bad_p, bad_t, bad_g);
         }
+        for (int way = 0; way < 3; ++way) free(p[way]), free(grad[way]);
+        free(rs), free(r), free(g), free(v), free(rb), free(gb);
       }
+}
+
+/* The backward of a longer row reads its active entries off p != 0, at most max_active <= 8 of them
+ * from the forward; a p from elsewhere with more (here 12 of 64) leaves the eight-row lanes for the
+ * per-row function, with the same gradients. */
+static void test_rows8_backward_many_active(void) {
+  enum { ROWS = 11, N = 64 };
+  unsigned seed = 99u;
+  float r[ROWS * N], gp[ROWS * N], p[ROWS * N], alpha[ROWS], grad[2][ROWS * N], gk[2][ROWS], ga[2][ROWS];
+  double threshold[ROWS];
+  for (int row = 0; row < ROWS; ++row) {
+    alpha[row] = 0.7f;
+    threshold[row] = 0.25;
+    for (int i = 0; i < N; ++i) {
+      r[row * N + i] = (float)gauss(&seed), gp[row * N + i] = (float)gauss(&seed);
+      p[row * N + i] = i % 5 == row % 5 && i < 60 ? 0.125f : 0.0f; /* 12 nonzero entries */
+    }
+  }
+  const int64_t cap = 8;
+  float *rs = (float *)malloc(smoe_topk_scratch_bytes(SMOE_F32, N, cap));
+  int32_t *is = (int32_t *)((char *)rs + smoe_topk_scratch_index_offset(SMOE_F32, N, cap, 1));
+  for (int way = 0; way < 2; ++way) {
+    smoe_topk_bwd_args ba = {ROWS, N, SMOE_F32, gp, r, p, threshold, alpha, 1, 1e-2, cap, grad[way], gk[way], ga[way]};
+    if (way == 0)
+      for (int64_t row = 0; row < ROWS; ++row) smoe_topk_bwd_row_f32(&ba, row, rs, is, 1, gk[0] + row, ga[0] + row);
+    else
+      CHECK(smoe_topk_bwd(&ba, 0, ROWS) == SMOE_OK, "backward status");
+  }
+  int nonzero = 0;
+  for (int i = 0; i < ROWS * N; ++i) nonzero += grad[0][i] != 0.0f;
+  CHECK(nonzero == ROWS * 12, "12 gradients per row (got %d in %d rows)", nonzero, ROWS);
+  CHECK(memcmp(grad[0], grad[1], sizeof grad[0]) == 0 && memcmp(gk[0], gk[1], sizeof gk[0]) == 0 &&
+            memcmp(ga[0], ga[1], sizeof ga[0]) == 0,
+        "a row with 12 active entries: the same gradients as the per-row function");
+  free(rs);
 }
 
 /* A row of n0 <= 16 scores takes the sorting network (float math) and keeps its candidates in
@@ -754,6 +803,7 @@ int main(void) {
   test_exp_polynomial();
   test_selection_paths_agree();
   test_rows8_match_row_functions();
+  test_rows8_backward_many_active();
   test_long_rows_match_their_candidates();
   test_instruction_sets_agree();
   test_truncated_rows();

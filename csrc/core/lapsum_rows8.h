@@ -45,17 +45,6 @@ static inline float smoe_rows8_min(float a, float b) { return smoe_where_f32(a >
 /* c ? a : b for integers through bit masks (a ?: that the vectoriser keeps as a branch). */
 static inline int32_t smoe_rows8_pick(int32_t c, int32_t a, int32_t b) { return b ^ ((a ^ b) & -(int32_t)(c != 0)); }
 
-/* The index of the lowest set bit of a nonzero mask. */
-static inline int smoe_rows8_low_bit(uint32_t mask) {
-#if defined(__GNUC__)
-  return __builtin_ctz(mask);
-#else
-  int l = 0;
-  while (!((mask >> l) & 1u)) ++l;
-  return l;
-#endif
-}
-
 /* One comparator of the network on all eight rows: the larger score to slot i. */
 #define SMOE_ROWS8_CX(i, j)                                     \
   SMOE_SIMD for (int g = 0; g < SMOE_ROWS8; ++g) {              \
@@ -382,8 +371,14 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
       continue;
     }
     if (!short_rows) { /* 0 off the candidates */
-      smoe_fill_row_f32(a->p, a->dtype, row * n, n, 0.0f);
-      for (int j = 0; j < nn; ++j) smoe_store_f32(a->p, a->dtype, row * n + idx[j][g], p[j][g]);
+      if (a->dtype == SMOE_F32) {
+        float *dst = (float *)a->p + row * n;
+        for (int64_t j = 0; j < n; ++j) dst[j] = 0.0f;
+        for (int j = 0; j < nn; ++j) dst[idx[j][g]] = p[j][g];
+      } else {
+        smoe_fill_row_f32(a->p, a->dtype, row * n, n, 0.0f);
+        for (int j = 0; j < nn; ++j) smoe_store_f32(a->p, a->dtype, row * n + idx[j][g], p[j][g]);
+      }
     } else if (a->dtype == SMOE_F32) {
       float *dst = (float *)a->p + row * n;
       for (int j = 0; j < n; ++j) dst[j] = p[j][g];
@@ -445,7 +440,7 @@ static inline void smoe_topk_bwd_rows8(const smoe_topk_bwd_args *a, int64_t row0
         const float *rv = smoe_block_f32(a->scores, a->dtype, base, i0, n, 0.0f, rbuf);
         const float *gv = smoe_block_f32(a->grad_p, a->dtype, base, i0, n, 0.0f, gbuf);
         for (; active; active &= active - 1, ++c) {
-          const int l = smoe_rows8_low_bit(active), slot = c < L ? c : L;
+          const int l = smoe_low_bit(active), slot = c < L ? c : L;
           X[slot][g] = rv[l];
           Gr[slot][g] = gv[l];
           I[slot][g] = (int32_t)(i0 + l);

@@ -391,7 +391,7 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
 
 /* Forward of rows [begin, end) (smoe_rows8_fits), a group of eight at a time: short rows (n <= 8)
  * and longer ones, in two functions (lapsum.c builds them apart: in one function with the longer
- * rows' selection, the short rows' code takes 6 % more instructions). */
+ * rows' selection, the short rows' code takes 7 % more instructions). */
 static inline void smoe_topk_fwd_rows8_short(const smoe_topk_fwd_args *a, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; row += SMOE_ROWS8)
     smoe_rows8_fwd(a, row, (int)(end - row < SMOE_ROWS8 ? end - row : SMOE_ROWS8), 1);

@@ -53,12 +53,12 @@ static int valid_range(int64_t rows, int64_t row_begin, int64_t row_end) {
                                    int32_t *is) {                                                         \
     if (a->dtype == SMOE_F64)                                                                             \
       for (int64_t row = begin; row < end; ++row) smoe_topk_fwd_row_f64(a, row, (double *)rs, is, 1);     \
-    else if (smoe_rows8_fits(a->dtype, a->n, a->max_active) && a->n <= SMOE_ROWS8)                        \
-      smoe_topk_fwd_rows8_short(a, begin, end);                                                           \
-    else if (smoe_rows8_fits(a->dtype, a->n, a->max_active))                                              \
-      fwd_long_rows8_##isa(a, begin, end);                                                                \
-    else                                                                                                  \
+    else if (!smoe_rows8_fits(a->dtype, a->n, a->max_active))                                             \
       for (int64_t row = begin; row < end; ++row) smoe_topk_fwd_row_f32(a, row, (float *)rs, is, 1);      \
+    else if (a->n <= SMOE_ROWS8)                                                                          \
+      smoe_topk_fwd_rows8_short(a, begin, end);                                                           \
+    else                                                                                                  \
+      fwd_long_rows8_##isa(a, begin, end);                                                                \
   }                                                                                                       \
   attrs static void bwd_rows_##isa(const smoe_topk_bwd_args *a, int64_t begin, int64_t end, void *rs,     \
                                    int32_t *is) {                                                         \

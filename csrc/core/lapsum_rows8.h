@@ -232,7 +232,7 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
       int32_t at[SMOE_TOPK_SMALL_CAP];
       const int64_t got = smoe_select_f32(a->scores, a->dtype, row * n, n, cap, val, at, val, at, 1);
       picked[g] = got == m; /* else a NaN or +inf score, or fewer finite scores than m */
-      for (int j = 0; j < m; ++j) r[j][g] = picked[g] ? val[j] : 0.0f, idx[j][g] = at[j];
+      for (int j = 0; j < m; ++j) r[j][g] = s[j][g] = picked[g] ? val[j] : 0.0f, idx[j][g] = at[j];
     } else if (a->dtype == SMOE_F32) {
       const float *src = (const float *)a->scores + row * n;
       for (int j = 0; j < n; ++j) r[j][g] = src[j];
@@ -251,10 +251,6 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
     K[g] = smoe_where_f32(!(Kg < m_f), K_max, Kg);
     active[g] = m;
   }
-  if (!short_rows) {
-    SMOE_SIMD
-    for (int g = 0; g < G; ++g) redo[g] |= !picked[g];
-  }
   if (short_rows) {
     /* Sorted best first; -0 is read as +0, and the slots past n hold -inf, as in the key network. */
     for (int j = 0; j < nn; ++j) {
@@ -270,10 +266,8 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
     }
     SMOE_SORT8_NETWORK(SMOE_ROWS8_CX)
   } else {
-    for (int j = 0; j < nn; ++j) {
-      SMOE_SIMD
-      for (int g = 0; g < G; ++g) s[j][g] = r[j][g];
-    }
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) redo[g] |= !picked[g];
   }
   /* A difference of two scores that overflows (|s| near FLT_MAX) takes the per-row function's
    * division of each score instead: the largest difference, the best minus the worst, decides. */

@@ -111,6 +111,14 @@ def check_module_dtype(fn: str, dtype: object) -> None:
         raise TypeError(f"{fn}: dtype must be float32, float64, bfloat16, float16 or None, got {dtype}")
 
 
+def _autocast_casts(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch.autocast, enabled for x's device, casts x and weight to one dtype (it leaves
+    float64 alone)."""
+    device_type = x.device.type
+    return (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+            and torch.float64 not in (x.dtype, weight.dtype))
+
+
 def check_layer_input(fn: str, x: object, d_model: int, weight: torch.Tensor, batched: bool = False) -> torch.Tensor:
     """The input of a MoE layer's forward: a floating tensor ``[..., d_model]`` (``[batch, seq,
     d_model]`` when ``batched``) with the dtype (under torch.autocast: any but float64) and device
@@ -126,11 +134,10 @@ def check_layer_input(fn: str, x: object, d_model: int, weight: torch.Tensor, ba
     if not x.is_floating_point():
         raise TypeError(f"{fn}: x must be a floating-point tensor, got {x.dtype}")
     # Under torch.autocast an nn.Linear takes any float16 / bfloat16 / float32 input (its inputs are
-    # cast to the autocast dtype), and so does a MoE layer; autocast leaves float64 alone.
-    device_type = x.device.type
-    cast = (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-            and torch.float64 not in (x.dtype, weight.dtype))
-    if x.dtype != weight.dtype and not cast:
+    # cast to the autocast dtype), and so does a MoE layer; autocast leaves float64 alone. The
+    # autocast state is asked only when the dtypes differ: torch.compile before torch 2.13 cannot
+    # trace torch.amp.is_autocast_available (a graph break, an error under fullgraph=True).
+    if x.dtype != weight.dtype and not _autocast_casts(x, weight):
         raise TypeError(
             f"{fn}: x must have the layer's dtype {weight.dtype}, got {x.dtype} "
             f"(convert the layer with .to() or the input, or run it under torch.autocast)"

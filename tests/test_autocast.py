@@ -203,6 +203,23 @@ def test_layer_takes_16bit_input_with_float32_weights_under_autocast(device, amp
         layer(x.to(amp))
 
 
+def test_layer_input_of_the_layer_dtype_asks_nothing_of_autocast(monkeypatch):
+    """The autocast state is read only when the input's dtype differs from the layer's: torch.compile
+    before torch 2.13 cannot trace torch.amp.is_autocast_available, so a forward of matching dtypes
+    (every layer step outside autocast) must compile with fullgraph=True on those versions too."""
+    layer = softmoe.SoftMoELayer(16, 24, 4)
+    x = torch.randn(10, 16)
+
+    def asked(*args, **kwargs):
+        raise AssertionError("the autocast state was read for an input of the layer's dtype")
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", asked)
+    monkeypatch.setattr(torch, "is_autocast_enabled", asked)
+    assert layer(x).shape == (10, 16)
+    with pytest.raises(AssertionError, match="autocast state was read"):
+        layer(x.to(BF16))
+
+
 @pytest.mark.parametrize("method,arch", [("convert", a) for a in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")]
                          + [("upcycle", "llama")])
 def test_converted_hf_block_returns_what_the_replaced_block_returns(method, arch):

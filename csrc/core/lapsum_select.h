@@ -230,19 +230,24 @@ SMOE_HD int64_t SMOE_FN(smoe_select_blocks)(const void *scores, smoe_dtype dtype
 SMOE_HD int64_t SMOE_FN(smoe_select_bar)(const void *scores, smoe_dtype dtype, int64_t base, int64_t n,
                                          int64_t cap, R *val, int32_t *idx, int64_t ss) {
   R top1[SMOE_LANES], top2[SMOE_LANES];
-  int bad = 0;
-  for (int l = 0; l < SMOE_LANES; ++l) top1[l] = top2[l] = -(R)INFINITY;
+  int32_t lane_bad[SMOE_LANES]; /* NaN or +inf seen in the lane: reduced once after the loop */
+  SMOE_SIMD
+  for (int l = 0; l < SMOE_LANES; ++l) top1[l] = top2[l] = -(R)INFINITY, lane_bad[l] = 0;
   for (int64_t i0 = 0; i0 < n; i0 += SMOE_LANES) {
     R buf[SMOE_LANES];
     const R *x = SMOE_FN(smoe_block)(scores, dtype, base, i0, n, -(R)INFINITY, buf);
-    SMOE_SIMD_REDUCE(|, bad)
+    SMOE_SIMD
     for (int l = 0; l < SMOE_LANES; ++l) {
-      bad |= !(x[l] < (R)INFINITY); /* NaN or +inf: checked once after the loop */
-      const int above = x[l] > top1[l];
-      top2[l] = SMOE_FN(smoe_where)(above, top1[l], SMOE_FN(smoe_where)(x[l] > top2[l], x[l], top2[l]));
-      top1[l] = SMOE_FN(smoe_where)(above, x[l], top1[l]);
+      lane_bad[l] |= !(x[l] < (R)INFINITY);
+      /* the second best is the larger of it and the lesser of (best, x): a min and two maxima (a
+       * NaN row is redone, so which operand a compare returns on NaN does not matter) */
+      const R low = x[l] < top1[l] ? x[l] : top1[l];
+      top2[l] = low > top2[l] ? low : top2[l];
+      top1[l] = x[l] > top1[l] ? x[l] : top1[l];
     }
   }
+  int bad = 0;
+  for (int l = 0; l < SMOE_LANES; ++l) bad |= lane_bad[l];
   if (bad) return -1;
   /* The bar: the smallest of the 16 values with fewer than cap of them greater (counted in the
    * lanes, no sort: only the cap-th value is needed). */
@@ -261,6 +266,9 @@ SMOE_HD int64_t SMOE_FN(smoe_select_bar)(const void *scores, smoe_dtype dtype, i
     for (int l = 0; l < SMOE_LANES; ++l) low[l] = SMOE_FN(smoe_where)(greater[l] < cap, t[l], (R)INFINITY);
     for (int l = 0; l < SMOE_LANES; ++l) bar = low[l] < bar ? low[l] : bar;
   }
+  /* -inf never reaches: a bar of -inf (fewer than cap finite values among the 16) becomes the
+   * lowest finite value, one compare per entry */
+  bar = bar > -(R)INFINITY ? bar : -(R)FLT_MAX;
   uint64_t key[16 + SMOE_LANES];
   int64_t got = 0;
   for (int64_t i0 = 0; i0 < n; i0 += SMOE_LANES) {
@@ -268,7 +276,7 @@ SMOE_HD int64_t SMOE_FN(smoe_select_bar)(const void *scores, smoe_dtype dtype, i
     const R *x = SMOE_FN(smoe_block)(scores, dtype, base, i0, n, -(R)INFINITY, buf);
     uint32_t reach = 0; /* bit l: entry i0 + l is at or above the bar */
     SMOE_SIMD_REDUCE(|, reach)
-    for (int l = 0; l < SMOE_LANES; ++l) reach |= (uint32_t)((x[l] >= bar) & (x[l] > -(R)INFINITY)) << l;
+    for (int l = 0; l < SMOE_LANES; ++l) reach |= (uint32_t)(x[l] >= bar) << l;
     for (; reach; reach &= reach - 1) {
       const int l = smoe_low_bit(reach);
       key[got++] = smoe_order_key_f32(x[l], (int32_t)(i0 + l));

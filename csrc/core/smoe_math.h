@@ -6,6 +6,7 @@
 #ifndef SMOE_MATH_H
 #define SMOE_MATH_H
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>

@@ -127,7 +127,8 @@ def soft_topk(
         eps: truncation level in ``[0, 0.5)``; 0 means the plain (never exactly zero) kernel.
         max_active: at most this many nonzero weights per slice (``ceil(k) <= max_active <= E``).
         strict: check the result and raise ``ValueError`` for slices that came out NaN (a NaN or
-            +inf score, or a tensor k/alpha out of range for that slice). This needs a device sync,
+            +inf score, a tensor k/alpha out of range for that slice, or, float64 only, an alpha
+            so large, about 1e305 and up, that the threshold overflows). This needs a device sync,
             so it is off by default: such slices are then NaN and all others are unaffected.
 
     Returns:
@@ -177,18 +178,19 @@ def soft_topk(
 
     p, _ = torch.ops.softmoe.soft_topk(moved, k_tensor, alpha_tensor, eps, max_active)
     if strict:
-        _raise_on_bad_rows(fn, moved, p, k_tensor, alpha_tensor)
+        _raise_on_bad_rows(fn, moved, p, k_tensor, alpha_tensor, max_active)
     return p.movedim(-1, dim)
 
 
 def _raise_on_bad_rows(
-    fn: str, scores: torch.Tensor, p: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor
+    fn: str, scores: torch.Tensor, p: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, max_active: int
 ) -> None:
     bad = torch.isnan(p).any(-1)
     if not bool(bad.any()):
         return
     row = tuple(int(i) for i in torch.nonzero(bad)[0])
     r = scores[row].double()
+    math_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     kv = float(k.reshape(-1)[0] if k.numel() == 1 else k[row])
     av = float(alpha.reshape(-1)[0] if alpha.numel() == 1 else alpha[row])
     if torch.isnan(r).any():
@@ -197,8 +199,12 @@ def _raise_on_bad_rows(
         reason = "its scores contain +inf"
     elif not (av > 0.0 and math.isfinite(av)):
         reason = f"alpha = {av} is not a finite number > 0"
-    else:
+    elif bool(torch.tensor(av, dtype=math_dtype).reciprocal().isinf()):  # 1 / alpha in the kernel's math type
+        reason = f"alpha = {av} is so small that 1 / alpha overflows {math_dtype}"
+    elif not 0.0 <= kv <= min(max_active, int((r > -math.inf).sum())):
         reason = f"k = {kv} is outside [0, number of candidates]"
+    else:  # float64 only: the threshold s - alpha * tau passes the double range (alpha ~1e305 and up)
+        reason = f"alpha = {av} is so large that the threshold overflows float64"
     raise ValueError(f"{fn}: row {row} of scores produced NaN because {reason} (strict=True)")
 
 

@@ -246,6 +246,17 @@ CASES = [
          "soft_topk(scores(), 2.0, torch.tensor([1.0, 0.0, 1.0]), strict=True)",
          R("ValueError", "soft_topk: row (1,) of scores produced NaN because alpha = 0.0 is not a finite number > 0 "
                          "(strict=True)")),
+    Case(ST, "range", "an alpha tensor with one row's alpha = 1e-39 (float32: 1 / alpha overflows), strict=True",
+         "soft_topk(scores(), 2.0, torch.tensor([1.0, 1e-39, 1.0]), strict=True)",
+         R("ValueError", "soft_topk: row (1,) of scores produced NaN because alpha = 1.0000002153053333e-39 is so small "
+                         "that 1 / alpha overflows torch.float32 (strict=True)")),
+    Case(ST, "range", "float64: an alpha so large that the threshold overflows (k = 1.2e-38, alpha = 4e306)",
+         "soft_topk(scores().double(), 1.2e-38, 4e306)",
+         V("every such row of `p` is NaN, as for an infinite alpha (the threshold `s - alpha * tau` "
+           "passes the float64 range; alpha of about 1e305 and up)", "bool(out.isnan().all())")),
+    Case(ST, "range", "float64: that alpha of 4e306 with strict=True", "soft_topk(scores().double(), 1.2e-38, 4e306, strict=True)",
+         R("ValueError", "soft_topk: row (0,) of scores produced NaN because alpha = 4e+306 is so large that the "
+                         "threshold overflows float64 (strict=True)")),
     Case(ST, "range", "fewer finite scores than a float k", "soft_topk(rows([-inf, -inf, 1.0], [0.0, 1.0, 2.0]), 1.5)",
          V(NAN_ROW + " (k is outside [0, m] for m = 1 candidate)",
            "bool(out[0].isnan().all()) and not bool(out[1].isnan().any())")),

@@ -289,7 +289,17 @@ SMOE_HD void SMOE_FN(smoe_topk_fwd_candidates)(const smoe_topk_fwd_args *a, int6
       for (int64_t j = 0; j < active; ++j) SMOE_STORE(a->p, a->dtype, base + SMOE_AT(idx, j), SMOE_AT(P, j));
     }
   }
-  a->threshold[row] = (double)s_piv - (double)alpha * (double)tau;
+  /* float64 only (a float32 row's threshold is exact in double): alpha * tau overflows for an
+   * alpha above about 1e305 with tau finite. The backward could not place the scores against an
+   * infinite threshold (it would read it as k at a limit: zero gradients), so the row is out of
+   * range, as an infinite alpha is. An infinite tau (a subnormal k: as if k = 0) stays. */
+  const double threshold = (double)s_piv - (double)alpha * (double)tau;
+  if (tau > -(R)INFINITY && tau < (R)INFINITY && !(threshold > -INFINITY && threshold < INFINITY)) {
+    SMOE_FN(smoe_fill_row)(a->p, a->dtype, base, n, (R)NAN);
+    a->threshold[row] = NAN;
+    return;
+  }
+  a->threshold[row] = threshold;
 }
 
 /* Forward of one row. rs: real scratch of smoe_topk_real_words(n, max_active) strided words

@@ -675,6 +675,15 @@ static void test_limits_and_bad_rows(void) {
   for (int i = 0; i < 3; ++i) CHECK(isnan(n1.p[i]) && isnan(n2.p[i]), "NaN / +inf score gives a NaN row");
   row_result na = run_row(SMOE_F64, r, 4, 1.0, 0.0, 0.0, 4, NULL);
   CHECK(isnan(na.p[0]) && isnan(na.threshold), "alpha = 0 gives a NaN row");
+  /* float64: alpha * tau (tau ~ -88 at k = FLT_MIN) past the double range is out of range too (the
+   * backward could not use an infinite threshold); just below it the row is valid */
+  const double rs[3] = {0.25, -0.62, 0.02}, gs[3] = {1, 2, 3};
+  row_result over = run_row(SMOE_F64, rs, 3, 1.1754943508222875e-38, 4e306, 0.0, 3, gs);
+  for (int i = 0; i < 3; ++i) CHECK(isnan(over.p[i]) && isnan(over.grad[i]), "threshold overflow gives a NaN row");
+  CHECK(isnan(over.threshold) && isnan(over.gk) && isnan(over.ga), "threshold overflow: threshold and k, alpha grads NaN");
+  row_result under = run_row(SMOE_F64, rs, 3, 1.1754943508222875e-38, 1e306, 0.0, 3, gs);
+  CHECK(isfinite(under.threshold) && under.threshold > 8e307, "alpha = 1e306: a finite threshold (%g)", under.threshold);
+  for (int i = 0; i < 3; ++i) check_close(under.p[i], 1.1754943508222875e-38 / 3, 1e-50, "alpha = 1e306 p", i);
   /* -inf entries are never active and get no gradient */
   row_result m = run_row(SMOE_F64, r, 4, 1.5, 0.7, 0.0, 4, g);
   CHECK(m.p[1] == 0 && m.grad[1] == 0, "-inf score: p = 0, grad = 0");

@@ -211,6 +211,11 @@ def topk_seeds():
     seeds["seed-regress-H-huge-alpha-forward-gap-overflow"] = body + k_int(1) + alpha_raw32(3.4028234663852886e38) + grad_prng(14) + u8(0)
     body = topk_header(F64, 200, 1, None, eps=b"\x00") + row_prng(12)
     seeds["seed-regress-E2-subnormal-k-f64"] = body + k_special(6, 0) + alpha_one() + grad_prng(11) + u8(0)
+    # I: float64, a tiny k (FLT_MIN) and alpha = 4e306: the threshold s - alpha * tau overflowed double (+inf,
+    #    read by the backward as k = 0: zero gradients); now the row is out of range (NaN)
+    body = topk_header(F64, 3, 1, None, eps=b"\x00") + row_prng(15)
+    seeds["seed-regress-I-f64-threshold-overflow"] = (body + k_raw64(1.1754943508222875e-38)
+                                                      + alpha_raw64(4e306) + grad_prng(15) + u8(0))
     return seeds
 
 

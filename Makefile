@@ -102,10 +102,13 @@ cuda-check:
 # tracked and unignored ones, mtimes kept, so an unchanged file is not recompiled and the CPU build in
 # softmoe/ is left alone), checks that it imports without a GPU with a CUDA kernel for every op, and
 # runs CUDA_BUILD_TESTS with that build. The build stamp makes a re-run only repeat the tests.
-# CUDA_VENV_PIP: the CUDA torch comes from PyPI itself, whatever index or find-links pip is set up with.
+# CUDA_VENV_PIP: the CUDA torch comes from PyPI itself, whatever index or find-links pip is set up with,
+# and its ~3 GB of wheels are not kept in pip's cache (disk, not time, is what CI runs short of).
+# CUDA_VENV may be an absolute path (.ci/run puts it in a temporary directory).
 CUDA_VENV ?= .venv-cuda
 CUDA_SRC = build/cuda-src
-CUDA_VENV_PIP = env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null $(CUDA_VENV)/bin/python -m pip
+CUDA_VENV_PIP = env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+  $(CUDA_VENV)/bin/python -m pip --no-cache-dir
 CUDA_TORCH_STAMP = $(CUDA_VENV)/softmoe-cuda-torch-$(TORCH_VERSION).stamp
 CUDA_BUILD_STAMP = $(CUDA_VENV)/softmoe-cuda-build-$(firstword $(shell echo '$(CURDIR)' | cksum)).stamp
 CUDA_ARCH_LIST = 8.0;9.0
@@ -127,11 +130,11 @@ cuda-build: $(CUDA_TORCH_STAMP)
 	@git ls-files -z --cached --others --exclude-standard | xargs -0 sh -c 'for f; do [ -e "$$f" ] && printf "%s\0" "$$f"; done' _ \
 	  | tar --null -T - -cf - | tar -xf - -C $(CUDA_SRC)
 	@$(MAKE) --no-print-directory $(CUDA_BUILD_STAMP)
-	cd $(CUDA_SRC) && $(CURDIR)/$(CUDA_VENV)/bin/python -m pytest -q -rs -p no:cacheprovider $(CUDA_BUILD_TESTS)
+	cd $(CUDA_SRC) && $(abspath $(CUDA_VENV))/bin/python -m pytest -q -rs -p no:cacheprovider $(CUDA_BUILD_TESTS)
 
 $(CUDA_BUILD_STAMP): $(CUDA_TORCH_STAMP) setup.py pyproject.toml $(CSRC)
 	cd $(CUDA_SRC) && SOFTMOE_CUDA=1 SOFTMOE_WERROR=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCH_LIST)" MAX_JOBS=$(CUDA_JOBS) \
-	  nice -n 10 $(CURDIR)/$(CUDA_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	  nice -n 10 $(abspath $(CUDA_VENV))/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 	@touch -r $(CUDA_SRC)/.copy-time $@
 
 # The README demo: trains a small SoftMoE LM on the bundled text (under 4 minutes on 2 cores).

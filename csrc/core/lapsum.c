@@ -69,7 +69,9 @@ static int valid_range(int64_t rows, int64_t row_begin, int64_t row_end) {
     } else {                                                                                              \
       float *gk = (float *)a->grad_k_rows, *ga = (float *)a->grad_alpha_rows;                             \
       if (smoe_rows8_fits(a->dtype, a->n, a->max_active))                                                 \
-        smoe_topk_bwd_rows8(a, begin, end, (float *)rs, is, gk, ga);                                      \
+        for (int64_t row = begin; row < end; row += SMOE_ROWS8)                                           \
+          smoe_topk_bwd_rows8(a, row, (int)(end - row < SMOE_ROWS8 ? end - row : SMOE_ROWS8), (float *)rs, \
+                              is, gk, ga);                                                                \
       else                                                                                                \
         for (int64_t row = begin; row < end; ++row)                                                       \
           smoe_topk_bwd_row_f32(a, row, (float *)rs, is, 1, gk + row, ga + row);                          \

@@ -37,13 +37,6 @@ static inline int smoe_rows8_fits(smoe_dtype dtype, int64_t n, int64_t max_activ
   return dtype != SMOE_F64 && n >= 2 && (n <= SMOE_ROWS8 || max_active <= SMOE_ROWS8);
 }
 
-/* The code a group of rows runs, chosen per call and passed as a constant so that each gets its own
- * build: what is constant in it, the compiler folds (the dtype's load and store, the bounds of the
- * loops over a row, unrolled). Rows of 8 float32 scores with max_active = 8 (Mixtral's shape) take
- * 0.78x the instructions of the general code forward, 0.70x backward; float32 rows of other
- * lengths 0.90x to 0.94x (a dtype read per score is gone). */
-enum { SMOE_ROWS8_ANY_DTYPE, SMOE_ROWS8_F32, SMOE_ROWS8_F32_OF_8 };
-
 /* a > b ? a : b for the sorting network, through smoe_where_f32 (vectorised; see there). The
  * values are finite in every lane whose result is used. */
 static inline float smoe_rows8_max(float a, float b) { return smoe_where_f32(a > b, a, b); }
@@ -211,15 +204,11 @@ static inline void smoe_rows8_active(float s[SMOE_ROWS8][SMOE_ROWS8], int m, con
   }
 }
 
-/* The forward of smoe_topk_fwd_rows8 for short rows (short_rows = 1: n <= 8) or longer ones (0), of
- * a kind of rows (SMOE_ROWS8_ANY_DTYPE, ...); both constants at each call, so that each gets its own
- * code. */
-static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int rows, const int short_rows,
-                                  const int kind) {
+/* The forward of smoe_topk_fwd_rows8 for short rows (short_rows = 1: n <= 8) or longer ones (0), a
+ * constant at each call so that each gets its own code. */
+static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int rows, const int short_rows) {
   enum { G = SMOE_ROWS8 };
-  const int of_8 = kind == SMOE_ROWS8_F32_OF_8;
-  const int64_t n = of_8 ? SMOE_ROWS8 : a->n, cap = of_8 ? SMOE_ROWS8 : a->max_active;
-  const smoe_dtype dtype = kind == SMOE_ROWS8_ANY_DTYPE ? a->dtype : SMOE_F32;
+  const int64_t n = a->n, cap = a->max_active;
   const float eps = (float)a->eps;
   const int truncated = eps > 0;
   /* m candidates: the best max_active scores (every score when max_active >= n). The slots of a
@@ -241,14 +230,14 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
       /* the per-row function's selection (no merge buffers below SMOE_INSERTION_CAP candidates) */
       float val[SMOE_TOPK_SMALL_CAP + SMOE_LANES];
       int32_t at[SMOE_TOPK_SMALL_CAP];
-      const int64_t got = smoe_select_f32(a->scores, dtype, row * n, n, cap, val, at, val, at, 1);
+      const int64_t got = smoe_select_f32(a->scores, a->dtype, row * n, n, cap, val, at, val, at, 1);
       picked[g] = got == m; /* else a NaN or +inf score, or fewer finite scores than m */
       for (int j = 0; j < m; ++j) r[j][g] = s[j][g] = picked[g] ? val[j] : 0.0f, idx[j][g] = at[j];
-    } else if (dtype == SMOE_F32) {
+    } else if (a->dtype == SMOE_F32) {
       const float *src = (const float *)a->scores + row * n;
       for (int j = 0; j < n; ++j) r[j][g] = src[j];
     } else {
-      for (int j = 0; j < n; ++j) r[j][g] = smoe_load_f32(a->scores, dtype, row * n + j);
+      for (int j = 0; j < n; ++j) r[j][g] = smoe_load_f32(a->scores, a->dtype, row * n + j);
     }
   }
   const float m_f = (float)m, K_max = nextafterf(m_f, 0.0f);
@@ -376,58 +365,43 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
       continue;
     }
     if (!short_rows) { /* 0 off the candidates */
-      if (dtype == SMOE_F32) {
+      if (a->dtype == SMOE_F32) {
         float *dst = (float *)a->p + row * n;
         for (int64_t j = 0; j < n; ++j) dst[j] = 0.0f;
         for (int j = 0; j < nn; ++j) dst[idx[j][g]] = p[j][g];
       } else {
-        smoe_fill_row_f32(a->p, dtype, row * n, n, 0.0f);
-        for (int j = 0; j < nn; ++j) smoe_store_f32(a->p, dtype, row * n + idx[j][g], p[j][g]);
+        smoe_fill_row_f32(a->p, a->dtype, row * n, n, 0.0f);
+        for (int j = 0; j < nn; ++j) smoe_store_f32(a->p, a->dtype, row * n + idx[j][g], p[j][g]);
       }
-    } else if (dtype == SMOE_F32) {
+    } else if (a->dtype == SMOE_F32) {
       float *dst = (float *)a->p + row * n;
       for (int j = 0; j < n; ++j) dst[j] = p[j][g];
     } else {
-      for (int j = 0; j < n; ++j) smoe_store_f32(a->p, dtype, row * n + j, p[j][g]);
+      for (int j = 0; j < n; ++j) smoe_store_f32(a->p, a->dtype, row * n + j, p[j][g]);
     }
     a->threshold[row] = threshold[g];
   }
 }
 
-/* The kind of rows of a call (see SMOE_ROWS8_ANY_DTYPE). */
-static inline int smoe_rows8_kind(smoe_dtype dtype, int64_t n, int64_t max_active) {
-  if (dtype != SMOE_F32) return SMOE_ROWS8_ANY_DTYPE;
-  return n == SMOE_ROWS8 && max_active == SMOE_ROWS8 ? SMOE_ROWS8_F32_OF_8 : SMOE_ROWS8_F32;
-}
-
-/* Forward of rows [begin, end) (smoe_rows8_fits), a group of eight at a time, of one kind: short
- * rows (n <= 8) and longer ones, in two functions (lapsum.c builds them apart: in one function with
- * the longer rows' selection, the short rows' code takes 7 % more instructions). */
-#define SMOE_ROWS8_FWD_LOOP(short_rows, kind)                            \
-  for (int64_t row = begin; row < end; row += SMOE_ROWS8)                \
-    smoe_rows8_fwd(a, row, (int)(end - row < SMOE_ROWS8 ? end - row : SMOE_ROWS8), short_rows, kind)
+/* Forward of rows [begin, end) (smoe_rows8_fits), a group of eight at a time: short rows (n <= 8)
+ * and longer ones, in two functions (lapsum.c builds them apart: in one function with the longer
+ * rows' selection, the short rows' code takes 7 % more instructions). */
 static inline void smoe_topk_fwd_rows8_short(const smoe_topk_fwd_args *a, int64_t begin, int64_t end) {
-  switch (smoe_rows8_kind(a->dtype, a->n, a->max_active)) {
-    case SMOE_ROWS8_F32_OF_8: SMOE_ROWS8_FWD_LOOP(1, SMOE_ROWS8_F32_OF_8); break;
-    case SMOE_ROWS8_F32: SMOE_ROWS8_FWD_LOOP(1, SMOE_ROWS8_F32); break;
-    default: SMOE_ROWS8_FWD_LOOP(1, SMOE_ROWS8_ANY_DTYPE); break;
-  }
+  for (int64_t row = begin; row < end; row += SMOE_ROWS8)
+    smoe_rows8_fwd(a, row, (int)(end - row < SMOE_ROWS8 ? end - row : SMOE_ROWS8), 1);
 }
 static inline void smoe_topk_fwd_rows8_long(const smoe_topk_fwd_args *a, int64_t begin, int64_t end) {
-  if (a->dtype == SMOE_F32) /* (n > 8: never SMOE_ROWS8_F32_OF_8) */
-    SMOE_ROWS8_FWD_LOOP(0, SMOE_ROWS8_F32);
-  else
-    SMOE_ROWS8_FWD_LOOP(0, SMOE_ROWS8_ANY_DTYPE);
+  for (int64_t row = begin; row < end; row += SMOE_ROWS8)
+    smoe_rows8_fwd(a, row, (int)(end - row < SMOE_ROWS8 ? end - row : SMOE_ROWS8), 0);
 }
-#undef SMOE_ROWS8_FWD_LOOP
 
-/* Backward of rows [row0, row0 + rows), rows <= 8, of a kind of rows (a constant at each call);
- * gk, ga, rs, is: see smoe_topk_bwd_rows8. */
-static inline void smoe_rows8_bwd(const smoe_topk_bwd_args *a, int64_t row0, int rows, float *rs, int32_t *is,
-                                  float *gk, float *ga, const int kind) {
+/* Backward of rows [row0, row0 + rows), rows <= 8 (smoe_rows8_fits); gk / ga: the rows'
+ * gradient contributions, indexed by row; rs / is: the per-row function's scratch (lapsum.c), for
+ * the rows it redoes. */
+static inline void smoe_topk_bwd_rows8(const smoe_topk_bwd_args *a, int64_t row0, int rows, float *rs, int32_t *is,
+                                       float *gk, float *ga) {
   enum { G = SMOE_ROWS8, L = SMOE_LANES };
-  const int64_t n = kind == SMOE_ROWS8_F32_OF_8 ? SMOE_ROWS8 : a->n;
-  const smoe_dtype dtype = kind == SMOE_ROWS8_ANY_DTYPE ? a->dtype : SMOE_F32;
+  const int64_t n = a->n;
   const float eps = (float)a->eps;
   const int every_finite = a->eps == 0 && a->max_active >= n;
   /* The active entries of each row compacted in index order (X: score then x, Gr: upstream
@@ -443,22 +417,22 @@ static inline void smoe_rows8_bwd(const smoe_topk_bwd_args *a, int64_t row0, int
     int c = 0;
     if (n <= L) {
       for (int j = 0; j < n; ++j) {
-        const float rj = smoe_load_f32(a->scores, dtype, base + j);
+        const float rj = smoe_load_f32(a->scores, a->dtype, base + j);
         X[c][g] = rj;
-        Gr[c][g] = smoe_load_f32(a->grad_p, dtype, base + j);
+        Gr[c][g] = smoe_load_f32(a->grad_p, a->dtype, base + j);
         I[c][g] = j;
-        c += every_finite ? (rj > -INFINITY) & (rj < INFINITY) : smoe_load_f32(a->p, dtype, base + j) != 0.0f;
+        c += every_finite ? (rj > -INFINITY) & (rj < INFINITY) : smoe_load_f32(a->p, a->dtype, base + j) != 0.0f;
       }
     } else { /* p != 0 (at most max_active <= 8 entries): a bit mask per block, one step per entry */
       for (int64_t i0 = 0; i0 < n; i0 += L) {
         float pbuf[L], rbuf[L], gbuf[L];
-        const float *pv = smoe_block_f32(a->p, dtype, base, i0, n, 0.0f, pbuf);
+        const float *pv = smoe_block_f32(a->p, a->dtype, base, i0, n, 0.0f, pbuf);
         uint32_t active = 0;
         SMOE_SIMD_REDUCE(|, active)
         for (int l = 0; l < L; ++l) active |= (uint32_t)(pv[l] != 0.0f) << l;
         if (!active) continue;
-        const float *rv = smoe_block_f32(a->scores, dtype, base, i0, n, 0.0f, rbuf);
-        const float *gv = smoe_block_f32(a->grad_p, dtype, base, i0, n, 0.0f, gbuf);
+        const float *rv = smoe_block_f32(a->scores, a->dtype, base, i0, n, 0.0f, rbuf);
+        const float *gv = smoe_block_f32(a->grad_p, a->dtype, base, i0, n, 0.0f, gbuf);
         for (; active; active &= active - 1, ++c) {
           const int l = smoe_low_bit(active), slot = c < L ? c : L;
           X[slot][g] = rv[l];
@@ -530,34 +504,18 @@ static inline void smoe_rows8_bwd(const smoe_topk_bwd_args *a, int64_t row0, int
       smoe_topk_bwd_row_f32(a, row, rs, is, 1, gk + row, ga + row);
       continue;
     }
-    if (dtype == SMOE_F32) {
+    if (a->dtype == SMOE_F32) {
       float *dst = (float *)a->grad_scores + base;
       for (int64_t j = 0; j < n; ++j) dst[j] = 0.0f;
       for (int j = 0; j < count[g]; ++j) dst[I[j][g]] = W[j][g];
     } else {
-      smoe_fill_row_f32(a->grad_scores, dtype, base, n, 0.0f);
-      for (int j = 0; j < count[g]; ++j) smoe_store_f32(a->grad_scores, dtype, base + I[j][g], W[j][g]);
+      smoe_fill_row_f32(a->grad_scores, a->dtype, base, n, 0.0f);
+      for (int j = 0; j < count[g]; ++j) smoe_store_f32(a->grad_scores, a->dtype, base + I[j][g], W[j][g]);
     }
     gk[row] = s_ratio[g];
     ga[row] = ga_sum[g];
   }
 }
-
-/* Backward of rows [begin, end) (smoe_rows8_fits), a group of eight at a time; gk / ga: the rows'
- * gradient contributions, indexed by row; rs / is: the per-row function's scratch (lapsum.c), for
- * the rows it redoes. (The backward's n == 8 does not need max_active == 8: it reads p.) */
-#define SMOE_ROWS8_BWD_LOOP(kind)                                                                  \
-  for (int64_t row = begin; row < end; row += SMOE_ROWS8)                                          \
-    smoe_rows8_bwd(a, row, (int)(end - row < SMOE_ROWS8 ? end - row : SMOE_ROWS8), rs, is, gk, ga, kind)
-static inline void smoe_topk_bwd_rows8(const smoe_topk_bwd_args *a, int64_t begin, int64_t end, float *rs,
-                                       int32_t *is, float *gk, float *ga) {
-  switch (smoe_rows8_kind(a->dtype, a->n, a->n)) {
-    case SMOE_ROWS8_F32_OF_8: SMOE_ROWS8_BWD_LOOP(SMOE_ROWS8_F32_OF_8); break;
-    case SMOE_ROWS8_F32: SMOE_ROWS8_BWD_LOOP(SMOE_ROWS8_F32); break;
-    default: SMOE_ROWS8_BWD_LOOP(SMOE_ROWS8_ANY_DTYPE); break;
-  }
-}
-#undef SMOE_ROWS8_BWD_LOOP
 
 #undef SMOE_ROWS8_CX
 

@@ -116,9 +116,17 @@ CUDA_JOBS ?= 2
 CUDA_BUILD_TESTS = tests/test_cuda_build.py tests/test_fake_devices.py tests/test_cuda.py \
   tests/test_cuda_experts.py tests/test_experts.py tests/test_dispatch.py
 
+# The packages are resolved first (pip's report, from the index's metadata, without the wheels), then
+# installed one at a time at the resolved versions: one pip install of all of them would keep every
+# downloaded wheel (about 3 GB) on the disk next to what they unpack to (about 5 GB) until the end.
+CUDA_REQUIREMENTS = torch==$(TORCH_VERSION) "setuptools>=77" ninja pytest numpy hypothesis
 $(CUDA_TORCH_STAMP):
 	$(BASE_PYTHON) -m venv $(CUDA_VENV) || { rm -rf $(CUDA_VENV); echo "make: could not create $(CUDA_VENV)"; exit 1; }
-	$(CUDA_VENV_PIP) install -q torch==$(TORCH_VERSION) "setuptools>=77" ninja pytest numpy hypothesis
+	$(CUDA_VENV_PIP) install -q --dry-run --report $(CUDA_VENV)/resolved.json $(CUDA_REQUIREMENTS)
+	$(CUDA_VENV)/bin/python -c 'import json, sys; [print(p["metadata"]["name"] + "==" + p["metadata"]["version"])\
+	  for p in json.load(open(sys.argv[1]))["install"]]' $(CUDA_VENV)/resolved.json > $(CUDA_VENV)/resolved.txt
+	while read -r pin; do $(CUDA_VENV_PIP) install -q --no-deps "$$pin" || exit 1; done < $(CUDA_VENV)/resolved.txt
+	$(CUDA_VENV_PIP) check
 	@touch $@
 
 # The copy is refreshed on every run (tar keeps the files' mtimes); the build runs when a source,

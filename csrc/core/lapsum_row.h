@@ -294,7 +294,8 @@ SMOE_HD void SMOE_FN(smoe_topk_fwd_candidates)(const smoe_topk_fwd_args *a, int6
    * infinite threshold (it would read it as k at a limit: zero gradients), so the row is out of
    * range, as an infinite alpha is. An infinite tau (a subnormal k: as if k = 0) stays. */
   const double threshold = (double)s_piv - (double)alpha * (double)tau;
-  if (tau > -(R)INFINITY && tau < (R)INFINITY && !(threshold > -INFINITY && threshold < INFINITY)) {
+  if (sizeof(R) == sizeof(double) && tau > -(R)INFINITY && tau < (R)INFINITY &&
+      !(threshold > -INFINITY && threshold < INFINITY)) { /* (a constant 0 for float rows) */
     SMOE_FN(smoe_fill_row)(a->p, a->dtype, base, n, (R)NAN);
     a->threshold[row] = NAN;
     return;

@@ -74,13 +74,22 @@ pytest: setup
 	$(PYTEST) tests
 
 # The C core alone, as strict C11, under AddressSanitizer and UndefinedBehaviorSanitizer.
-ctest: $(C_TESTS) fuzz-regress $(BENCH_CORE)
+ctest: $(C_TESTS) $(BUILD_DIR)/test_lapsum_cxx fuzz-regress $(BENCH_CORE)
 	@for t in $(C_TESTS); do echo "== $$t"; ASAN_OPTIONS=detect_leaks=1 $$t || exit 1; done
+	@echo "== $(BUILD_DIR)/test_lapsum_cxx (the core as the extension compiles it)"; $(BUILD_DIR)/test_lapsum_cxx
 	$(BENCH_CORE) -e 4,8,64 -n 999 -r 1 && $(BENCH_CORE) -e 8 -n 999 -r 1 -s 4 -p
 
-$(BUILD_DIR)/%: tests/c/%.c $(TEST_HARNESS) $(CORE_SRC) $(CORE_HDR)
-	@mkdir -p $(BUILD_DIR)
-	$(CC) $(CFLAGS_TEST) $(SANITIZE) $< $(CORE_SRC) -lm -o $@
+# The core under the sanitizers, compiled once for every C test and corpus replay (lapsum.c alone
+# takes minutes: three instruction-set builds of its row loops).
+CORE_SAN_OBJ = $(patsubst csrc/core/%.c,$(BUILD_DIR)/core-san/%.o,$(CORE_SRC))
+$(BUILD_DIR)/core-san/%.o: csrc/core/%.c $(CORE_HDR)
+	@mkdir -p $(BUILD_DIR)/core-san
+	$(CC) $(CFLAGS_TEST) $(SANITIZE) -c $< -o $@
+
+# (kept between runs: make would delete them as intermediates of the pattern rules)
+.SECONDARY: $(CORE_SAN_OBJ)
+$(BUILD_DIR)/%: tests/c/%.c $(TEST_HARNESS) $(CORE_SAN_OBJ) $(CORE_HDR)
+	$(CC) $(CFLAGS_TEST) $(SANITIZE) $< $(CORE_SAN_OBJ) -lm -o $@
 
 # Compile-only check of every CUDA file for sm_80 and sm_90 (needs nvcc, not torch, not a GPU), then a
 # syntax check of the binding's CUDA implementations (csrc/torch/*_cuda.cpp, host C++) with nvcc
@@ -153,15 +162,26 @@ demo: setup
 bench: setup
 	$(PYTHON) benchmarks/bench_router.py
 
-# The C core's soft top-k kernels timed alone, no torch (benchmarks/bench_core.c), built like the
-# extension (-O3, OpenMP). `make ctest` builds it and runs it once on a few rows so it cannot rot.
+# The C core compiled as the extension compiles it: as C++17, -O3, OpenMP. The same source
+# vectorises differently as C and as C++, so the kernels' benchmark times these objects (the code
+# that ships) and test_lapsum also runs against them (test_lapsum_cxx in ctest: their bits against
+# the per-row functions compiled as C).
+CORE_CXX_OBJ = $(patsubst csrc/core/%.c,$(BUILD_DIR)/core-cxx/%.o,$(CORE_SRC))
+$(BUILD_DIR)/core-cxx/%.o: csrc/core/%.c $(CORE_HDR)
+	@mkdir -p $(BUILD_DIR)/core-cxx
+	$(CXX) -x c++ -std=c++17 -O3 -fopenmp -Wall -Wextra -Wno-missing-field-initializers -Werror -Icsrc -c $< -o $@
+
+$(BUILD_DIR)/test_lapsum_cxx: tests/c/test_lapsum.c $(TEST_HARNESS) $(CORE_CXX_OBJ) $(CORE_HDR)
+	$(CC) -std=c11 -O1 -g -Wall -Wextra -Wpedantic -Werror -Icsrc $< $(CORE_CXX_OBJ) -lm -o $@
+
+# The soft top-k kernels timed alone, no torch (benchmarks/bench_core.c), on the C++ objects above.
+# `make ctest` builds it and runs it once on a few rows so it cannot rot.
 BENCH_CORE_ARGS ?=
 bench-core: $(BENCH_CORE)
 	$(BENCH_CORE) $(BENCH_CORE_ARGS)
 
-$(BENCH_CORE): benchmarks/bench_core.c $(CORE_SRC) $(CORE_HDR)
-	@mkdir -p $(BUILD_DIR)
-	$(CC) -std=c11 -O3 -fopenmp -Wall -Wextra -Wpedantic -Werror -Icsrc $< $(CORE_SRC) -lm -o $@
+$(BENCH_CORE): benchmarks/bench_core.c $(CORE_CXX_OBJ) $(CORE_HDR)
+	$(CC) -std=c11 -O3 -fopenmp -Wall -Wextra -Wpedantic -Werror -Icsrc $< $(CORE_CXX_OBJ) -lm -o $@
 
 clean:
 	rm -rf build $(BUILD_DIR) softmoe/*.so $(STAMP) $(CUDA_BUILD_STAMP) *.egg-info
@@ -194,15 +214,22 @@ FUZZ_RUN_FLAGS = -max_len=8192 -timeout=10 -rss_limit_mb=2048 -print_final_stats
 
 # The harness itself is built without comparison tracing (its checking loops would otherwise take
 # half the time of every run and tell libFuzzer nothing about the core); the core keeps it.
-$(FUZZ_BUILD)/libfuzzer_%: $(FUZZ_DIR)/%.c $(FUZZ_DEPS)
+# The core instrumented for libFuzzer, compiled once for both targets.
+FUZZ_CORE_OBJ = $(patsubst csrc/core/%.c,$(FUZZ_BUILD)/core/%.o,$(CORE_SRC))
+$(FUZZ_BUILD)/core/%.o: csrc/core/%.c $(CORE_HDR)
 	@command -v $(FUZZ_CC) >/dev/null || { echo "fuzz: $(FUZZ_CC) not found; apt-get install clang libclang-rt-14-dev"; exit 1; }
+	@mkdir -p $(FUZZ_BUILD)/core
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
+
+.SECONDARY: $(FUZZ_CORE_OBJ)
+$(FUZZ_BUILD)/libfuzzer_%: $(FUZZ_DIR)/%.c $(FUZZ_DEPS) $(FUZZ_CORE_OBJ)
 	@mkdir -p $(FUZZ_BUILD)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fno-sanitize-coverage=trace-cmp -c $< -o $@.o
-	$(FUZZ_CC) $(FUZZ_CFLAGS) $@.o $(CORE_SRC) -lm -o $@
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $@.o $(FUZZ_CORE_OBJ) -lm -o $@
 
-$(FUZZ_BUILD)/replay_%: $(FUZZ_DIR)/%.c $(FUZZ_DIR)/replay_main.c $(FUZZ_DEPS)
+$(FUZZ_BUILD)/replay_%: $(FUZZ_DIR)/%.c $(FUZZ_DIR)/replay_main.c $(FUZZ_DEPS) $(CORE_SAN_OBJ)
 	@mkdir -p $(FUZZ_BUILD)
-	$(CC) $(CFLAGS_TEST) $(SANITIZE) $< $(FUZZ_DIR)/replay_main.c $(CORE_SRC) -lm -o $@
+	$(CC) $(CFLAGS_TEST) $(SANITIZE) $< $(FUZZ_DIR)/replay_main.c $(CORE_SAN_OBJ) -lm -o $@
 
 fuzz-regress: $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/replay_%)
 	@for t in $(FUZZ_TARGETS); do echo "== corpus of $$t"; \

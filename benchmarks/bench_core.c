@@ -2,6 +2,7 @@
  *
  *   make bench-core                      # E = 8, 16, 32, 64, 128, 256; scores N(0, 1)
  *   make bench-core BENCH_CORE_ARGS="-e 8 -s 4 -p"
+ *   make bench-core BENCH_CORE_ARGS="-e 8 -i avx2"   # one instruction-set build (default: auto)
  *
  * For each E: forward and backward of `rows` rows (k = 2, alpha = 1; truncated eps = 1e-2 with
  * max_active = min(8, E) as in bench_router.py's softmoe_trunc or -c's cap, or -p: plain, every
@@ -32,14 +33,27 @@ static double uniform(void) {
 static double gauss(void) { return sqrt(-2.0 * log(uniform())) * cos(6.283185307179586 * uniform()); }
 
 static void usage(void) {
-  fprintf(stderr, "usage: bench_core [-e E[,E...]] [-s spread] [-c max_active] [-r repeats] [-n rows] [-p]\n");
+  fprintf(stderr,
+          "usage: bench_core [-e E[,E...]] [-s spread] [-c max_active] [-r repeats] [-n rows] [-p]\n"
+          "                  [-i auto|baseline|avx2|avx512]\n");
   exit(2);
+}
+
+/* The SMOE_ISA_* value of -i's name. */
+static int isa_named(const char *name) {
+  const char *names[4] = {"auto", "baseline", "avx2", "avx512"};
+  const int values[4] = {SMOE_ISA_AUTO, SMOE_ISA_BASELINE, SMOE_ISA_AVX2, SMOE_ISA_AVX512};
+  for (int i = 0; i < 4; ++i)
+    if (!strcmp(name, names[i])) return values[i];
+  usage();
+  return SMOE_ISA_AUTO;
 }
 
 int main(int argc, char **argv) {
   char experts[256] = "8,16,32,64,128,256";
   double spread = 1.0;
-  int repeats = 15, plain = 0, cap_arg = 8;
+  int repeats = 15, plain = 0, cap_arg = 8, isa = SMOE_ISA_AUTO;
+  const char *isa_name = "auto";
   int64_t rows = 65536;
   for (int i = 1; i < argc; ++i) {
     if (!strcmp(argv[i], "-p")) {
@@ -52,6 +66,9 @@ int main(int argc, char **argv) {
       cap_arg = atoi(argv[++i]);
     } else if (i + 1 < argc && !strcmp(argv[i], "-r")) {
       repeats = atoi(argv[++i]);
+    } else if (i + 1 < argc && !strcmp(argv[i], "-i")) {
+      isa_name = argv[++i];
+      isa = isa_named(isa_name);
     } else if (i + 1 < argc && !strcmp(argv[i], "-n")) {
       rows = atoll(argv[++i]);
     } else {
@@ -59,8 +76,8 @@ int main(int argc, char **argv) {
     }
   }
   if (repeats < 1 || rows < 1 || cap_arg < 1 || !(spread > 0)) usage();
-  printf("%-5s %-9s %4s %7s %7s %12s %12s %8s\n", "E", "kernel", "cap", "spread", "rows", "fwd ns/row", "bwd ns/row",
-         "active");
+  printf("%-5s %-9s %-8s %4s %7s %7s %12s %12s %8s\n", "E", "kernel", "isa", "cap", "spread", "rows", "fwd ns/row",
+         "bwd ns/row", "active");
   for (char *tok = strtok(experts, ","); tok; tok = strtok(NULL, ",")) {
     const int64_t n = atoll(tok);
     if (n < 1) usage();
@@ -79,18 +96,21 @@ int main(int argc, char **argv) {
     double fwd = INFINITY, bwd = INFINITY;
     for (int r = 0; r < repeats; ++r) {
       double t = now();
-      if (smoe_topk_fwd(&fa, 0, rows) != SMOE_OK) return 1;
+      if (smoe_topk_fwd_isa(&fa, 0, rows, isa) != SMOE_OK) {
+        fprintf(stderr, "bench_core: this build or CPU has no %s build of the kernels\n", isa_name);
+        return 1;
+      }
       t = now() - t;
       fwd = t < fwd ? t : fwd;
       t = now();
-      if (smoe_topk_bwd(&ba, 0, rows) != SMOE_OK) return 1;
+      if (smoe_topk_bwd_isa(&ba, 0, rows, isa) != SMOE_OK) return 1;
       t = now() - t;
       bwd = t < bwd ? t : bwd;
     }
     double active = 0;
     for (int64_t i = 0; i < rows * n; ++i) active += p[i] != 0.0f;
-    printf("%-5lld %-9s %4lld %7.2f %7lld %12.1f %12.1f %8.2f\n", (long long)n, plain ? "plain" : "truncated",
-           (long long)cap, spread, (long long)rows, 1e9 * fwd / (double)rows, 1e9 * bwd / (double)rows,
+    printf("%-5lld %-9s %-8s %4lld %7.2f %7lld %12.1f %12.1f %8.2f\n", (long long)n, plain ? "plain" : "truncated",
+           isa_name, (long long)cap, spread, (long long)rows, 1e9 * fwd / (double)rows, 1e9 * bwd / (double)rows,
            active / (double)rows);
     free(scores), free(p), free(g), free(grad), free(gk), free(ga), free(threshold);
   }

@@ -1,13 +1,14 @@
-/* Soft top-k eight rows at a time on the CPU, float math (float32 scores, and bf16 / f16 storage):
+/* Soft top-k sixteen rows at a time on the CPU, float math (float32 scores, and bf16 / f16 storage):
  * rows of 2 to 8 scores with any max_active (Mixtral's E = 8), and longer rows with at most 8
- * candidates (max_active <= 8: the truncated router of E = 16 to 256 experts).
+ * candidates (max_active <= 8: the truncated router of E = 16 to 256 experts). "rows8": a row's
+ * eight candidate slots.
  *
  * These are the per-row functions of lapsum_row.h with the rows in the vector lanes instead of the
  * scores: a row's numbers live in one lane of [slot][row] arrays, every step is a loop over the
- * eight rows that the compiler turns into vector instructions, and the sequential parts of a row
- * (the sorting network, the prefix and suffix sums, the bracket search) run eight rows per
- * instruction. A short row's scores go into the lanes and are sorted there; a longer row's
- * candidates are picked by the per-row selection (smoe_select_f32) and go into the lanes sorted.
+ * group's rows that the compiler turns into vector instructions, and the sequential parts of a row
+ * (the sorting network, the prefix and suffix sums, the bracket search) run a group of rows per
+ * step. A short row's scores go into the lanes and are sorted there; a longer row's candidates are
+ * picked by the per-row selection (smoe_select_f32) and go into the lanes sorted.
  * A lane performs exactly the operations of smoe_topk_fwd_row_f32 and smoe_topk_bwd_row_f32 in the
  * same order (the same sorted values, the same polynomial exp, the same candidates under a cap, the
  * backward's active entries compacted in index order into the same lane tree, the truncated rows'
@@ -28,11 +29,19 @@
 #include "lapsum_args.h"
 #include "smoe_math.h"
 
-/* Rows per group, the longest row taken with any max_active, and the most candidates of a longer
- * row. */
+/* The longest row taken with any max_active, and the most candidates of a longer row: a row's
+ * slots. */
 #define SMOE_ROWS8 8
 
-/* 1 where the forward / backward of a call takes the eight-row path. */
+/* Rows per group: two vectors of eight floats per step (AVX2, AVX-512VL's 256-bit registers), one
+ * of sixteen (512-bit), four of four (SSE2). A row's steps form one long chain of dependent
+ * instructions (sorting network, prefix and suffix sums, bracket search, logs); a second vector of
+ * rows in each step gives the core a second chain to overlap: with AVX2 on an Intel Xeon 16 rows
+ * per group took 0.86x the time of 8 at E = 4 and 0.98x at E = 8, forward and backward
+ * (benchmarks/results/bench_core_isa_intel.txt, appendix A). */
+#define SMOE_ROWS8_GROUP 16
+
+/* 1 where the forward / backward of a call takes the grouped rows' path. */
 static inline int smoe_rows8_fits(smoe_dtype dtype, int64_t n, int64_t max_active) {
   return dtype != SMOE_F64 && n >= 2 && (n <= SMOE_ROWS8 || max_active <= SMOE_ROWS8);
 }
@@ -42,31 +51,37 @@ static inline int smoe_rows8_fits(smoe_dtype dtype, int64_t n, int64_t max_activ
 static inline float smoe_rows8_max(float a, float b) { return smoe_where_f32(a > b, a, b); }
 static inline float smoe_rows8_min(float a, float b) { return smoe_where_f32(a > b, b, a); }
 
-/* c ? a : b for integers through bit masks (a ?: that the vectoriser keeps as a branch). */
-static inline int32_t smoe_rows8_pick(int32_t c, int32_t a, int32_t b) { return b ^ ((a ^ b) & -(int32_t)(c != 0)); }
+/* c ? a : b for integers through bit masks (a ?: that the vectoriser keeps as a branch), in
+ * unsigned words as smoe_where_f32: compiled as C++ (the extension), the signed form
+ * b ^ ((a ^ b) & -c) of a float comparison's c became a branch again, and the forward of E = 8
+ * took 1.25x the time of the C build. */
+static inline int32_t smoe_rows8_pick(int32_t c, int32_t a, int32_t b) {
+  const uint32_t m = 0u - (uint32_t)(c != 0);
+  return (int32_t)(((uint32_t)a & m) | ((uint32_t)b & ~m));
+}
 
-/* One comparator of the network on all eight rows: the larger score to slot i. */
+/* One comparator of the network on all the group's rows: the larger score to slot i. */
 #define SMOE_ROWS8_CX(i, j)                                     \
-  SMOE_SIMD for (int g = 0; g < SMOE_ROWS8; ++g) {              \
+  SMOE_SIMD for (int g = 0; g < SMOE_ROWS8_GROUP; ++g) {              \
     const float x_ = s[i][g], y_ = s[j][g];                     \
     s[i][g] = smoe_rows8_max(x_, y_);                           \
     s[j][g] = smoe_rows8_min(x_, y_);                           \
   }
 
-/* The lanes' sum tree of smoe_lane_sum_f32, over the score slots of eight rows. */
-static inline void smoe_rows8_lane_sum(float v[SMOE_LANES][SMOE_ROWS8], float *out) {
+/* The lanes' sum tree of smoe_lane_sum_f32, over the score slots of a group's rows. */
+static inline void smoe_rows8_lane_sum(float v[SMOE_LANES][SMOE_ROWS8_GROUP], float *out) {
   SMOE_SIMD
-  for (int g = 0; g < SMOE_ROWS8; ++g)
+  for (int g = 0; g < SMOE_ROWS8_GROUP; ++g)
     out[g] = ((v[0][g] + v[1][g]) + (v[2][g] + v[3][g])) + ((v[4][g] + v[5][g]) + (v[6][g] + v[7][g]));
 }
 
 /* smoe_lapsum_solve_f32 in the lanes: the threshold of each row's best a[g] sorted scores s (the
  * counts differ by row after the active-set search) for the targets K, as tau and the pivot score
  * s_piv. nn: the longest a (the loops' bound). U, V: scratch. */
-static inline void smoe_rows8_solve(float s[SMOE_ROWS8][SMOE_ROWS8], int nn, const int32_t *a, const float *K,
-                                    const float *alpha, const float *inv_alpha, float U[SMOE_ROWS8][SMOE_ROWS8],
-                                    float V[SMOE_ROWS8][SMOE_ROWS8], float *tau, float *s_piv) {
-  enum { G = SMOE_ROWS8 };
+static inline void smoe_rows8_solve(float s[SMOE_ROWS8][SMOE_ROWS8_GROUP], int nn, const int32_t *a, const float *K,
+                                    const float *alpha, const float *inv_alpha, float U[SMOE_ROWS8][SMOE_ROWS8_GROUP],
+                                    float V[SMOE_ROWS8][SMOE_ROWS8_GROUP], float *tau, float *s_piv) {
+  enum { G = SMOE_ROWS8_GROUP };
   /* the factors e^{-gap} (into V), the prefix sums U, the suffix sums V (0 from a - 1 on) */
   for (int i = 0; i + 1 < nn; ++i) {
     SMOE_SIMD
@@ -168,9 +183,9 @@ static inline void smoe_rows8_solve(float s[SMOE_ROWS8][SMOE_ROWS8], int nn, con
 /* smoe_active_count_f32 in the lanes for the rows with search[g] set: which candidates the
  * truncated count keeps (its galloping and bisection steps replayed on every count it can
  * test, so the same count comes out). Sets a[g], and K[g] for the solve on that many. */
-static inline void smoe_rows8_active(float s[SMOE_ROWS8][SMOE_ROWS8], int m, const int32_t *search, const float *k,
+static inline void smoe_rows8_active(float s[SMOE_ROWS8][SMOE_ROWS8_GROUP], int m, const int32_t *search, const float *k,
                                      const float *inv_alpha, float eps, float cut, int32_t *a, float *K) {
-  enum { G = SMOE_ROWS8 };
+  enum { G = SMOE_ROWS8_GROUP };
   /* below[g] bit j: the truncated count at the cut of candidate j is below k */
   uint32_t below[G];
   SMOE_SIMD
@@ -207,7 +222,7 @@ static inline void smoe_rows8_active(float s[SMOE_ROWS8][SMOE_ROWS8], int m, con
 /* The forward of smoe_topk_fwd_rows8 for short rows (short_rows = 1: n <= 8) or longer ones (0), a
  * constant at each call so that each gets its own code. */
 static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int rows, const int short_rows) {
-  enum { G = SMOE_ROWS8 };
+  enum { G = SMOE_ROWS8_GROUP };
   const int64_t n = a->n, cap = a->max_active;
   const float eps = (float)a->eps;
   const int truncated = eps > 0;
@@ -260,7 +275,7 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
         s[j][g] = r[j][g] + 0.0f;
       }
     }
-    for (int j = nn; j < G; ++j) {
+    for (int j = nn; j < SMOE_ROWS8; ++j) {
       SMOE_SIMD
       for (int g = 0; g < G; ++g) s[j][g] = -INFINITY;
     }
@@ -383,24 +398,24 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
   }
 }
 
-/* Forward of rows [begin, end) (smoe_rows8_fits), a group of eight at a time: short rows (n <= 8)
+/* Forward of rows [begin, end) (smoe_rows8_fits), a group of rows at a time: short rows (n <= 8)
  * and longer ones, in two functions (lapsum.c builds them apart: in one function with the longer
  * rows' selection, the short rows' code takes 7 % more instructions). */
 static inline void smoe_topk_fwd_rows8_short(const smoe_topk_fwd_args *a, int64_t begin, int64_t end) {
-  for (int64_t row = begin; row < end; row += SMOE_ROWS8)
-    smoe_rows8_fwd(a, row, (int)(end - row < SMOE_ROWS8 ? end - row : SMOE_ROWS8), 1);
+  for (int64_t row = begin; row < end; row += SMOE_ROWS8_GROUP)
+    smoe_rows8_fwd(a, row, (int)(end - row < SMOE_ROWS8_GROUP ? end - row : SMOE_ROWS8_GROUP), 1);
 }
 static inline void smoe_topk_fwd_rows8_long(const smoe_topk_fwd_args *a, int64_t begin, int64_t end) {
-  for (int64_t row = begin; row < end; row += SMOE_ROWS8)
-    smoe_rows8_fwd(a, row, (int)(end - row < SMOE_ROWS8 ? end - row : SMOE_ROWS8), 0);
+  for (int64_t row = begin; row < end; row += SMOE_ROWS8_GROUP)
+    smoe_rows8_fwd(a, row, (int)(end - row < SMOE_ROWS8_GROUP ? end - row : SMOE_ROWS8_GROUP), 0);
 }
 
-/* Backward of rows [row0, row0 + rows), rows <= 8 (smoe_rows8_fits); gk / ga: the rows'
+/* Backward of rows [row0, row0 + rows), rows <= SMOE_ROWS8_GROUP (smoe_rows8_fits); gk / ga: the rows'
  * gradient contributions, indexed by row; rs / is: the per-row function's scratch (lapsum.c), for
  * the rows it redoes. */
 static inline void smoe_topk_bwd_rows8(const smoe_topk_bwd_args *a, int64_t row0, int rows, float *rs, int32_t *is,
                                        float *gk, float *ga) {
-  enum { G = SMOE_ROWS8, L = SMOE_LANES };
+  enum { G = SMOE_ROWS8_GROUP, L = SMOE_LANES };
   const int64_t n = a->n;
   const float eps = (float)a->eps;
   const int every_finite = a->eps == 0 && a->max_active >= n;
@@ -515,6 +530,14 @@ static inline void smoe_topk_bwd_rows8(const smoe_topk_bwd_args *a, int64_t row0
     gk[row] = s_ratio[g];
     ga[row] = ga_sum[g];
   }
+}
+
+/* Backward of rows [begin, end) (smoe_rows8_fits), a group of rows at a time; rs / is as above. */
+static inline void smoe_topk_bwd_rows8_loop(const smoe_topk_bwd_args *a, int64_t begin, int64_t end, float *rs,
+                                            int32_t *is) {
+  float *gk = (float *)a->grad_k_rows, *ga = (float *)a->grad_alpha_rows;
+  for (int64_t row = begin; row < end; row += SMOE_ROWS8_GROUP)
+    smoe_topk_bwd_rows8(a, row, (int)(end - row < SMOE_ROWS8_GROUP ? end - row : SMOE_ROWS8_GROUP), rs, is, gk, ga);
 }
 
 #undef SMOE_ROWS8_CX

@@ -79,10 +79,11 @@ smoe_status smoe_topk_fwd(const smoe_topk_fwd_args *args, int64_t row_begin, int
 smoe_status smoe_topk_bwd(const smoe_topk_bwd_args *args, int64_t row_begin, int64_t row_end);
 
 /* The CPU entry points above run the build's baseline instruction set or, on x86-64 CPUs that have
- * it, an AVX2 build of the same code (SMOE_ISA_AUTO). Both give the same bits; these variants take
- * the choice as an argument so that tests can compare them. A request this build or CPU cannot
- * serve (SMOE_ISA_AVX2 without AVX2) returns SMOE_ERR_ARG. */
-enum { SMOE_ISA_AUTO = -1, SMOE_ISA_BASELINE = 0, SMOE_ISA_AVX2 = 1 };
+ * them, an AVX2 or AVX-512 (F, VL, BW, DQ) build of the same code, the widest the CPU runs
+ * (SMOE_ISA_AUTO). All give the same bits; these variants take the choice as an argument so that
+ * tests and benchmarks can compare them. A request this build or CPU cannot serve (SMOE_ISA_AVX512
+ * without AVX-512, or on another architecture) returns SMOE_ERR_ARG. */
+enum { SMOE_ISA_AUTO = -1, SMOE_ISA_BASELINE = 0, SMOE_ISA_AVX2 = 1, SMOE_ISA_AVX512 = 2 };
 smoe_status smoe_topk_fwd_isa(const smoe_topk_fwd_args *args, int64_t row_begin, int64_t row_end, int isa);
 smoe_status smoe_topk_bwd_isa(const smoe_topk_bwd_args *args, int64_t row_begin, int64_t row_end, int isa);
 

@@ -29,17 +29,29 @@ def _compiler():
     return None
 
 
-def _build(cc, target, out):
-    src = [os.path.join(FUZZ, f"{target}.c"), os.path.join(FUZZ, "replay_main.c")] + CORE
-    base = [cc, "-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-I" + os.path.join(ROOT, "csrc")]
-    proc = subprocess.run(base + SANITIZE + src + ["-lm", "-o", out], capture_output=True, text=True)
-    if proc.returncode == 0:
-        return True
-    # a compiler without the sanitizer runtimes still replays the invariants
-    plain = subprocess.run(base + src + ["-lm", "-o", out], capture_output=True, text=True)
-    assert plain.returncode == 0, f"cannot build the {target} replay:\n{plain.stderr[-3000:]}"
-    warnings.warn(f"{cc} cannot link ASan/UBSan here; replaying {target} without sanitizers:\n{proc.stderr[-500:]}")
-    return False
+def _run(cmd):
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def _build(cc, out, flags):
+    """Both replays, the core compiled once with flags (lapsum.c alone takes minutes under the
+    sanitizers); {target: path}, or the failing compiler output."""
+    base = [cc, "-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-I" + os.path.join(ROOT, "csrc")] + flags
+    objects = []
+    for src in CORE:
+        obj = os.path.join(out, os.path.basename(src)[:-2] + ".o")
+        proc = _run(base + ["-c", src, "-o", obj])
+        if proc.returncode != 0:
+            return proc.stderr
+        objects.append(obj)
+    binaries = {}
+    for target in TARGETS:
+        binaries[target] = os.path.join(out, f"replay_{target}")
+        src = [os.path.join(FUZZ, f"{target}.c"), os.path.join(FUZZ, "replay_main.c")]
+        proc = _run(base + src + objects + ["-lm", "-o", binaries[target]])
+        if proc.returncode != 0:
+            return proc.stderr
+    return binaries
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +59,19 @@ def replay_binaries(tmp_path_factory):
     cc = _compiler()
     if cc is None:
         pytest.skip("no C compiler (cc, gcc or clang) on PATH")
-    out = tmp_path_factory.mktemp("fuzz_replay")
-    return {t: (str(out / f"replay_{t}"), _build(cc, t, str(out / f"replay_{t}"))) for t in TARGETS}
+    sanitized = _build(cc, str(tmp_path_factory.mktemp("fuzz_replay")), SANITIZE)
+    if isinstance(sanitized, dict):
+        return sanitized
+    # a compiler without the sanitizer runtimes still replays the invariants
+    plain = _build(cc, str(tmp_path_factory.mktemp("fuzz_replay_plain")), [])
+    assert isinstance(plain, dict), f"cannot build the replays:\n{plain[-3000:]}"
+    warnings.warn(f"{cc} cannot build with ASan/UBSan here; replaying without sanitizers:\n{sanitized[-500:]}")
+    return plain
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_corpus_replays_clean(target, replay_binaries):
-    binary, _ = replay_binaries[target]
+    binary = replay_binaries[target]
     corpus = os.path.join(FUZZ, "corpus", target)
     inputs = [f for f in os.listdir(corpus) if not f.startswith(".")]
     assert inputs, f"the corpus of {target} is empty"

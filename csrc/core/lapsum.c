@@ -37,11 +37,12 @@ static int valid_range(int64_t rows, int64_t row_begin, int64_t row_end) {
  * AMD since Zen 4), and the entry points pick the widest build the CPU runs. AVX-512 brings a mask
  * register per comparison (a blend in one instruction) and 32 vector registers.
  *
- * The grouped short rows (n <= 8) run in functions of their own, so that the AVX-512 build can give
- * them 512-bit vectors (a group's 16 rows in one register per step) and everything else 256-bit ones
- * (GCC's choice otherwise: 512 for these targets): on an Intel Xeon, forward and backward, the
- * 512-bit short rows took 0.93x the time of the 256-bit ones at E = 8, and the 512-bit longer rows
- * 1.07x (E = 64) and 1.05x (E = 256) (benchmarks/results/bench_core_isa_intel.txt, appendix B).
+ * The grouped short rows (n <= 8), and the longer ones whose candidates are picked in the lanes, run
+ * in functions of their own, so that the AVX-512 build can give them 512-bit vectors (a group's 16
+ * rows in one register per step) and everything else 256-bit ones (GCC's choice otherwise: 512 for
+ * these targets): on an Intel Xeon, forward and backward, the 512-bit short rows took 0.93x the
+ * time of the 256-bit ones at E = 8, and the 512-bit longer rows with the per-row selection 1.07x
+ * (E = 64) and 1.05x (E = 256) (benchmarks/results/bench_core_isa_intel.txt, appendix B).
  * Clang takes no vector-width preference in a target attribute and builds both with its own choice.
  *
  * Every build gives the same bits: nothing is contracted into a fused multiply-add (AVX2 here has no
@@ -72,11 +73,22 @@ static int valid_range(int64_t rows, int64_t row_begin, int64_t row_end) {
 #endif
 #endif
 
-/* The loops of one build: attrs for the grouped short rows, long_attrs for everything else. */
-#define SMOE_DEFINE_ROW_LOOPS(isa, short_attrs, long_attrs)                                                    \
+/* The loops of one build: short_attrs for the grouped short rows and the longer rows whose
+ * candidates are picked in the lanes (n <= lanes_max), long_attrs for everything else. The lanes'
+ * selection costs the same few vector steps per score; the per-row one fewer steps per score but
+ * a sort and unpacking per row. On an Intel Xeon, forward ns per row, per-row / lanes selection at
+ * max_active 8 (benchmarks/results/bench_core_select_lanes.txt, appendix): AVX-512 (16 rows in a
+ * 512-bit register) 90 / 50 at E = 16, 194 / 128 at 64, 508 / 473 at 256; AVX2 (two 256-bit
+ * registers) 148 / 105 at E = 32, 200 / 208 at 64; baseline (SSE2, four registers) 172 / 170 at
+ * 32, 223 / 298 at 64. */
+#define SMOE_DEFINE_ROW_LOOPS(isa, short_attrs, long_attrs, lanes_max)                                         \
   short_attrs SMOE_NOINLINE static void fwd_short_rows8_##isa(const smoe_topk_fwd_args *a, int64_t begin,      \
                                                               int64_t end) {                                   \
     smoe_topk_fwd_rows8_short(a, begin, end);                                                                  \
+  }                                                                                                            \
+  short_attrs SMOE_NOINLINE static void fwd_lanes_rows8_##isa(const smoe_topk_fwd_args *a, int64_t begin,      \
+                                                              int64_t end) {                                   \
+    smoe_topk_fwd_rows8_lanes(a, begin, end);                                                                  \
   }                                                                                                            \
   long_attrs SMOE_NOINLINE static void fwd_long_rows8_##isa(const smoe_topk_fwd_args *a, int64_t begin,        \
                                                             int64_t end) {                                     \
@@ -90,6 +102,8 @@ static int valid_range(int64_t rows, int64_t row_begin, int64_t row_end) {
       for (int64_t row = begin; row < end; ++row) smoe_topk_fwd_row_f32(a, row, (float *)rs, is, 1);           \
     else if (a->n <= SMOE_ROWS8)                                                                               \
       fwd_short_rows8_##isa(a, begin, end);                                                                    \
+    else if (a->n <= (lanes_max))                                                                              \
+      fwd_lanes_rows8_##isa(a, begin, end);                                                                    \
     else                                                                                                       \
       fwd_long_rows8_##isa(a, begin, end);                                                                     \
   }                                                                                                            \
@@ -118,10 +132,10 @@ static int valid_range(int64_t rows, int64_t row_begin, int64_t row_end) {
     }                                                                                                          \
   }
 
-SMOE_DEFINE_ROW_LOOPS(baseline, SMOE_FLATTEN, SMOE_FLATTEN)
+SMOE_DEFINE_ROW_LOOPS(baseline, SMOE_FLATTEN, SMOE_FLATTEN, 32)
 #if SMOE_X86_DISPATCH
-SMOE_DEFINE_ROW_LOOPS(avx2, SMOE_FLATTEN_AVX2, SMOE_FLATTEN_AVX2)
-SMOE_DEFINE_ROW_LOOPS(avx512, SMOE_FLATTEN_AVX512_WIDE, SMOE_FLATTEN_AVX512)
+SMOE_DEFINE_ROW_LOOPS(avx2, SMOE_FLATTEN_AVX2, SMOE_FLATTEN_AVX2, 32)
+SMOE_DEFINE_ROW_LOOPS(avx512, SMOE_FLATTEN_AVX512_WIDE, SMOE_FLATTEN_AVX512, 256)
 #endif
 
 /* 1 where a build of the loops for isa exists and the CPU runs it. */

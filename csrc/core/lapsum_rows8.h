@@ -8,7 +8,8 @@
  * group's rows that the compiler turns into vector instructions, and the sequential parts of a row
  * (the sorting network, the prefix and suffix sums, the bracket search) run a group of rows per
  * step. A short row's scores go into the lanes and are sorted there; a longer row's candidates are
- * picked by the per-row selection (smoe_select_f32) and go into the lanes sorted.
+ * picked in the lanes too (smoe_rows8_select_lanes, rows up to a length that lapsum.c sets per
+ * build) or by the per-row selection (smoe_select_f32), and go into the lanes sorted.
  * A lane performs exactly the operations of smoe_topk_fwd_row_f32 and smoe_topk_bwd_row_f32 in the
  * same order (the same sorted values, the same polynomial exp, the same candidates under a cap, the
  * backward's active entries compacted in index order into the same lane tree, the truncated rows'
@@ -219,9 +220,67 @@ static inline void smoe_rows8_active(float s[SMOE_ROWS8][SMOE_ROWS8_GROUP], int 
   }
 }
 
-/* The forward of smoe_topk_fwd_rows8 for short rows (short_rows = 1: n <= 8) or longer ones (0), a
- * constant at each call so that each gets its own code. */
-static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int rows, const int short_rows) {
+/* The candidates of a group's longer rows with the rows in the lanes: smoe_select_f32's result for
+ * each row (its best m finite scores, best first, equal scores by index; -0 read as +0) in
+ * s[0..m) and their places in idx, picked[g] = 0 where that selection fails (a NaN or +inf score,
+ * fewer than m finite ones). Each lane keeps its row's best 8 sorted and inserts the scores in
+ * index order: a score goes below every kept one it does not beat, so an earlier equal score
+ * stays first. No branch depends on the scores; every score costs the same few vector steps, which
+ * makes this the faster selection up to a row length that depends on the vector width (lapsum.c). */
+static inline void smoe_rows8_select_lanes(const smoe_topk_fwd_args *a, int64_t row0, int rows, int m,
+                                           float s[SMOE_ROWS8][SMOE_ROWS8_GROUP],
+                                           int32_t idx[SMOE_ROWS8][SMOE_ROWS8_GROUP], int32_t *picked) {
+  enum { G = SMOE_ROWS8_GROUP };
+  const int64_t n = a->n;
+  int32_t bad[G], lane_row[G]; /* lane_row: the lane's row past row0 (the lanes past `rows` repeat row0) */
+  SMOE_SIMD
+  for (int g = 0; g < G; ++g) lane_row[g] = g < rows ? g : 0, bad[g] = 0;
+  for (int i = 0; i < SMOE_ROWS8; ++i) {
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) s[i][g] = -INFINITY, idx[i][g] = 0;
+  }
+  /* One step: the score v of each lane's row enters its kept scores. Slot i takes slot i - 1 where v
+   * beats that one, else v where v beats slot i, else keeps its own (v beats the kept scores from
+   * some slot on: they are sorted). Written out slot by slot: in lapsum.c's large flattened
+   * functions GCC no longer unrolls the loops over the slots, and the lane loop stays scalar. */
+#define SMOE_ROWS8_SHIFT(i)                                                                                 \
+  s[i][g] = smoe_where_f32(b##i##_, s[i - 1][g], smoe_where_f32(v > s_##i, v, s_##i));                      \
+  idx[i][g] = smoe_rows8_pick(b##i##_, idx[i - 1][g], smoe_rows8_pick(v > s_##i, (int32_t)j, idx[i][g]));
+#define SMOE_ROWS8_INSERT(score)                                                                            \
+  SMOE_SIMD                                                                                                 \
+  for (int g = 0; g < G; ++g) {                                                                             \
+    const float v = (score) + 0.0f;                                                                         \
+    bad[g] |= !(v < INFINITY);                                                                              \
+    const float s_0 = s[0][g], s_1 = s[1][g], s_2 = s[2][g], s_3 = s[3][g], s_4 = s[4][g], s_5 = s[5][g],   \
+                s_6 = s[6][g], s_7 = s[7][g];                                                               \
+    const int32_t b1_ = v > s_0, b2_ = v > s_1, b3_ = v > s_2, b4_ = v > s_3, b5_ = v > s_4, b6_ = v > s_5, \
+                  b7_ = v > s_6;                                                                            \
+    SMOE_ROWS8_SHIFT(7) SMOE_ROWS8_SHIFT(6) SMOE_ROWS8_SHIFT(5) SMOE_ROWS8_SHIFT(4)                         \
+    SMOE_ROWS8_SHIFT(3) SMOE_ROWS8_SHIFT(2) SMOE_ROWS8_SHIFT(1)                                             \
+    s[0][g] = smoe_where_f32(b1_, v, s_0);                                                                  \
+    idx[0][g] = smoe_rows8_pick(b1_, (int32_t)j, idx[0][g]);                                                \
+  }
+  if (a->dtype == SMOE_F32 && rows == G) { /* a stride of n between the lanes: no index per lane */
+    const float *src = (const float *)a->scores + row0 * n;
+    for (int64_t j = 0; j < n; ++j) SMOE_ROWS8_INSERT(src[g * n + j])
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      float x[G];
+      for (int g = 0; g < G; ++g) x[g] = smoe_load_f32(a->scores, a->dtype, (row0 + lane_row[g]) * n + j);
+      SMOE_ROWS8_INSERT(x[g])
+    }
+  }
+#undef SMOE_ROWS8_INSERT
+#undef SMOE_ROWS8_SHIFT
+  SMOE_SIMD
+  for (int g = 0; g < G; ++g) picked[g] = !bad[g] & (s[m - 1][g] > -INFINITY);
+}
+
+/* The forward of smoe_topk_fwd_rows8 for short rows (short_rows = 1: n <= 8) or longer ones (0),
+ * these with their candidates picked per row or in the lanes (select_lanes): constants at each
+ * call, so that each kind gets its own code. */
+static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int rows, const int short_rows,
+                                  const int select_lanes) {
   enum { G = SMOE_ROWS8_GROUP };
   const int64_t n = a->n, cap = a->max_active;
   const float eps = (float)a->eps;
@@ -241,7 +300,9 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
     const int64_t row = row0 + (g < rows ? g : 0);
     k[g] = ((const float *)a->k)[row * a->k_stride];
     alpha[g] = ((const float *)a->alpha)[row * a->alpha_stride];
-    if (!short_rows) {
+    if (select_lanes) {
+      continue;
+    } else if (!short_rows) {
       /* the per-row function's selection (no merge buffers below SMOE_INSERTION_CAP candidates) */
       float val[SMOE_TOPK_SMALL_CAP + SMOE_LANES];
       int32_t at[SMOE_TOPK_SMALL_CAP];
@@ -253,6 +314,13 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
       for (int j = 0; j < n; ++j) r[j][g] = src[j];
     } else {
       for (int j = 0; j < n; ++j) r[j][g] = smoe_load_f32(a->scores, a->dtype, row * n + j);
+    }
+  }
+  if (select_lanes) {
+    smoe_rows8_select_lanes(a, row0, rows, m, s, idx, picked);
+    for (int j = 0; j < m; ++j) {
+      SMOE_SIMD
+      for (int g = 0; g < G; ++g) r[j][g] = s[j][g] = smoe_where_f32(picked[g], s[j][g], 0.0f);
     }
   }
   const float m_f = (float)m, K_max = nextafterf(m_f, 0.0f);
@@ -398,16 +466,24 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
   }
 }
 
-/* Forward of rows [begin, end) (smoe_rows8_fits), a group of rows at a time: short rows (n <= 8)
- * and longer ones, in two functions (lapsum.c builds them apart: in one function with the longer
- * rows' selection, the short rows' code takes 7 % more instructions). */
-static inline void smoe_topk_fwd_rows8_short(const smoe_topk_fwd_args *a, int64_t begin, int64_t end) {
+/* Forward of rows [begin, end) (smoe_rows8_fits), a group of rows at a time, one function per kind
+ * of row: short (n <= 8), longer with the candidates picked in the lanes, or per row (lapsum.c
+ * builds them apart: in one function with the longer rows' selection, the short rows' code takes
+ * 7 % more instructions). */
+static inline void smoe_topk_fwd_rows8_kind(const smoe_topk_fwd_args *a, int64_t begin, int64_t end,
+                                            const int short_rows, const int select_lanes) {
   for (int64_t row = begin; row < end; row += SMOE_ROWS8_GROUP)
-    smoe_rows8_fwd(a, row, (int)(end - row < SMOE_ROWS8_GROUP ? end - row : SMOE_ROWS8_GROUP), 1);
+    smoe_rows8_fwd(a, row, (int)(end - row < SMOE_ROWS8_GROUP ? end - row : SMOE_ROWS8_GROUP), short_rows,
+                   select_lanes);
+}
+static inline void smoe_topk_fwd_rows8_short(const smoe_topk_fwd_args *a, int64_t begin, int64_t end) {
+  smoe_topk_fwd_rows8_kind(a, begin, end, 1, 0);
+}
+static inline void smoe_topk_fwd_rows8_lanes(const smoe_topk_fwd_args *a, int64_t begin, int64_t end) {
+  smoe_topk_fwd_rows8_kind(a, begin, end, 0, 1);
 }
 static inline void smoe_topk_fwd_rows8_long(const smoe_topk_fwd_args *a, int64_t begin, int64_t end) {
-  for (int64_t row = begin; row < end; row += SMOE_ROWS8_GROUP)
-    smoe_rows8_fwd(a, row, (int)(end - row < SMOE_ROWS8_GROUP ? end - row : SMOE_ROWS8_GROUP), 0);
+  smoe_topk_fwd_rows8_kind(a, begin, end, 0, 0);
 }
 
 /* Backward of rows [row0, row0 + rows), rows <= SMOE_ROWS8_GROUP (smoe_rows8_fits); gk / ga: the rows'

@@ -34,9 +34,11 @@ def _run(cmd):
 
 
 def _build(cc, out, flags):
-    """Both replays, the core compiled once with flags (lapsum.c alone takes minutes under the
-    sanitizers); {target: path}, or the failing compiler output."""
-    base = [cc, "-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-I" + os.path.join(ROOT, "csrc")] + flags
+    """Both replays, the core compiled once with flags (lapsum.c alone takes a minute under the
+    sanitizers; line tables without variable tracking, as the Makefile's DEBUG_INFO);
+    {target: path}, or the failing compiler output."""
+    debug_info = ["-g", "-fno-var-tracking"]
+    base = [cc, "-std=c11", "-O1", *debug_info, "-Wall", "-Wextra", "-I" + os.path.join(ROOT, "csrc")] + flags
     objects = []
     for src in CORE:
         obj = os.path.join(out, os.path.basename(src)[:-2] + ".o")

@@ -77,7 +77,7 @@ static int valid_range(int64_t rows, int64_t row_begin, int64_t row_end) {
  * candidates are picked in the lanes (n <= lanes_max), long_attrs for everything else. The lanes'
  * selection costs the same few vector steps per score; the per-row one fewer steps per score but
  * a sort and unpacking per row. On an Intel Xeon, forward ns per row, per-row / lanes selection at
- * max_active 8 (benchmarks/results/bench_core_select_lanes.txt, appendix): AVX-512 (16 rows in a
+ * max_active 8 (benchmarks/results/bench_core_select_lanes.txt, appendix B): AVX-512 (16 rows in a
  * 512-bit register) 90 / 50 at E = 16, 194 / 128 at 64, 508 / 473 at 256; AVX2 (two 256-bit
  * registers) 148 / 105 at E = 32, 200 / 208 at 64; baseline (SSE2, four registers) 172 / 170 at
  * 32, 223 / 298 at 64. */

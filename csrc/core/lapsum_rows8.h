@@ -515,26 +515,24 @@ static inline void smoe_topk_bwd_rows8(const smoe_topk_bwd_args *a, int64_t row0
         c += every_finite ? (rj > -INFINITY) & (rj < INFINITY) : smoe_load_f32(a->p, a->dtype, base + j) != 0.0f;
       }
     } else {
-      /* p != 0 (at most max_active <= 8 entries): the blocks holding one (scores and upstream
-       * gradient are read only there), each lane written to slot c and c advanced past the active
-       * ones, no branch per entry (a loop over the set bits took 123 -> 109 ns per row at E = 64,
-       * the rows in cache) */
+      /* p != 0 (at most max_active <= 8 entries): a bit mask per block, one step per entry. (Tried
+       * and dropped: every lane written to slot c and c advanced past the active ones, no branch
+       * per entry; faster for float32 rows in cache, up to 1.2x slower with bfloat16 storage,
+       * benchmarks/results/bench_core_select_lanes.txt.) */
       for (int64_t i0 = 0; i0 < n; i0 += L) {
         float pbuf[L], rbuf[L], gbuf[L];
         const float *pv = smoe_block_f32(a->p, a->dtype, base, i0, n, 0.0f, pbuf);
-        int32_t on[L];
-        int any = 0;
-        SMOE_SIMD_REDUCE(|, any)
-        for (int l = 0; l < L; ++l) on[l] = pv[l] != 0.0f, any |= on[l];
-        if (!any) continue;
+        uint32_t active = 0;
+        SMOE_SIMD_REDUCE(|, active)
+        for (int l = 0; l < L; ++l) active |= (uint32_t)(pv[l] != 0.0f) << l;
+        if (!active) continue;
         const float *rv = smoe_block_f32(a->scores, a->dtype, base, i0, n, 0.0f, rbuf);
         const float *gv = smoe_block_f32(a->grad_p, a->dtype, base, i0, n, 0.0f, gbuf);
-        for (int l = 0; l < L; ++l) {
-          const int slot = c < L ? c : L;
+        for (; active; active &= active - 1, ++c) {
+          const int l = smoe_low_bit(active), slot = c < L ? c : L;
           X[slot][g] = rv[l];
           Gr[slot][g] = gv[l];
           I[slot][g] = (int32_t)(i0 + l);
-          c += on[l];
         }
       }
     }

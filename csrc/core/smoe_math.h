@@ -209,6 +209,19 @@ SMOE_HD double smoe_lap_cdf_f64(double x) {
   return x <= 0.0 ? h : 1.0 - h;
 }
 
+/* The index of the lowest set bit of a nonzero mask. */
+SMOE_HD int smoe_low_bit(uint32_t mask) {
+#if defined(__CUDA_ARCH__)
+  return __ffs((int)mask) - 1;
+#elif defined(__GNUC__)
+  return __builtin_ctz(mask);
+#else
+  int l = 0;
+  while (!((mask >> l) & 1u)) ++l;
+  return l;
+#endif
+}
+
 /* (value, index) as one unsigned key whose order is the candidate order of the soft top-k: larger
  * value first, lower index on equal values (-0 and +0 are equal: -0 is read as +0, which changes
  * no difference of scores). The high word maps the float bits to an unsigned integer of the same

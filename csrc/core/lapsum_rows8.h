@@ -223,9 +223,9 @@ static inline void smoe_rows8_active(float s[SMOE_ROWS8][SMOE_ROWS8_GROUP], int 
 /* The candidates of a group's longer rows with the rows in the lanes: smoe_select_f32's result for
  * each row (its best m finite scores, best first, equal scores by index; -0 read as +0) in
  * s[0..m) and their places in idx, picked[g] = 0 where that selection fails (a NaN or +inf score,
- * fewer than m finite ones). Each lane keeps its row's best 8 sorted and inserts the scores in
- * index order: a score goes below every kept one it does not beat, so an earlier equal score
- * stays first. No branch depends on the scores; every score costs the same few vector steps, which
+ * fewer than m finite ones). Each lane keeps its row's best 8 (4 when m <= 4) sorted and inserts
+ * the scores in index order: a score goes below every kept one it does not beat, so an earlier
+ * equal score stays first. No branch depends on the scores; every score costs the same few vector steps, which
  * makes this the faster selection up to a row length that depends on the vector width (lapsum.c). */
 static inline void smoe_rows8_select_lanes(const smoe_topk_fwd_args *a, int64_t row0, int rows, int m,
                                            float s[SMOE_ROWS8][SMOE_ROWS8_GROUP],
@@ -239,38 +239,55 @@ static inline void smoe_rows8_select_lanes(const smoe_topk_fwd_args *a, int64_t 
     SMOE_SIMD
     for (int g = 0; g < G; ++g) s[i][g] = -INFINITY, idx[i][g] = 0;
   }
-  /* One step: the score v of each lane's row enters its kept scores. Slot i takes slot i - 1 where v
+  /* One step: the score v of each lane's row enters its kept scores, the best 8 (SMOE_ROWS8_KEEP8)
+   * or, for m <= 4, the best 4 (SMOE_ROWS8_KEEP4: half the steps). Slot i takes slot i - 1 where v
    * beats that one, else v where v beats slot i, else keeps its own (v beats the kept scores from
    * some slot on: they are sorted). Written out slot by slot: in lapsum.c's large flattened
    * functions GCC no longer unrolls the loops over the slots, and the lane loop stays scalar. */
 #define SMOE_ROWS8_SHIFT(i)                                                                                 \
   s[i][g] = smoe_where_f32(b##i##_, s[i - 1][g], smoe_where_f32(v > s_##i, v, s_##i));                      \
   idx[i][g] = smoe_rows8_pick(b##i##_, idx[i - 1][g], smoe_rows8_pick(v > s_##i, (int32_t)j, idx[i][g]));
-#define SMOE_ROWS8_INSERT(score)                                                                            \
+#define SMOE_ROWS8_KEEP8()                                                                                  \
+  const float s_0 = s[0][g], s_1 = s[1][g], s_2 = s[2][g], s_3 = s[3][g], s_4 = s[4][g], s_5 = s[5][g],     \
+              s_6 = s[6][g], s_7 = s[7][g];                                                                 \
+  const int32_t b1_ = v > s_0, b2_ = v > s_1, b3_ = v > s_2, b4_ = v > s_3, b5_ = v > s_4, b6_ = v > s_5,   \
+                b7_ = v > s_6;                                                                              \
+  SMOE_ROWS8_SHIFT(7) SMOE_ROWS8_SHIFT(6) SMOE_ROWS8_SHIFT(5) SMOE_ROWS8_SHIFT(4)                           \
+  SMOE_ROWS8_SHIFT(3) SMOE_ROWS8_SHIFT(2) SMOE_ROWS8_SHIFT(1)
+#define SMOE_ROWS8_KEEP4()                                                                                  \
+  const float s_0 = s[0][g], s_1 = s[1][g], s_2 = s[2][g], s_3 = s[3][g];                                   \
+  const int32_t b1_ = v > s_0, b2_ = v > s_1, b3_ = v > s_2;                                                \
+  SMOE_ROWS8_SHIFT(3) SMOE_ROWS8_SHIFT(2) SMOE_ROWS8_SHIFT(1)
+#define SMOE_ROWS8_INSERT(score, keep)                                                                      \
   SMOE_SIMD                                                                                                 \
   for (int g = 0; g < G; ++g) {                                                                             \
     const float v = (score) + 0.0f;                                                                         \
     bad[g] |= !(v < INFINITY);                                                                              \
-    const float s_0 = s[0][g], s_1 = s[1][g], s_2 = s[2][g], s_3 = s[3][g], s_4 = s[4][g], s_5 = s[5][g],   \
-                s_6 = s[6][g], s_7 = s[7][g];                                                               \
-    const int32_t b1_ = v > s_0, b2_ = v > s_1, b3_ = v > s_2, b4_ = v > s_3, b5_ = v > s_4, b6_ = v > s_5, \
-                  b7_ = v > s_6;                                                                            \
-    SMOE_ROWS8_SHIFT(7) SMOE_ROWS8_SHIFT(6) SMOE_ROWS8_SHIFT(5) SMOE_ROWS8_SHIFT(4)                         \
-    SMOE_ROWS8_SHIFT(3) SMOE_ROWS8_SHIFT(2) SMOE_ROWS8_SHIFT(1)                                             \
-    s[0][g] = smoe_where_f32(b1_, v, s_0);                                                                  \
+    keep() s[0][g] = smoe_where_f32(b1_, v, s_0);                                                           \
     idx[0][g] = smoe_rows8_pick(b1_, (int32_t)j, idx[0][g]);                                                \
   }
-  if (a->dtype == SMOE_F32 && rows == G) { /* a stride of n between the lanes: no index per lane */
-    const float *src = (const float *)a->scores + row0 * n;
-    for (int64_t j = 0; j < n; ++j) SMOE_ROWS8_INSERT(src[g * n + j])
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      float x[G];
-      for (int g = 0; g < G; ++g) x[g] = smoe_load_f32(a->scores, a->dtype, (row0 + lane_row[g]) * n + j);
-      SMOE_ROWS8_INSERT(x[g])
-    }
+  /* Every score of the rows in index order: float32 rows of a whole group with a stride of n between
+   * the lanes (no index per lane), others loaded one by one. */
+#define SMOE_ROWS8_SCAN(keep)                                                                               \
+  if (a->dtype == SMOE_F32 && rows == G) {                                                                  \
+    const float *src = (const float *)a->scores + row0 * n;                                                 \
+    for (int64_t j = 0; j < n; ++j) SMOE_ROWS8_INSERT(src[g * n + j], keep)                                 \
+  } else {                                                                                                  \
+    for (int64_t j = 0; j < n; ++j) {                                                                       \
+      float x[G];                                                                                           \
+      for (int g = 0; g < G; ++g) x[g] = smoe_load_f32(a->scores, a->dtype, (row0 + lane_row[g]) * n + j);  \
+      SMOE_ROWS8_INSERT(x[g], keep)                                                                         \
+    }                                                                                                       \
   }
+  if (m <= 4) {
+    SMOE_ROWS8_SCAN(SMOE_ROWS8_KEEP4)
+  } else {
+    SMOE_ROWS8_SCAN(SMOE_ROWS8_KEEP8)
+  }
+#undef SMOE_ROWS8_SCAN
 #undef SMOE_ROWS8_INSERT
+#undef SMOE_ROWS8_KEEP4
+#undef SMOE_ROWS8_KEEP8
 #undef SMOE_ROWS8_SHIFT
   SMOE_SIMD
   for (int g = 0; g < G; ++g) picked[g] = !bad[g] & (s[m - 1][g] > -INFINITY);

@@ -2,8 +2,8 @@
  *
  * Include with SMOE_SUFFIX defined as f32 or f64; the file defines smoe_*_f32 / smoe_*_f64
  * functions and undefines its helper macros again, so it can be included once per type.
- * lapsum.c runs these functions in a loop over rows; csrc/cuda/lapsum.cu runs the very same
- * functions one thread per row. Scratch arrays are strided by `ss` (1 on the CPU; the number of
+ * The CPU's row loops (lapsum_loops_def.h) run these functions in a loop over rows;
+ * csrc/cuda/lapsum.cu runs the very same functions one thread per row. Scratch arrays are strided by `ss` (1 on the CPU; the number of
  * threads on the GPU, so that neighbouring threads touch neighbouring words).
  *
  * The math follows research/lapsum.md: §1.4-1.5 for the threshold solve (sorted candidates,
@@ -304,7 +304,7 @@ SMOE_HD void SMOE_FN(smoe_topk_fwd_candidates)(const smoe_topk_fwd_args *a, int6
 }
 
 /* Forward of one row. rs: real scratch of smoe_topk_real_words(n, max_active) strided words
- * (lapsum.c); is: index scratch of 2 * max_active strided words. A row with at most
+ * (lapsum.c's); is: index scratch of 2 * max_active strided words. A row with at most
  * SMOE_TOPK_SMALL_CAP candidates uses neither. */
 SMOE_HD void SMOE_FN(smoe_topk_fwd_row)(const smoe_topk_fwd_args *a, int64_t row, R *rs, int32_t *is,
                                         int64_t ss) {

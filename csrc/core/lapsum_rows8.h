@@ -8,8 +8,8 @@
  * group's rows that the compiler turns into vector instructions, and the sequential parts of a row
  * (the sorting network, the prefix and suffix sums, the bracket search) run a group of rows per
  * step. A short row's scores go into the lanes and are sorted there; a longer row's candidates are
- * picked in the lanes too (smoe_rows8_select_lanes, rows up to a length that lapsum.c sets per
- * build) or by the per-row selection (smoe_select_f32), and go into the lanes sorted.
+ * picked in the lanes too (smoe_rows8_select_lanes, rows up to a length that each
+ * instruction set's build sets: lapsum_loops_def.h) or by the per-row selection (smoe_select_f32), and go into the lanes sorted.
  * A lane performs exactly the operations of smoe_topk_fwd_row_f32 and smoe_topk_bwd_row_f32 in the
  * same order (the same sorted values, the same polynomial exp, the same candidates under a cap, the
  * backward's active entries compacted in index order into the same lane tree, the truncated rows'
@@ -22,7 +22,7 @@
  * limit, a difference of scores that overflows, a backward row at a limit, without an active entry
  * or with more than 8.
  *
- * Part of lapsum.c (CPU only): included after lapsum_row.h's float32 functions.
+ * Part of the CPU's row loops (lapsum_loops_def.h): included after lapsum_row.h's float32 functions.
  */
 #ifndef SMOE_LAPSUM_ROWS8_H
 #define SMOE_LAPSUM_ROWS8_H
@@ -226,7 +226,7 @@ static inline void smoe_rows8_active(float s[SMOE_ROWS8][SMOE_ROWS8_GROUP], int 
  * fewer than m finite ones). Each lane keeps its row's best 8 (4 when m <= 4) sorted and inserts
  * the scores in index order: a score goes below every kept one it does not beat, so an earlier
  * equal score stays first. No branch depends on the scores; every score costs the same few vector steps, which
- * makes this the faster selection up to a row length that depends on the vector width (lapsum.c). */
+ * makes this the faster selection up to a row length that depends on the vector width (lapsum_loops_def.h). */
 static inline void smoe_rows8_select_lanes(const smoe_topk_fwd_args *a, int64_t row0, int rows, int m,
                                            float s[SMOE_ROWS8][SMOE_ROWS8_GROUP],
                                            int32_t idx[SMOE_ROWS8][SMOE_ROWS8_GROUP], int32_t *picked) {
@@ -242,7 +242,7 @@ static inline void smoe_rows8_select_lanes(const smoe_topk_fwd_args *a, int64_t 
   /* One step: the score v of each lane's row enters its kept scores, the best 8 (SMOE_ROWS8_KEEP8)
    * or, for m <= 4, the best 4 (SMOE_ROWS8_KEEP4: half the steps). Slot i takes slot i - 1 where v
    * beats that one, else v where v beats slot i, else keeps its own (v beats the kept scores from
-   * some slot on: they are sorted). Written out slot by slot: in lapsum.c's large flattened
+   * some slot on: they are sorted). Written out slot by slot: in the row loops' large flattened
    * functions GCC no longer unrolls the loops over the slots, and the lane loop stays scalar. */
 #define SMOE_ROWS8_SHIFT(i)                                                                                 \
   s[i][g] = smoe_where_f32(b##i##_, s[i - 1][g], smoe_where_f32(v > s_##i, v, s_##i));                      \
@@ -484,7 +484,7 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
 }
 
 /* Forward of rows [begin, end) (smoe_rows8_fits), a group of rows at a time, one function per kind
- * of row: short (n <= 8), longer with the candidates picked in the lanes, or per row (lapsum.c
+ * of row: short (n <= 8), longer with the candidates picked in the lanes, or per row (lapsum_loops_def.h
  * builds them apart: in one function with the longer rows' selection, the short rows' code takes
  * 7 % more instructions). */
 static inline void smoe_topk_fwd_rows8_kind(const smoe_topk_fwd_args *a, int64_t begin, int64_t end,
@@ -504,7 +504,7 @@ static inline void smoe_topk_fwd_rows8_long(const smoe_topk_fwd_args *a, int64_t
 }
 
 /* Backward of rows [row0, row0 + rows), rows <= SMOE_ROWS8_GROUP (smoe_rows8_fits); gk / ga: the rows'
- * gradient contributions, indexed by row; rs / is: the per-row function's scratch (lapsum.c), for
+ * gradient contributions, indexed by row; rs / is: the per-row function's scratch (lapsum.c's), for
  * the rows it redoes. */
 static inline void smoe_topk_bwd_rows8(const smoe_topk_bwd_args *a, int64_t row0, int rows, float *rs, int32_t *is,
                                        float *gk, float *ga) {

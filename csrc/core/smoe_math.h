@@ -127,7 +127,7 @@ SMOE_HD void smoe_store_f64(void *base, smoe_dtype dtype, int64_t i, double v) {
  *
  * The row functions work in blocks of SMOE_LANES consecutive entries. A loop over the lanes of a
  * block has a fixed trip count and no branches, so the C compiler turns it into vector
- * instructions (any x86-64 or ARM baseline; wider ones in lapsum.c's AVX2 build of the same code),
+ * instructions (any x86-64 or ARM baseline; wider ones in lapsum_avx2.c's build of the same code),
  * and on the GPU it is a short unrolled loop of one thread. Row sums are accumulated per lane and
  * the lanes added in one fixed tree, and a lane computes exactly what a scalar would (the same
  * operations; x86-64 builds have no fused multiply-add to contract into), so the bits never depend

@@ -25,8 +25,8 @@ STAMP := $(if $(PYTHON_ENV),$(PYTHON_ENV),$(VENV))/softmoe-setup-$(firstword $(s
 CC ?= cc
 NVCC ?= nvcc
 SANITIZE = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
-# Debug line tables for the sanitizers' reports, no variable tracking: GCC's tracking of lapsum.c's
-# large flattened loops took two thirds of its compile under the sanitizers (197 s, 69 s without).
+# Debug line tables for the sanitizers' reports, no variable tracking: GCC's tracking of the soft
+# top-k's large flattened row loops (lapsum_<isa>.c) took two thirds of its compile under the sanitizers (197 s, 69 s without).
 DEBUG_INFO = -g -fno-var-tracking
 CFLAGS_TEST = -std=c11 -O1 $(DEBUG_INFO) -Wall -Wextra -Wpedantic -Werror -Icsrc
 CORE_SRC = $(wildcard csrc/core/*.c)
@@ -64,8 +64,9 @@ PYTEST = $(PYTHON) -m pytest -q -rs
 
 # The fuzz smoke needs clang with libFuzzer (.ci/run installs it); without it `make test` says so and
 # goes on, unless REQUIRE_FUZZ=1 (CI), where a missing clang is an error.
+# (pytest runs the corpus replays that ctest has just built rather than compiling them again)
 test: setup ctest fuzz-smoke-if-clang
-	$(PYTEST) tests
+	SOFTMOE_FUZZ_REPLAY_DIR=$(abspath $(FUZZ_BUILD)) $(PYTEST) tests
 
 .PHONY: fuzz-smoke-if-clang
 fuzz-smoke-if-clang:
@@ -76,14 +77,20 @@ fuzz-smoke-if-clang:
 pytest: setup
 	$(PYTEST) tests
 
-# The C core alone, as strict C11, under AddressSanitizer and UndefinedBehaviorSanitizer.
-ctest: $(C_TESTS) $(BUILD_DIR)/test_lapsum_cxx fuzz-regress $(BENCH_CORE)
+# The C core alone, as strict C11, under AddressSanitizer and UndefinedBehaviorSanitizer. The binaries
+# are built first, JOBS compiles at a time (the core's files, its instruction sets' row loops above
+# all, compile at once), then run.
+JOBS ?= $(shell nproc 2>/dev/null || echo 1)
+ctest:
+	@$(MAKE) --no-print-directory -j$(JOBS) $(C_TESTS) $(BUILD_DIR)/test_lapsum_cxx $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/replay_%) \
+	  $(BENCH_CORE)
+	@$(MAKE) --no-print-directory fuzz-regress
 	@for t in $(C_TESTS); do echo "== $$t"; ASAN_OPTIONS=detect_leaks=1 $$t || exit 1; done
 	@echo "== $(BUILD_DIR)/test_lapsum_cxx (the core as the extension compiles it)"; $(BUILD_DIR)/test_lapsum_cxx
 	$(BENCH_CORE) -e 4,8,64 -n 999 -r 1 && $(BENCH_CORE) -e 8 -n 999 -r 1 -s 4 -p
 
-# The core under the sanitizers, compiled once for every C test and corpus replay (lapsum.c alone
-# takes minutes: three instruction-set builds of its row loops).
+# The core under the sanitizers, compiled once for every C test and corpus replay (the row loops'
+# three instruction-set files take a minute each).
 CORE_SAN_OBJ = $(patsubst csrc/core/%.c,$(BUILD_DIR)/core-san/%.o,$(CORE_SRC))
 $(BUILD_DIR)/core-san/%.o: csrc/core/%.c $(CORE_HDR)
 	@mkdir -p $(BUILD_DIR)/core-san
@@ -243,7 +250,8 @@ fuzz-regress: $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/replay_%)
 # libFuzzer first replays its whole working corpus, which -max_total_time does not bound: the smoke
 # run therefore starts from an empty working directory (only the committed corpus to replay).
 FUZZ_WORK ?= $(FUZZ_BUILD)/work
-fuzz-run: $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/libfuzzer_%)
+fuzz-run:
+	@$(MAKE) --no-print-directory -j$(JOBS) $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/libfuzzer_%)
 	@$(foreach t,$(FUZZ_TARGETS),echo "== $(t) for at most $(FUZZ_RUN_SECONDS) s"; \
 	  mkdir -p $(FUZZ_WORK)/$(t) $(FUZZ_BUILD)/crashes; \
 	  $(FUZZ_BUILD)/libfuzzer_$(t) $(FUZZ_RUN_FLAGS) -max_total_time=$(FUZZ_RUN_SECONDS) \

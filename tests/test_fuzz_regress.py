@@ -5,7 +5,11 @@ with the system C compiler (gcc is fine, no clang needed) under AddressSanitizer
 UndefinedBehaviorSanitizer, and run once over every corpus input: an invariant violation or a
 sanitizer report aborts and fails the test. This is what `make fuzz-regress` does; skipped only when
 there is no C compiler. See tests/fuzz/README.md.
+
+`make test` has built the same replays under the sanitizers just before (`make ctest`) and names
+their folder in SOFTMOE_FUZZ_REPLAY_DIR: they are run from there instead of compiled again.
 """
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -34,18 +38,17 @@ def _run(cmd):
 
 
 def _build(cc, out, flags):
-    """Both replays, the core compiled once with flags (lapsum.c alone takes a minute under the
-    sanitizers; line tables without variable tracking, as the Makefile's DEBUG_INFO);
-    {target: path}, or the failing compiler output."""
+    """Both replays, the core compiled once with flags, its files in parallel (the row loops' three
+    instruction-set files take a minute each under the sanitizers; line tables without variable
+    tracking, as the Makefile's DEBUG_INFO); {target: path}, or the failing compiler output."""
     debug_info = ["-g", "-fno-var-tracking"]
     base = [cc, "-std=c11", "-O1", *debug_info, "-Wall", "-Wextra", "-I" + os.path.join(ROOT, "csrc")] + flags
-    objects = []
-    for src in CORE:
-        obj = os.path.join(out, os.path.basename(src)[:-2] + ".o")
-        proc = _run(base + ["-c", src, "-o", obj])
+    objects = [os.path.join(out, os.path.basename(src)[:-2] + ".o") for src in CORE]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        procs = list(pool.map(lambda so: _run(base + ["-c", so[0], "-o", so[1]]), zip(CORE, objects)))
+    for proc in procs:
         if proc.returncode != 0:
             return proc.stderr
-        objects.append(obj)
     binaries = {}
     for target in TARGETS:
         binaries[target] = os.path.join(out, f"replay_{target}")
@@ -58,6 +61,12 @@ def _build(cc, out, flags):
 
 @pytest.fixture(scope="module")
 def replay_binaries(tmp_path_factory):
+    built = os.environ.get("SOFTMOE_FUZZ_REPLAY_DIR")
+    if built:
+        binaries = {target: os.path.join(built, f"replay_{target}") for target in TARGETS}
+        missing = [path for path in binaries.values() if not os.access(path, os.X_OK)]
+        assert not missing, f"SOFTMOE_FUZZ_REPLAY_DIR names no replay binaries {missing}"
+        return binaries
     cc = _compiler()
     if cc is None:
         pytest.skip("no C compiler (cc, gcc or clang) on PATH")

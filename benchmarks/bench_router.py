@@ -23,7 +23,9 @@ p (a torch copy of the [rows, E] float32 scores into a preallocated tensor, time
 with the methods), as ns per row, and each method's time in multiples of it ("x floor").
 --breakdown also times the forward alone (with and without autograd), the backward alone, and
 "step_overhead": the step with p = scores, i.e. what (p * g).sum().backward() and autograd cost
-around any method.
+around any method, and "elementwise": the step with p = scores.relu(), the cheapest op that reads
+the scores, writes p and has a backward: what any differentiable routing function costs at least
+(in multiples of the floor: the least a method's "x floor" can be).
 
 Before timing, the pure-PyTorch LapSum is checked against a float64 bisection (values and the
 closed-form VJP), and softmoe.soft_topk (when built) against it to 1e-4 (float32).
@@ -412,6 +414,7 @@ def _step_cases(fns: Dict[str, Callable], x: torch.Tensor, g: torch.Tensor, mode
 
 FLOOR = "bandwidth_floor"
 STEP_OVERHEAD = "step_overhead"
+ELEMENTWISE = "elementwise"
 
 
 def _floor_case(x: torch.Tensor) -> Case:
@@ -448,8 +451,8 @@ def bench_config(rows: int, E: int, methods: List[str], args: argparse.Namespace
         cases = _step_cases(fns, x, g, mode)
         names = list(methods)
         if mode == "fwd_bwd" and args.breakdown:
-            cases += _step_cases({STEP_OVERHEAD: lambda t: t}, x, g, mode)
-            names.append(STEP_OVERHEAD)
+            cases += _step_cases({STEP_OVERHEAD: lambda t: t, ELEMENTWISE: torch.relu}, x, g, mode)
+            names += [STEP_OVERHEAD, ELEMENTWISE]
         cases.append(_floor_case(x))
         stats = _timing.measure(cases, repeats=args.repeats, warmup=args.warmup, min_repeat_s=args.min_repeat_s)
         base = stats.get(BASELINE)

@@ -422,6 +422,21 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
     any_search |= search[g];
     threshold[g] = (double)s_piv[g] - (double)alpha[g] * (double)tau[g];
   }
+  /* A lone row of the group that searches is redone per row instead (the same bits): the search
+   * and the second solve cost every lane of the group as much as all of them searching. On an
+   * Intel Xeon (AVX-512, E = 8, max_active 8, N(0, 1) scores: a group in four searches for one
+   * row) the forward took 0.89x the time (AVX2 0.88x, the baseline build 0.84x), 0.93 to 0.95x with
+   * scores of spread 1.3, and the same from spread 1.6 on, where more rows search; redoing up to
+   * two rows per row gained no more, and every searching row per row took 4.7x the time at spread 3
+   * (benchmarks/results/bench_core_select_lanes.txt, appendix F). */
+  if (any_search) {
+    int searching = 0;
+    for (int g = 0; g < rows; ++g) searching += search[g];
+    if (searching == 1) {
+      for (int g = 0; g < G; ++g) redo[g] |= search[g], search[g] = 0;
+      any_search = 0;
+    }
+  }
   /* A truncated row whose worst candidate fell below the cut: the active set, then the solve on
    * it, p on the active scores (those at or above the last active one: ties are kept whole) and 0
    * elsewhere. The search may keep every candidate (rounding at the cut): that row keeps the first

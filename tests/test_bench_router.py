@@ -2,25 +2,11 @@
 checks pass, every mode of --breakdown gives a record per method with its multiple of the
 bandwidth floor, and the references around the methods (the step's own overhead, the cheapest
 elementwise op) are timed in the same run. Timings are not asserted (benchmarks, not tests)."""
-import pathlib
-import sys
-
+import bench_router  # benchmarks/ is on pytest's path (pyproject.toml)
 import pytest
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-@pytest.fixture(scope="module")
-def bench_router():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bench_router
-        yield bench_router
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-
-
-def test_quick_breakdown_runs(bench_router):
+def test_quick_breakdown_runs():
     result = bench_router.main(["--quick", "--experts", "8", "--methods", "hard_topk,softmoe_trunc", "--breakdown",
                                 "--json", ""])
     assert result["checks"]["ok"]
@@ -42,6 +28,6 @@ def test_quick_breakdown_runs(bench_router):
     assert step["hard_topk"]["mean_active_per_row"] == 2.0
 
 
-def test_unknown_method_is_refused(bench_router):
+def test_unknown_method_is_refused():
     with pytest.raises(SystemExit, match="unknown method 'topk'"):
         bench_router.main(["--quick", "--methods", "topk", "--json", ""])

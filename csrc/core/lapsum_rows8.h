@@ -312,7 +312,17 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
   int32_t idx[SMOE_ROWS8][G], redo[G], active[G], search[G], picked[G];
   double threshold[G];
 
-  /* Rows to lanes; the lanes past `rows` repeat row0 (computed, never stored). */
+  /* Rows to lanes; the lanes past `rows` repeat row0 (computed, never stored). A whole group of
+   * float32 short rows loads with a stride of n between the lanes (no index per lane: vector
+   * gathers), the others row by row. */
+  const int whole_f32 = short_rows && a->dtype == SMOE_F32 && rows == G;
+  if (whole_f32) {
+    const float *src = (const float *)a->scores + row0 * n;
+    for (int j = 0; j < n; ++j) {
+      SMOE_SIMD
+      for (int g = 0; g < G; ++g) r[j][g] = src[g * n + j];
+    }
+  }
   for (int g = 0; g < G; ++g) {
     const int64_t row = row0 + (g < rows ? g : 0);
     k[g] = ((const float *)a->k)[row * a->k_stride];
@@ -326,6 +336,8 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
       const int64_t got = smoe_select_f32(a->scores, a->dtype, row * n, n, cap, val, at, val, at, 1);
       picked[g] = got == m; /* else a NaN or +inf score, or fewer finite scores than m */
       for (int j = 0; j < m; ++j) r[j][g] = s[j][g] = picked[g] ? val[j] : 0.0f, idx[j][g] = at[j];
+    } else if (whole_f32) {
+      continue;
     } else if (a->dtype == SMOE_F32) {
       const float *src = (const float *)a->scores + row * n;
       for (int j = 0; j < n; ++j) r[j][g] = src[j];
@@ -472,6 +484,22 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
       for (int g = 0; g < G; ++g)
         if (search[g]) threshold[g] = (double)s_piv[g] - (double)alpha[g] * (double)tau[g];
     }
+  }
+  /* A whole group of float32 short rows none of which is redone: p stored with a stride of n
+   * between the lanes, as the scores were loaded (a row that is redone reads its scores again,
+   * after the others' p are stored: that group takes the loop below). */
+  int any_redo = 0;
+  SMOE_SIMD_REDUCE(|, any_redo)
+  for (int g = 0; g < G; ++g) any_redo |= redo[g];
+  if (whole_f32 && !any_redo) {
+    float *dst = (float *)a->p + row0 * n;
+    for (int j = 0; j < n; ++j) {
+      SMOE_SIMD
+      for (int g = 0; g < G; ++g) dst[g * n + j] = p[j][g];
+    }
+    SMOE_SIMD
+    for (int g = 0; g < G; ++g) a->threshold[row0 + g] = threshold[g];
+    return;
   }
   for (int g = 0; g < rows; ++g) {
     const int64_t row = row0 + g;

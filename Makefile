@@ -26,7 +26,8 @@ CC ?= cc
 NVCC ?= nvcc
 SANITIZE = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 # Debug line tables for the sanitizers' reports, no variable tracking: GCC's tracking of the soft
-# top-k's large flattened row loops (lapsum_<isa>.c) took two thirds of its compile under the sanitizers (197 s, 69 s without).
+# top-k's large flattened row loops (lapsum_<isa>.c) took two thirds of their compile under the
+# sanitizers (197 s, 69 s without).
 DEBUG_INFO = -g -fno-var-tracking
 CFLAGS_TEST = -std=c11 -O1 $(DEBUG_INFO) -Wall -Wextra -Wpedantic -Werror -Icsrc
 CORE_SRC = $(wildcard csrc/core/*.c)
@@ -82,8 +83,8 @@ pytest: setup
 # all, compile at once), then run.
 JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 ctest:
-	@$(MAKE) --no-print-directory -j$(JOBS) $(C_TESTS) $(BUILD_DIR)/test_lapsum_cxx $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/replay_%) \
-	  $(BENCH_CORE)
+	@$(MAKE) --no-print-directory -j$(JOBS) $(C_TESTS) $(BUILD_DIR)/test_lapsum_cxx \
+	  $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/replay_%) $(BENCH_CORE)
 	@$(MAKE) --no-print-directory fuzz-regress
 	@for t in $(C_TESTS); do echo "== $$t"; ASAN_OPTIONS=detect_leaks=1 $$t || exit 1; done
 	@echo "== $(BUILD_DIR)/test_lapsum_cxx (the core as the extension compiles it)"; $(BUILD_DIR)/test_lapsum_cxx

@@ -8,8 +8,9 @@
  * group's rows that the compiler turns into vector instructions, and the sequential parts of a row
  * (the sorting network, the prefix and suffix sums, the bracket search) run a group of rows per
  * step. A short row's scores go into the lanes and are sorted there; a longer row's candidates are
- * picked in the lanes too (smoe_rows8_select_lanes, rows up to a length that each
- * instruction set's build sets: lapsum_loops_def.h) or by the per-row selection (smoe_select_f32), and go into the lanes sorted.
+ * picked in the lanes too (smoe_rows8_select_lanes, rows up to a length that each instruction
+ * set's build sets: lapsum_loops_def.h) or by the per-row selection (smoe_select_f32), and go into
+ * the lanes sorted.
  * A lane performs exactly the operations of smoe_topk_fwd_row_f32 and smoe_topk_bwd_row_f32 in the
  * same order (the same sorted values, the same polynomial exp, the same candidates under a cap, the
  * backward's active entries compacted in index order into the same lane tree, the truncated rows'
@@ -226,7 +227,8 @@ static inline void smoe_rows8_active(float s[SMOE_ROWS8][SMOE_ROWS8_GROUP], int 
  * fewer than m finite ones). Each lane keeps its row's best 8 (4 when m <= 4) sorted and inserts
  * the scores in index order: a score goes below every kept one it does not beat, so an earlier
  * equal score stays first. No branch depends on the scores; every score costs the same few vector steps, which
- * makes this the faster selection up to a row length that depends on the vector width (lapsum_loops_def.h). */
+ * makes this the faster selection up to a row length that depends on the vector width
+ * (lapsum_loops_def.h). */
 static inline void smoe_rows8_select_lanes(const smoe_topk_fwd_args *a, int64_t row0, int rows, int m,
                                            float s[SMOE_ROWS8][SMOE_ROWS8_GROUP],
                                            int32_t idx[SMOE_ROWS8][SMOE_ROWS8_GROUP], int32_t *picked) {
@@ -527,9 +529,9 @@ static inline void smoe_rows8_fwd(const smoe_topk_fwd_args *a, int64_t row0, int
 }
 
 /* Forward of rows [begin, end) (smoe_rows8_fits), a group of rows at a time, one function per kind
- * of row: short (n <= 8), longer with the candidates picked in the lanes, or per row (lapsum_loops_def.h
- * builds them apart: in one function with the longer rows' selection, the short rows' code takes
- * 7 % more instructions). */
+ * of row: short (n <= 8), longer with the candidates picked in the lanes, or per row
+ * (lapsum_loops_def.h builds them apart: in one function with the longer rows' selection, the short
+ * rows' code takes 7 % more instructions). */
 static inline void smoe_topk_fwd_rows8_kind(const smoe_topk_fwd_args *a, int64_t begin, int64_t end,
                                             const int short_rows, const int select_lanes) {
   for (int64_t row = begin; row < end; row += SMOE_ROWS8_GROUP)
